@@ -1,0 +1,134 @@
+"""CLIP teacher towers through open_clip, and a faster exact text encoder.
+
+OpenAI weights need the QuickGELU model names: open_clip builds GELU for `ViT-B-16` + `openai`
+and only warns, which would silently change every text embedding. We refuse that pairing.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+# Short names for the OpenAI teachers, each mapped to its QuickGELU architecture.
+TEACHER_ALIASES = {
+    "B/32": ("ViT-B-32-quickgelu", "openai"),
+    "B/16": ("ViT-B-16-quickgelu", "openai"),
+    "L/14": ("ViT-L-14-quickgelu", "openai"),
+}
+
+CLIP_CONFIG_FILE = "open_clip_config.json"
+CLIP_WEIGHTS_FILE = "open_clip_model.safetensors"
+
+
+def resolve_teacher(name: str, pretrained: str | None) -> tuple[str, str | None]:
+    if name in TEACHER_ALIASES:
+        return TEACHER_ALIASES[name]
+    return name, pretrained
+
+
+def check_quickgelu(model_name: str, pretrained: str | None) -> None:
+    import open_clip
+
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained) if pretrained else {}
+    model_cfg = open_clip.get_model_config(model_name) or {}
+    if tag_cfg and tag_cfg.get("quick_gelu", False) != model_cfg.get("quick_gelu", False):
+        hint = f"{model_name}-quickgelu" if tag_cfg.get("quick_gelu") else model_name.replace("-quickgelu", "")
+        raise UserError(f"open_clip model {model_name!r} does not match the activation of pretrained "
+                        f"{pretrained!r} weights (QuickGELU): use {hint!r}")
+
+
+def load_clip(model_name: str, pretrained: str | None = None, root: Path | None = None) -> tuple[nn.Module, object]:
+    """Return (open_clip CLIP model, tokenizer).
+
+    `model_name` is an open_clip name with a pretrained tag or file, or — when `root` is given — a
+    bundled directory holding `open_clip_config.json` + `open_clip_model.safetensors`."""
+    import open_clip
+
+    if root is not None:
+        return _load_bundled_clip(root)
+    if open_clip.get_model_config(model_name) is None and not model_name.startswith("hf-hub:"):
+        raise UserError(f"unknown open_clip model {model_name!r} (see open_clip.list_models())")
+    check_quickgelu(model_name, pretrained)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*QuickGELU mismatch.*")
+            model = open_clip.create_model(model_name, pretrained=pretrained)
+    except RuntimeError as e:
+        raise UserError(f"cannot load CLIP {model_name!r} pretrained {pretrained!r}: "
+                        f"{str(e).strip().splitlines()[0]}") from None
+    return model.eval(), open_clip.get_tokenizer(model_name)
+
+
+def _load_bundled_clip(root: Path):
+    """Build from a config dict directly: works on open_clip 2.x (no `local-dir:`) and 3.x."""
+    from open_clip.model import CLIP, CustomTextCLIP
+    from safetensors.torch import load_file
+
+    cfg = json.loads((root / CLIP_CONFIG_FILE).read_text())["model_cfg"]
+    cls = CustomTextCLIP if cfg.get("custom_text") else CLIP
+    model = cls(**{k: v for k, v in cfg.items() if k != "custom_text"})
+    model.load_state_dict(load_file(str(root / CLIP_WEIGHTS_FILE)), strict=True)
+    return model.eval(), tokenizer_from_cfg(cfg)
+
+
+def tokenizer_from_cfg(cfg: dict):
+    from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
+
+    text_cfg = cfg.get("text_cfg", {})
+    context_length = text_cfg.get("context_length", 77)
+    if text_cfg.get("hf_tokenizer_name"):
+        return HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length)
+    return SimpleTokenizer(context_length=context_length)
+
+
+def save_clip(model: nn.Module, model_cfg: dict, out_dir: Path) -> None:
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CLIP_CONFIG_FILE).write_text(json.dumps({"model_cfg": model_cfg}, indent=2))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out_dir / CLIP_WEIGHTS_FILE))
+
+
+class ClipTextEncoder(nn.Module):
+    """tokens [B, L] → raw CLIP text features, equal to open_clip's `encode_text`.
+
+    A causal tower pooled at the EOT token never looks past EOT, so each batch can stop at its
+    longest sequence instead of the full context: same output, far less compute on short captions."""
+
+    def __init__(self, clip_model: nn.Module):
+        super().__init__()
+        self.clip = clip_model
+        pool = getattr(clip_model, "text_pool_type", None)
+        self.fast = (
+            hasattr(clip_model, "token_embedding")
+            and getattr(clip_model, "attn_mask", None) is not None
+            and pool == "argmax"
+        )
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not self.fast:
+            return self.clip.encode_text(tokens)
+        m = self.clip
+        length = int(tokens.argmax(dim=-1).max()) + 1  # EOT has the highest token id
+        tokens = tokens[:, :length]
+        cast_dtype = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tokens).to(cast_dtype) + m.positional_embedding[:length].to(cast_dtype)
+        mask = m.attn_mask[:length, :length]
+        batch_first = getattr(m.transformer, "batch_first", True)
+        if not batch_first:
+            x = x.permute(1, 0, 2)
+        x = m.transformer(x, attn_mask=mask)
+        if not batch_first:
+            x = x.permute(1, 0, 2)
+        x = m.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        proj = m.text_projection
+        if proj is None:
+            return x
+        return proj(x) if isinstance(proj, nn.Linear) else x @ proj

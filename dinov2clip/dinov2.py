@@ -1,0 +1,84 @@
+"""DINOv2 image tower (transformers) and the pooling that defines "the DINOv2 embedding"."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+POOLINGS = ("mean", "cls", "cls+mean")
+
+# Short names users can type instead of hub ids.
+DINOV2_ALIASES = {
+    **{size: f"facebook/dinov2-{size}" for size in ("small", "base", "large", "giant")},
+    **{f"{size}-reg": f"facebook/dinov2-with-registers-{size}" for size in ("small", "base", "large", "giant")},
+}
+
+
+def resolve_dinov2_source(name: str) -> str:
+    return DINOV2_ALIASES.get(name, name)
+
+
+def pooled_dim(hidden_size: int, pooling: str) -> int:
+    check_pooling(pooling)
+    return 2 * hidden_size if pooling == "cls+mean" else hidden_size
+
+
+def check_pooling(pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise UserError(f"unknown pooling {pooling!r}: choose one of {', '.join(POOLINGS)}")
+
+
+def pool_tokens(tokens: torch.Tensor, pooling: str, num_register_tokens: int = 0) -> torch.Tensor:
+    """tokens: last_hidden_state [B, 1 + R + P, H] laid out as [CLS, registers..., patches...].
+
+    `mean` averages CLS and patches (registers excluded): the reference projector's input."""
+    cls = tokens[:, 0]
+    if pooling == "cls":
+        return cls
+    patches = tokens[:, 1 + num_register_tokens:]
+    mean = (cls + patches.sum(dim=1)) / (1 + patches.shape[1])
+    if pooling == "mean":
+        return mean
+    if pooling == "cls+mean":
+        return torch.cat([cls, mean], dim=-1)
+    check_pooling(pooling)
+
+
+class DinoV2Encoder(nn.Module):
+    """pixel_values [B, 3, H, W] → pooled DINOv2 embedding [B, D]."""
+
+    def __init__(self, backbone: nn.Module, pooling: str):
+        super().__init__()
+        check_pooling(pooling)
+        self.backbone = backbone
+        self.pooling = pooling
+        self.num_register_tokens = int(getattr(backbone.config, "num_register_tokens", 0) or 0)
+        self.output_dim = pooled_dim(backbone.config.hidden_size, pooling)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        tokens = self.backbone(pixel_values=pixel_values).last_hidden_state  # already layer-normed
+        return pool_tokens(tokens, self.pooling, self.num_register_tokens)
+
+
+def load_dinov2_backbone(source: str, revision: str | None = None) -> nn.Module:
+    """Load a DINOv2 (or DINOv2-with-registers) backbone from a hub id or a local directory."""
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=False)
+    except OSError as e:
+        raise UserError(f"cannot load DINOv2 config from {source!r}: {_first_line(e)}") from None
+    if config.model_type not in ("dinov2", "dinov2_with_registers"):
+        raise UserError(f"{source!r} is a {config.model_type!r} model, not DINOv2")
+    try:
+        model = AutoModel.from_pretrained(source, revision=revision, trust_remote_code=False,
+                                          attn_implementation="sdpa")
+    except OSError as e:
+        raise UserError(f"cannot load DINOv2 weights from {source!r}: {_first_line(e)}") from None
+    return model.eval()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -1,0 +1,164 @@
+"""One factory: a name, directory or hub repo → a ready `DinoV2Clip`."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .clip_text import ClipTextEncoder, load_clip, resolve_teacher
+from .config import ModelConfig, file_sha256, read_config, tensor_sha256, check_relative
+from .dinov2 import DinoV2Encoder, check_pooling, load_dinov2_backbone, pooled_dim, resolve_dinov2_source
+from .errors import UserError
+from .model import DinoV2Clip
+from .presets import DEFAULT_PRESET, Preset, get_preset
+from .projector import ProjectorWithResiduals, load_projector
+from .sources import HF_PREFIX, LOCAL_PREFIX, hub_snapshot, resolve_projector_file
+
+
+def config_from_parts(dinov2: str, pooling: str, clip: str, pretrained: str | None, projector: str,
+                      hidden_dim: int | None = None, num_blocks: int | None = None,
+                      license: str = "unknown", provenance: dict | None = None) -> ModelConfig:
+    check_pooling(pooling)
+    clip_name, clip_pretrained = resolve_teacher(clip, pretrained)
+    return ModelConfig(
+        dinov2={"source": resolve_dinov2_source(dinov2), "pooling": pooling},
+        clip={"model_name": clip_name, "pretrained": clip_pretrained},
+        projector={"source": projector, "hidden_dim": hidden_dim, "num_blocks": num_blocks},
+        license=license, provenance=provenance or {},
+    )
+
+
+def config_from_preset(name: str, preset: Preset) -> ModelConfig:
+    return config_from_parts(preset.dinov2, preset.pooling, preset.clip_model, preset.clip_pretrained,
+                             preset.projector, preset.hidden_dim, preset.num_blocks, preset.license,
+                             {"preset": name, "origin": preset.origin, "verified": preset.verified})
+
+
+def resolve_source(source: str) -> tuple[ModelConfig, Path | None]:
+    """Model directory, `hf-hub:org/repo`, or preset name → (config, directory or None)."""
+    source = str(source)
+    if source.startswith(HF_PREFIX):
+        root = hub_snapshot(source[len(HF_PREFIX):])
+        return read_config(root), root
+    if source.startswith(LOCAL_PREFIX) or "/" in source or "\\" in source or source.startswith(".") \
+            or Path(source).is_dir():
+        root = Path(source.removeprefix(LOCAL_PREFIX)).expanduser()
+        if not root.is_dir():
+            raise UserError(f"model directory not found: {root}")
+        return read_config(root), root
+    return config_from_preset(source, get_preset(source)), None
+
+
+def _local(root: Path | None, section: dict, where: str) -> Path | None:
+    """The bundled copy a model directory holds for this part, verified against its hash."""
+    rel = section.get("path")
+    if rel is None:
+        return None
+    if root is None:
+        raise UserError(f"{where}: 'path' is only valid inside a model directory")
+    return root / check_relative(rel, where)
+
+
+def _verify_files(root: Path, config: ModelConfig, prefix: str) -> None:
+    for rel, expected in config.weights_sha256.items():
+        if rel == prefix or rel.startswith(prefix.rstrip("/") + "/"):
+            path = root / check_relative(rel, "weights_sha256")
+            if not path.is_file():
+                raise UserError(f"{root}: missing weight file {rel}")
+            if file_sha256(path) != expected:
+                raise UserError(f"{root}: {rel} does not match its sha256 in config.json (corrupt or edited)")
+
+
+def build_projector(config: ModelConfig, root: Path | None) -> ProjectorWithResiduals:
+    p = config.projector
+    local = _local(root, p, "projector")
+    if local is not None:
+        _verify_files(root, config, p["path"])
+        projector = load_projector(local)
+    else:
+        projector = load_projector(resolve_projector_file(p["source"]))
+    got = projector.config
+    for key in ("input_dim", "output_dim", "hidden_dim", "num_blocks"):
+        want = p.get(key)
+        if want is not None and want != getattr(got, key):
+            raise UserError(f"projector {key} is {getattr(got, key)}, the model config expects {want}")
+    digest = tensor_sha256(projector.state_dict())
+    if p.get("tensor_sha256") and p["tensor_sha256"] != digest:
+        raise UserError("projector weights differ from the tensor_sha256 in the model config")
+    config.projector = {**p, **got.to_dict(), "tensor_sha256": digest}
+    return projector
+
+
+def build_image_encoder(config: ModelConfig, root: Path | None) -> DinoV2Encoder:
+    d = config.dinov2
+    local = _local(root, d, "dinov2")
+    if local is not None:
+        _verify_files(root, config, d["path"])
+    backbone = load_dinov2_backbone(str(local or d["source"]), revision=None if local else d.get("revision"))
+    encoder = DinoV2Encoder(backbone, d["pooling"])
+    if encoder.output_dim != config.projector["input_dim"]:
+        raise UserError(f"DINOv2 {d['source']} with {d['pooling']} pooling gives {encoder.output_dim}-d "
+                        f"embeddings; the projector takes {config.projector['input_dim']}-d")
+    config.dinov2 = {**d, "class": type(backbone).__name__, "hidden_size": backbone.config.hidden_size}
+    return encoder
+
+
+def build_clip(config: ModelConfig, root: Path | None, keep_visual: bool = False):
+    c = config.clip
+    local = _local(root, c, "clip")
+    if local is not None:
+        _verify_files(root, config, c["path"])
+    clip_model, tokenizer = load_clip(c["model_name"], c.get("pretrained"), root=local)
+    embed_dim = _clip_embed_dim(clip_model)
+    if embed_dim != config.projector["output_dim"]:
+        raise UserError(f"CLIP {c['model_name']} embeds in {embed_dim}-d; the projector outputs "
+                        f"{config.projector['output_dim']}-d")
+    if not keep_visual:
+        clip_model.visual = None  # only the text tower is needed for queries
+    config.clip = {**c, "embed_dim": embed_dim,
+                   "quick_gelu": "quickgelu" in c["model_name"] or bool(getattr(clip_model, "_quick_gelu", False))}
+    return clip_model, tokenizer
+
+
+def _clip_embed_dim(clip_model) -> int:
+    proj = getattr(clip_model, "text_projection", None)
+    if isinstance(proj, torch.nn.Linear):
+        return proj.out_features
+    if proj is not None:
+        return proj.shape[1]
+    return clip_model.text.output_dim
+
+
+def build(config: ModelConfig, root: Path | None = None, device: str | None = None, dtype="auto",
+          batch_size: int = 32, image: bool = True, text: bool = True) -> DinoV2Clip:
+    config = replace(config)  # the build fills in dims and hashes; never mutate the caller's copy
+    projector = build_projector(config, root)
+    image_encoder = build_image_encoder(config, root) if image else None
+    text_encoder = tokenizer = None
+    if text:
+        clip_model, tokenizer = build_clip(config, root)
+        text_encoder = ClipTextEncoder(clip_model)
+    return DinoV2Clip(config, projector, image_encoder, text_encoder, tokenizer,
+                      device=device, dtype=dtype, batch_size=batch_size)
+
+
+def load(source: str = DEFAULT_PRESET, device: str | None = None, dtype="auto", batch_size: int = 32,
+         image: bool = True, text: bool = True, projector: str | None = None) -> DinoV2Clip:
+    """Load a model directory, a named preset or `hf-hub:org/repo`.
+
+    `image=False` keeps only the text tower (query-only processes); `projector` overrides the
+    projector source (a path, URL or `hf-hub:` spec) of a preset."""
+    config, root = resolve_source(source)
+    if projector is not None:
+        config.projector = {"source": projector}
+    return build(config, root, device=device, dtype=dtype, batch_size=batch_size, image=image, text=text)
+
+
+def from_parts(dinov2: str = "base", pooling: str = "mean", clip: str = "B/16", pretrained: str | None = None,
+               projector: str | None = None, **kwargs) -> DinoV2Clip:
+    """Build from parts: a DINOv2 id or alias (small/base/large/giant, `-reg` for registers), a pooling,
+    an open_clip name + pretrained tag or teacher alias (B/32, B/16, L/14), and a projector source."""
+    if projector is None:
+        raise UserError("from_parts needs projector=PATH, URL or 'hf-hub:org/repo'")
+    return build(config_from_parts(dinov2, pooling, clip, pretrained, projector), **kwargs)

@@ -1,0 +1,180 @@
+"""`DinoV2Clip`: DINOv2 → pooling → projector → CLIP space, with CLIP's own text tower."""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .errors import UserError
+from .preprocess import ImageInput, Preprocess, PreprocessConfig
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def cpu_has_fast_bf16() -> bool:
+    capability = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else ""
+    return "AVX512" in capability and torch.backends.mkldnn.is_available() and \
+        torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """'auto' = fp32 on CPU unless the CPU has native bf16; bf16 (or fp16) on CUDA; fp32 on MPS."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = (dtype or "auto").lower()
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if name in table:
+        return table[name]
+    if name != "auto":
+        raise UserError(f"unknown dtype {dtype!r}: use auto, fp32, bf16 or fp16")
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if kind == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+class DinoV2Clip(nn.Module):
+    """Encode images with DINOv2 + projector and texts with CLIP, into one L2-normalised space.
+
+    Build it with `dinov2clip.load(...)`; `__init__` only assembles already-loaded parts."""
+
+    def __init__(self, config: ModelConfig, projector: nn.Module, image_encoder: nn.Module | None = None,
+                 text_encoder: nn.Module | None = None, tokenizer=None, device: str | None = None,
+                 dtype: str | torch.dtype | None = "auto", batch_size: int = 32):
+        super().__init__()
+        self.config = config
+        self.projector = projector
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.preprocess = Preprocess(PreprocessConfig.from_dict(config.preprocess))
+        self.device = torch.device(device or default_device())
+        self.dtype = resolve_dtype(dtype, self.device.type)
+        self.batch_size = batch_size
+        self.to(self.device).eval()
+
+    # -- identity -------------------------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    @property
+    def fingerprint(self) -> str:
+        return self.config.fingerprint()
+
+    @property
+    def dinov2_provenance(self) -> dict:
+        """What the projector's input is; stored with every DINOv2 embedding."""
+        d = self.config.dinov2
+        return {"source": d.get("origin") or d["source"], "pooling": d["pooling"],
+                "preprocess_version": self.config.preprocess.get("version")}
+
+    # -- encoding -------------------------------------------------------------------------
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _require(self, part: str):
+        if getattr(self, part) is None:
+            raise UserError(f"this DinoV2Clip was loaded without its {part.replace('_', ' ')}: "
+                            f"load it with {'image' if 'image' in part else 'text'}=True")
+
+    def _pixel_batches(self, images, batch_size: int):
+        if torch.is_tensor(images):
+            images = images.unsqueeze(0) if images.ndim == 3 else images
+            for i in range(0, len(images), batch_size):
+                yield images[i:i + batch_size]
+            return
+        if isinstance(images, (str, os.PathLike, bytes)) or not isinstance(images, Sequence):
+            images = [images]
+        for i in range(0, len(images), batch_size):
+            chunk = images[i:i + batch_size]
+            yield torch.stack([x if torch.is_tensor(x) else self.preprocess(x) for x in chunk])
+
+    @torch.inference_mode()
+    def encode_dinov2(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Preprocessed pixels [B, 3, H, W] → raw pooled DINOv2 embedding, float32."""
+        self._require("image_encoder")
+        with self._autocast():
+            return self.image_encoder(pixels.to(self.device, non_blocking=True)).float()
+
+    @torch.inference_mode()
+    def project(self, dinov2_embedding: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """DINOv2 embedding (this model's pooling and source) → L2-normalised CLIP-space embedding.
+        The projector runs in fp32: it is <1% of the compute and keeps outputs close to reference."""
+        x = torch.as_tensor(dinov2_embedding, dtype=torch.float32, device=self.device)
+        if x.shape[-1] != self.config.projector["input_dim"]:
+            raise UserError(f"DINOv2 embedding has dimension {x.shape[-1]}, the projector takes "
+                            f"{self.config.projector['input_dim']}")
+        return F.normalize(self.projector(x).float(), dim=-1)
+
+    def encode_image(self, images: ImageInput | Sequence[ImageInput] | torch.Tensor, batch_size: int | None = None,
+                     return_dinov2: bool = False, progress: bool = False):
+        """Images (PIL of any mode, paths, bytes, or preprocessed tensors) → float32 L2-normalised [N, D] on CPU.
+
+        With `return_dinov2=True` also returns the projector's input (the pooled DINOv2 embedding)
+        from the same forward pass. An unreadable image raises `ImageError` (an `OSError`)."""
+        outs, dinos = [], []
+        total = len(images) if hasattr(images, "__len__") and not isinstance(images, (str, bytes)) else None
+        batches = self._pixel_batches(images, batch_size or self.batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+            batches = tqdm(batches, total=None if total is None else -(-total // (batch_size or self.batch_size)),
+                           desc="encode images", unit="batch")
+        for pixels in batches:
+            dino = self.encode_dinov2(pixels)
+            outs.append(self.project(dino).cpu())
+            if return_dinov2:
+                dinos.append(dino.cpu())
+        emb = torch.cat(outs) if outs else torch.empty(0, self.embed_dim)
+        if return_dinov2:
+            return emb, (torch.cat(dinos) if dinos else torch.empty(0, self.config.projector["input_dim"]))
+        return emb
+
+    def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
+        self._require("tokenizer")
+        return self.tokenizer([texts] if isinstance(texts, str) else list(texts))
+
+    @torch.inference_mode()
+    def encode_text(self, texts: str | Sequence[str], batch_size: int | None = None,
+                    progress: bool = False) -> torch.Tensor:
+        """Texts → float32 L2-normalised [N, D] on CPU. Texts are processed in order of token length
+        (each batch stops at its longest caption) and returned in input order."""
+        self._require("text_encoder")
+        tokens = self.tokenize(texts)
+        if len(tokens) == 0:
+            return torch.empty(0, self.embed_dim)
+        order = torch.argsort(tokens.argmax(dim=-1), stable=True)
+        bs = batch_size or max(self.batch_size, 256)
+        starts = range(0, len(order), bs)
+        if progress:
+            from tqdm.auto import tqdm
+            starts = tqdm(starts, desc="encode texts", unit="batch")
+        out = torch.empty(len(tokens), self.embed_dim)
+        for i in starts:
+            idx = order[i:i + bs]
+            with self._autocast():
+                feats = self.text_encoder(tokens[idx].to(self.device))
+            out[idx] = F.normalize(feats.float(), dim=-1).cpu()
+        return out
+
+    def extra_repr(self) -> str:
+        d, c = self.config.dinov2, self.config.clip
+        return (f"dinov2={d.get('origin') or d['source']}, pooling={d['pooling']}, clip={c['model_name']}/"
+                f"{c.get('pretrained')}, embed_dim={self.embed_dim}, device={self.device}, dtype={self.dtype}")

@@ -1,0 +1,181 @@
+"""Writing model directories: save, convert the reference checkpoint, bundle, make a tiny one."""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .clip_text import CLIP_CONFIG_FILE, resolve_teacher, save_clip
+from .config import CONFIG_FILE, PROJECTOR_FILE, ModelConfig, file_sha256, tensor_sha256, write_json_atomic
+from .dinov2 import check_pooling, pooled_dim, resolve_dinov2_source
+from .errors import UserError
+from .projector import ProjectorWithResiduals, load_projector
+
+TINY_LICENSE = "Apache-2.0 (random weights, for tests and demos only)"
+
+
+class _AtomicDir:
+    """Write into a temporary sibling directory; rename over the target only when complete."""
+
+    def __init__(self, out_dir: Path, overwrite: bool = False):
+        self.out_dir = Path(out_dir)
+        self.overwrite = overwrite
+
+    def __enter__(self) -> Path:
+        if self.out_dir.exists() and any(self.out_dir.iterdir()) and not self.overwrite:
+            raise UserError(f"output directory exists and is not empty: {self.out_dir}")
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", dir=self.out_dir.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.out_dir.exists():
+            shutil.rmtree(self.out_dir)
+        self.tmp.rename(self.out_dir)
+        return False
+
+
+def write_projector(projector: ProjectorWithResiduals, path: Path) -> str:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().float().contiguous().cpu() for k, v in projector.state_dict().items()}
+    save_file(state, str(path), metadata={"format": "pt", "architecture": "ProjectorWithResiduals",
+                                          "config": json.dumps(projector.config.to_dict())})
+    return tensor_sha256(state)
+
+
+def finish_config(config: ModelConfig, root: Path) -> None:
+    """Record every weight file's sha256 and write config.json."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt"))
+    config.weights_sha256 = {p.relative_to(root).as_posix(): file_sha256(p) for p in files}
+    write_json_atomic(root / CONFIG_FILE, config.to_dict())
+
+
+def save_model_dir(config: ModelConfig, projector: ProjectorWithResiduals, out_dir: Path,
+                   overwrite: bool = False, extra=None) -> Path:
+    """A model directory that references its DINOv2/CLIP sources and ships its own projector.
+    `extra(tmp_dir, config)` may add bundled parts before hashes are recorded."""
+    config = replace(config)
+    with _AtomicDir(out_dir, overwrite) as tmp:
+        digest = write_projector(projector, tmp / PROJECTOR_FILE)
+        config.projector = {**{k: v for k, v in config.projector.items() if k != "source"},
+                            **projector.config.to_dict(), "path": PROJECTOR_FILE, "tensor_sha256": digest}
+        if extra is not None:
+            extra(tmp, config)
+        finish_config(config, tmp)
+    return Path(out_dir)
+
+
+def convert_reference(checkpoint: str, out_dir: str, dinov2: str, pooling: str, clip: str,
+                      pretrained: str | None, license: str = "unknown", overwrite: bool = False) -> Path:
+    """Reference `.pt` checkpoint → model directory, after checking its dims against the named parts."""
+    from transformers import AutoConfig
+    import open_clip
+
+    check_pooling(pooling)
+    projector = load_projector(checkpoint)
+    dinov2 = resolve_dinov2_source(dinov2)
+    clip_name, clip_pretrained = resolve_teacher(clip, pretrained)
+    try:
+        hidden = AutoConfig.from_pretrained(dinov2, trust_remote_code=False).hidden_size
+    except OSError as e:
+        raise UserError(f"cannot read the DINOv2 config of {dinov2!r} to check dims: "
+                        f"{str(e).strip().splitlines()[0]}") from None
+    clip_cfg = open_clip.get_model_config(clip_name)
+    if clip_cfg is None:
+        raise UserError(f"unknown open_clip model {clip_name!r}")
+    want_in, want_out = pooled_dim(hidden, pooling), clip_cfg["embed_dim"]
+    got = projector.config
+    if (got.input_dim, got.output_dim) != (want_in, want_out):
+        raise UserError(f"checkpoint maps {got.input_dim}→{got.output_dim}, but {dinov2} with {pooling} "
+                        f"pooling gives {want_in}-d and {clip_name} embeds in {want_out}-d")
+    config = ModelConfig(
+        dinov2={"source": dinov2, "pooling": pooling, "hidden_size": hidden},
+        clip={"model_name": clip_name, "pretrained": clip_pretrained, "embed_dim": want_out,
+              "quick_gelu": bool(clip_cfg.get("quick_gelu", False))},
+        projector={}, license=license,
+        provenance={"converted_from": Path(checkpoint).name, "checkpoint_sha256": file_sha256(Path(checkpoint))},
+    )
+    from .clip_text import check_quickgelu
+    check_quickgelu(clip_name, clip_pretrained)
+    return save_model_dir(config, projector, Path(out_dir), overwrite)
+
+
+def bundle(source: str, out_dir: str, overwrite: bool = False) -> Path:
+    """Any source → a self-contained directory (DINOv2, CLIP and projector inside) that loads offline."""
+    from .factory import build_clip, build_image_encoder, build_projector, resolve_source
+
+    config, root = resolve_source(source)
+    config = replace(config)
+    projector = build_projector(config, root)
+    encoder = build_image_encoder(config, root)
+    clip_model, _ = build_clip(config, root, keep_visual=True)
+    clip_cfg = _open_clip_cfg(config, root)
+
+    def add_parts(tmp: Path, cfg: ModelConfig) -> None:
+        encoder.backbone.save_pretrained(tmp / "dinov2", safe_serialization=True)
+        save_clip(clip_model, clip_cfg, tmp / "clip")
+        d, c = cfg.dinov2, cfg.clip
+        cfg.dinov2 = {**d, "origin": d.get("origin") or _id(d["source"], d.get("revision")), "path": "dinov2"}
+        cfg.clip = {**c, "origin": c.get("origin") or f"{c['model_name']}/{c.get('pretrained')}", "path": "clip"}
+
+    return save_model_dir(config, projector, Path(out_dir), overwrite, extra=add_parts)
+
+
+def _id(source: str, revision: str | None) -> str:
+    return f"{source}@{revision}" if revision else source
+
+
+def _open_clip_cfg(config: ModelConfig, root: Path | None) -> dict:
+    import open_clip
+
+    if config.clip.get("path"):
+        return json.loads((root / config.clip["path"] / CLIP_CONFIG_FILE).read_text())["model_cfg"]
+    cfg = open_clip.get_model_config(config.clip["model_name"])
+    if cfg is None:
+        raise UserError(f"cannot bundle {config.clip['model_name']!r}: no open_clip config to record")
+    return cfg
+
+
+TINY_CLIP_CFG = {
+    "embed_dim": 32,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+def make_tiny(out_dir: str, seed: int = 0, pooling: str = "mean", hidden_size: int = 32,
+              overwrite: bool = False) -> Path:
+    """A random tiny model directory (bundled DINOv2 + CLIP + projector): offline tests and demos."""
+    from open_clip.model import CLIP
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    backbone = Dinov2Model(Dinov2Config(hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=2,
+                                        mlp_ratio=2, image_size=224, patch_size=14)).eval()
+    clip_model = CLIP(**TINY_CLIP_CFG).eval()
+    projector = ProjectorWithResiduals(pooled_dim(hidden_size, pooling), TINY_CLIP_CFG["embed_dim"], 64, 2).eval()
+    config = ModelConfig(
+        dinov2={"source": "dinov2", "pooling": pooling, "class": "Dinov2Model", "hidden_size": hidden_size,
+                "origin": f"sha256:{tensor_sha256(backbone.state_dict())}"},
+        clip={"model_name": "tiny-quickgelu", "pretrained": None, "embed_dim": TINY_CLIP_CFG["embed_dim"],
+              "quick_gelu": True, "origin": f"sha256:{tensor_sha256(clip_model.state_dict())}"},
+        projector={}, license=TINY_LICENSE,
+        provenance={"recipe": "random tiny model (dinov2clip make-tiny)", "seed": seed},
+    )
+
+    def add_parts(tmp: Path, cfg: ModelConfig) -> None:
+        backbone.save_pretrained(tmp / "dinov2", safe_serialization=True)
+        save_clip(clip_model, TINY_CLIP_CFG, tmp / "clip")
+        cfg.dinov2 = {**cfg.dinov2, "path": "dinov2"}
+        cfg.clip = {**cfg.clip, "path": "clip"}
+
+    return save_model_dir(config, projector, Path(out_dir), overwrite, extra=add_parts)

@@ -31,8 +31,10 @@ class ModelConfig:
     format_version: str = FORMAT_VERSION
 
     @property
-    def embed_dim(self) -> int:
-        return int(self.projector["output_dim"])
+    def embed_dim(self) -> int | None:
+        """None until the projector is known (a preset before its weights are fetched)."""
+        dim = self.projector.get("output_dim")
+        return None if dim is None else int(dim)
 
     def to_dict(self) -> dict:
         d = asdict(self)

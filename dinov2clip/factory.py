@@ -8,7 +8,7 @@ import torch
 
 from .clip_text import ClipTextEncoder, load_clip, resolve_teacher
 from .config import ModelConfig, file_sha256, read_config, tensor_sha256, check_relative
-from .dinov2 import DinoV2Encoder, check_pooling, load_dinov2_backbone, pooled_dim, resolve_dinov2_source
+from .dinov2 import DinoV2Encoder, check_pooling, load_dinov2_backbone, resolve_dinov2_source
 from .errors import UserError
 from .model import DinoV2Clip
 from .presets import DEFAULT_PRESET, Preset, get_preset
@@ -18,13 +18,15 @@ from .sources import HF_PREFIX, LOCAL_PREFIX, hub_snapshot, resolve_projector_fi
 
 def config_from_parts(dinov2: str, pooling: str, clip: str, pretrained: str | None, projector: str,
                       hidden_dim: int | None = None, num_blocks: int | None = None,
-                      license: str = "unknown", provenance: dict | None = None) -> ModelConfig:
+                      license: str = "unknown", provenance: dict | None = None,
+                      input_dim: int | None = None, output_dim: int | None = None) -> ModelConfig:
     check_pooling(pooling)
     clip_name, clip_pretrained = resolve_teacher(clip, pretrained)
     return ModelConfig(
         dinov2={"source": resolve_dinov2_source(dinov2), "pooling": pooling},
         clip={"model_name": clip_name, "pretrained": clip_pretrained},
-        projector={"source": projector, "hidden_dim": hidden_dim, "num_blocks": num_blocks},
+        projector={"source": projector, "input_dim": input_dim, "hidden_dim": hidden_dim,
+                   "num_blocks": num_blocks, "output_dim": output_dim},
         license=license, provenance=provenance or {},
     )
 
@@ -32,7 +34,9 @@ def config_from_parts(dinov2: str, pooling: str, clip: str, pretrained: str | No
 def config_from_preset(name: str, preset: Preset) -> ModelConfig:
     return config_from_parts(preset.dinov2, preset.pooling, preset.clip_model, preset.clip_pretrained,
                              preset.projector, preset.hidden_dim, preset.num_blocks, preset.license,
-                             {"preset": name, "origin": preset.origin, "verified": preset.verified})
+                             {"preset": name, "origin": preset.origin, "verified": preset.verified,
+                              "notes": preset.notes},
+                             input_dim=preset.input_dim, output_dim=preset.output_dim)
 
 
 def resolve_source(source: str) -> tuple[ModelConfig, Path | None]:

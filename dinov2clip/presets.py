@@ -20,8 +20,10 @@ class Preset:
     clip_model: str
     clip_pretrained: str
     projector: str  # path, http(s) URL or hf-hub:org/repo[/file]
+    input_dim: int
     hidden_dim: int
     num_blocks: int
+    output_dim: int
     license: str
     origin: str
     verified: bool  # False: weights never checked by us (unreachable from where we build)
@@ -35,8 +37,10 @@ PRESETS: dict[str, Preset] = {
         clip_model="ViT-B-16-quickgelu",
         clip_pretrained="openai",
         projector=REFERENCE_URL,
+        input_dim=768,
         hidden_dim=2048,
         num_blocks=6,
+        output_dim=512,
         license="unknown: the reference repository publishes no licence; we link, never mirror",
         origin="github.com/SonicCodes/dinov2-clip (epoch 16, unit-norm MSE, 8M CC12M pairs)",
         verified=False,
@@ -52,7 +56,7 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name]
     except KeyError:
         raise UserError(f"unknown preset {name!r}: known presets are {', '.join(sorted(PRESETS))}; "
-                        "a model directory needs a path, a hub repo the 'hf-hub:' prefix") from None
+                        "give a model directory as a path (./my-model) or a hub repo as hf-hub:org/repo") from None
 
 
 def list_presets() -> list[str]:

@@ -1,0 +1,202 @@
+"""`dinov2clip` console script. Each subcommand is a small function over the public API.
+
+User errors print one line and exit 2; unexpected errors exit 1 and name the logged traceback."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+from .errors import UserError
+from .presets import DEFAULT_PRESET
+
+PROG = "dinov2clip"
+
+
+def cmd_info(args) -> None:
+    from .factory import resolve_source
+
+    config, root = resolve_source(args.source)
+    info = {"source": args.source, "directory": str(root) if root else None, **config.to_dict()}
+    if config.projector.get("tensor_sha256"):
+        info["fingerprint"] = config.fingerprint()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    d, c, p = config.dinov2, config.clip, config.projector
+    dims = "→".join(str(p.get(k) or "?") for k in ("input_dim", "hidden_dim", "output_dim"))
+    print(f"source      {args.source}" + (f"  ({root})" if root else "  (preset)"))
+    print(f"dinov2      {d.get('origin') or d['source']}  pooling={d['pooling']}" + ("  [bundled]" if d.get("path") else ""))
+    print(f"clip        {c['model_name']} / {c.get('pretrained')}" + ("  [bundled]" if c.get("path") else ""))
+    print(f"projector   {dims} ×{p.get('num_blocks') or '?'} blocks  {p.get('path') or p.get('source')}")
+    print(f"license     {config.license}")
+    print(f"format      {config.format_version}")
+    if "fingerprint" in info:
+        print(f"fingerprint {info['fingerprint']}")
+    if config.provenance:
+        print(f"provenance  {json.dumps(config.provenance, sort_keys=True)}")
+
+
+def cmd_make_tiny(args) -> None:
+    from .modeldir import make_tiny
+
+    print(make_tiny(args.out_dir, seed=args.seed, pooling=args.pooling, overwrite=args.overwrite))
+
+
+def cmd_convert_reference(args) -> None:
+    from .modeldir import convert_reference
+
+    print(convert_reference(args.checkpoint, args.out_dir, args.dinov2, args.pooling, args.clip, args.pretrained,
+                            license=args.license, overwrite=args.overwrite))
+
+
+def cmd_bundle(args) -> None:
+    from .modeldir import bundle
+
+    print(bundle(args.source, args.out_dir, overwrite=args.overwrite))
+
+
+def cmd_push(args) -> None:
+    from .hub import push
+
+    print(push(args.model_dir, args.repo_id, private=args.private))
+
+
+def _load(args, image: bool = True, text: bool = True):
+    from .factory import load
+
+    return load(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                image=image, text=text)
+
+
+def cmd_embed(args) -> None:
+    from .embed import embed_files, expand_images, save_embeddings
+
+    paths = expand_images(args.images)
+    if not paths:
+        raise UserError("no images found in " + " ".join(args.images))
+    model = _load(args, text=False)
+    emb, kept, failures = embed_files(model, paths, workers=args.workers, progress=not args.quiet)
+    for path, msg in failures:
+        print(f"skipped: {msg}", file=sys.stderr)
+    model_ref = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
+    save_embeddings(Path(args.out), emb, [str(p) for p in kept],
+                    {"model": model_ref, "fingerprint": model.fingerprint, "embed_dim": model.embed_dim,
+                     "skipped": len(failures), "created": datetime.datetime.now().isoformat(timespec="seconds")})
+    print(f"embedded {len(kept)} images, skipped {len(failures)} unreadable → {args.out}")
+
+
+def cmd_search(args) -> None:
+    import torch
+
+    from .embed import load_embeddings
+
+    emb, items, meta = load_embeddings(Path(args.file))
+    args.model = args.model or meta["model"]
+    model = _load(args, image=False)
+    if model.fingerprint != meta["fingerprint"]:
+        raise UserError(f"{args.file} was embedded with another model (fingerprint {meta['fingerprint'][:12]}, "
+                        f"{meta['model']}); {args.model} is {model.fingerprint[:12]}: re-embed or pass its --model")
+    if len(items) == 0:
+        raise UserError(f"{args.file} holds no embeddings")
+    query = model.encode_text([args.query])[0]
+    scores = torch.from_numpy(emb) @ query
+    top = torch.topk(scores, min(args.k, len(items)))
+    for score, i in zip(top.values.tolist(), top.indices.tolist()):
+        print(f"{score:.4f}\t{items[i]}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Text search over DINOv2 image embeddings.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, func, help):
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    def model_options(p, required_model=True):
+        p.add_argument("--model", default=DEFAULT_PRESET if required_model else None,
+                       help=f"model directory, preset name or hf-hub:org/repo (default: {DEFAULT_PRESET}"
+                            + ("" if required_model else "; search: the model recorded in FILE") + ")")
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+        p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+        p.add_argument("--batch-size", type=int, default=32)
+
+    p = add("info", cmd_info, "show a model's configuration without loading weights")
+    p.add_argument("source", help="model directory, preset name or hf-hub:org/repo")
+    p.add_argument("--json", action="store_true")
+
+    p = add("make-tiny", cmd_make_tiny, "write a random tiny model directory (offline; for tests and demos)")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pooling", default="mean", choices=["mean", "cls", "cls+mean"])
+    p.add_argument("--overwrite", action="store_true")
+
+    p = add("convert-reference", cmd_convert_reference, "turn a reference .pt projector into a model directory")
+    p.add_argument("checkpoint")
+    p.add_argument("out_dir")
+    p.add_argument("--dinov2", required=True, help="DINOv2 hub id or alias (small, base, large, giant, base-reg...)")
+    p.add_argument("--pooling", required=True, choices=["mean", "cls", "cls+mean"])
+    p.add_argument("--clip", required=True, help="open_clip model name (e.g. ViT-B-16-quickgelu) or B/32, B/16, L/14")
+    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag (e.g. openai)")
+    p.add_argument("--license", default="unknown")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = add("bundle", cmd_bundle, "copy a model and all its weights into one self-contained offline directory")
+    p.add_argument("source")
+    p.add_argument("out_dir")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = add("push", cmd_push, "upload a model directory to the Hugging Face Hub with a generated model card")
+    p.add_argument("model_dir")
+    p.add_argument("repo_id", help="org/repo")
+    p.add_argument("--private", action="store_true")
+
+    p = add("embed", cmd_embed, "embed image files and folders; unreadable images are skipped and counted")
+    p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--out", required=True, help="output .npz file")
+    p.add_argument("--workers", type=int, default=None, help="image decoding threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    model_options(p)
+
+    p = add("search", cmd_search, "rank embedded images by similarity to a text query")
+    p.add_argument("file", help="an .npz written by `dinov2clip embed`")
+    p.add_argument("query")
+    p.add_argument("-k", type=int, default=10)
+    model_options(p, required_model=False)
+    return parser
+
+
+def _log_crash() -> str:
+    log_dir = Path(os.environ.get("DINOV2CLIP_LOG_DIR") or Path(tempfile.gettempdir()) / "dinov2clip-logs")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / f"crash-{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
+    path.write_text(" ".join(sys.argv) + "\n\n" + traceback.format_exc())
+    return str(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # anything else is our bug: keep the traceback, show one line
+        print(f"{PROG}: unexpected error: {type(e).__name__}: {e} (traceback logged to {_log_crash()})",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

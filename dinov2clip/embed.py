@@ -1,0 +1,99 @@
+"""Embedding files on disk with per-image failure handling, and the embeddings file format."""
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .errors import ImageError, UserError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".jfif", ".ppm"}
+FILE_FORMAT = "dinov2clip-embeddings/1"
+
+
+def expand_images(inputs: Iterable[str]) -> list[Path]:
+    """Files as given; folders searched recursively for image extensions; sorted per folder."""
+    out: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            out += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise UserError(f"no such file or directory: {item}")
+    return out
+
+
+def iter_pixel_batches(preprocess, items: list, batch_size: int, workers: int = 0) -> Iterator[tuple]:
+    """Yield (indices, pixels, failures) per batch; a bad image fails alone, never its batch.
+
+    failures is a list of (index, message). Decoding runs on threads: PIL releases the GIL."""
+    def one(i):
+        try:
+            return i, preprocess(items[i]), None
+        except ImageError as e:
+            return i, None, str(e)
+
+    pool = ThreadPoolExecutor(workers) if workers > 0 else None
+    try:
+        for start in range(0, len(items), batch_size):
+            idx = range(start, min(start + batch_size, len(items)))
+            results = list(pool.map(one, idx)) if pool else [one(i) for i in idx]
+            ok = [(i, t) for i, t, err in results if err is None]
+            failures = [(i, err) for i, _, err in results if err is not None]
+            pixels = torch.stack([t for _, t in ok]) if ok else None
+            yield [i for i, _ in ok], pixels, failures
+    finally:
+        if pool:
+            pool.shutdown()
+
+
+def embed_files(model, paths: list[Path], batch_size: int | None = None, workers: int | None = None,
+                progress: bool = True):
+    """→ (embeddings float32 [M, D], kept paths, failures [(path, message)])."""
+    from tqdm.auto import tqdm
+
+    batch_size = batch_size or model.batch_size
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    embs, kept, failures = [], [], []
+    with tqdm(total=len(paths), desc="embed", unit="img", disable=not progress) as bar:
+        for idx, pixels, failed in iter_pixel_batches(model.preprocess, paths, batch_size, workers):
+            if pixels is not None:
+                embs.append(model.encode_image(pixels, batch_size=batch_size))
+                kept += [paths[i] for i in idx]
+            failures += [(paths[i], msg) for i, msg in failed]
+            bar.update(len(idx) + len(failed))
+            bar.set_postfix(skipped=len(failures))
+    emb = torch.cat(embs).numpy() if embs else np.zeros((0, model.embed_dim), np.float32)
+    return emb, kept, failures
+
+
+def save_embeddings(path: Path, embeddings: np.ndarray, items: list[str], meta: dict) -> None:
+    """npz (no pickles) written to a temporary name, then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    meta = {"format": FILE_FORMAT, **meta}
+    np.savez(tmp, embeddings=embeddings.astype(np.float32), items=np.array(items, dtype=str),
+             meta=np.array(json.dumps(meta)))
+    tmp.replace(path)
+
+
+def load_embeddings(path: Path) -> tuple[np.ndarray, list[str], dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"embeddings file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            emb, items, meta = f["embeddings"], f["items"].tolist(), json.loads(str(f["meta"]))
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{path} is not a dinov2clip embeddings file ({type(e).__name__})") from None
+    if meta.get("format") != FILE_FORMAT:
+        raise UserError(f"{path}: unsupported embeddings format {meta.get('format')!r}")
+    return emb, items, meta

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .clip_text import ClipTextEncoder, load_clip, resolve_teacher
+from .clip_text import ClipTextEncoder, check_quickgelu, load_clip, resolve_teacher
 from .config import ModelConfig, file_sha256, read_config, tensor_sha256, check_relative
 from .dinov2 import DinoV2Encoder, check_pooling, load_dinov2_backbone, resolve_dinov2_source
 from .errors import UserError
@@ -22,6 +22,7 @@ def config_from_parts(dinov2: str, pooling: str, clip: str, pretrained: str | No
                       input_dim: int | None = None, output_dim: int | None = None) -> ModelConfig:
     check_pooling(pooling)
     clip_name, clip_pretrained = resolve_teacher(clip, pretrained)
+    check_quickgelu(clip_name, clip_pretrained)  # before any download
     return ModelConfig(
         dinov2={"source": resolve_dinov2_source(dinov2), "pooling": pooling},
         clip={"model_name": clip_name, "pretrained": clip_pretrained},

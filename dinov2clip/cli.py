@@ -112,11 +112,12 @@ def cmd_search(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Text search over DINOv2 image embeddings.")
+    parser = argparse.ArgumentParser(prog=PROG, description="Text search over DINOv2 image embeddings.",
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name, func, help):
-        p = sub.add_parser(name, help=help, description=help)
+        p = sub.add_parser(name, help=help, description=help, allow_abbrev=False)
         p.set_defaults(func=func)
         return p
 

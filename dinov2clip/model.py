@@ -131,12 +131,10 @@ class DinoV2Clip(nn.Module):
         With `return_dinov2=True` also returns the projector's input (the pooled DINOv2 embedding)
         from the same forward pass. An unreadable image raises `ImageError` (an `OSError`)."""
         outs, dinos = [], []
-        total = len(images) if hasattr(images, "__len__") and not isinstance(images, (str, bytes)) else None
         batches = self._pixel_batches(images, batch_size or self.batch_size)
         if progress:
             from tqdm.auto import tqdm
-            batches = tqdm(batches, total=None if total is None else -(-total // (batch_size or self.batch_size)),
-                           desc="encode images", unit="batch")
+            batches = tqdm(batches, desc="encode images", unit="batch")
         for pixels in batches:
             dino = self.encode_dinov2(pixels)
             outs.append(self.project(dino).cpu())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .clip_text import CLIP_CONFIG_FILE, resolve_teacher, save_clip
+from .clip_text import CLIP_CONFIG_FILE, check_quickgelu, resolve_teacher, save_clip
 from .config import CONFIG_FILE, PROJECTOR_FILE, ModelConfig, file_sha256, tensor_sha256, write_json_atomic
 from .dinov2 import check_pooling, pooled_dim, resolve_dinov2_source
 from .errors import UserError
@@ -80,9 +80,10 @@ def convert_reference(checkpoint: str, out_dir: str, dinov2: str, pooling: str, 
     import open_clip
 
     check_pooling(pooling)
+    clip_name, clip_pretrained = resolve_teacher(clip, pretrained)
+    check_quickgelu(clip_name, clip_pretrained)
     projector = load_projector(checkpoint)
     dinov2 = resolve_dinov2_source(dinov2)
-    clip_name, clip_pretrained = resolve_teacher(clip, pretrained)
     try:
         hidden = AutoConfig.from_pretrained(dinov2, trust_remote_code=False).hidden_size
     except OSError as e:
@@ -103,8 +104,6 @@ def convert_reference(checkpoint: str, out_dir: str, dinov2: str, pooling: str, 
         projector={}, license=license,
         provenance={"converted_from": Path(checkpoint).name, "checkpoint_sha256": file_sha256(Path(checkpoint))},
     )
-    from .clip_text import check_quickgelu
-    check_quickgelu(clip_name, clip_pretrained)
     return save_model_dir(config, projector, Path(out_dir), overwrite)
 
 

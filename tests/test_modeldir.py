@@ -8,7 +8,7 @@ import dinov2clip
 from dinov2clip import UserError
 from dinov2clip.config import CONFIG_FILE, FORMAT_VERSION, file_sha256
 
-from conftest import solid
+from conftest import seed_hub_repo, solid
 
 
 def edit_config(model_dir, **changes):
@@ -108,3 +108,20 @@ def test_projector_dims_must_fit_dinov2(copy_of_tiny):
     edit_config(copy_of_tiny, projector__input_dim=48, projector__tensor_sha256=None, weights_sha256={})
     with pytest.raises(UserError, match="gives 32-d embeddings; the projector takes 48-d"):
         dinov2clip.load(str(copy_of_tiny))
+
+
+def test_hf_hub_model_directory_and_projector(tiny_dir, tiny_model):
+    seed_hub_repo("acme/tiny-dinov2clip", {".": tiny_dir})
+    from_hub = dinov2clip.load("hf-hub:acme/tiny-dinov2clip", dtype="fp32")
+    assert from_hub.fingerprint == tiny_model.fingerprint
+    torch.testing.assert_close(from_hub.encode_text(["a cat"]), tiny_model.encode_text(["a cat"]))
+    seed_hub_repo("acme/just-a-projector", {"weights/p.safetensors": tiny_dir / "projector.safetensors"})
+    from dinov2clip.factory import resolve_source
+
+    config, root = resolve_source(str(tiny_dir))
+    config.projector = {"source": "hf-hub:acme/just-a-projector/weights/p.safetensors"}
+    config.weights_sha256 = {k: v for k, v in config.weights_sha256.items() if k != "projector.safetensors"}
+    rebuilt = dinov2clip.factory.build(config, root, dtype="fp32", image=False)
+    assert rebuilt.fingerprint == tiny_model.fingerprint
+    with pytest.raises(UserError, match="cannot fetch hf-hub:acme/absent"):
+        dinov2clip.load("hf-hub:acme/absent")

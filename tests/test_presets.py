@@ -1,7 +1,6 @@
 """Presets resolved through the real code paths (transformers, open_clip, our URL cache) with
 HF_HUB_OFFLINE=1, after seeding the caches under the preset's own ids with random weights."""
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,22 +14,10 @@ from dinov2clip import UserError
 from dinov2clip.presets import PRESETS, REFERENCE_URL
 from dinov2clip.sources import url_cache_path
 
-from conftest import solid
+from conftest import seed_hub_repo, solid
 
 pytestmark = pytest.mark.slow  # real-size ViT-B/16 and reference projector (random weights)
 CAPTIONS = ["a dog on a beach", "a red circle", "two people riding bikes down a busy city street at night"]
-
-
-def seed_hub_repo(repo_id: str, files: dict[str, Path]) -> None:
-    """Lay files out exactly as huggingface_hub's cache does (refs/main → snapshot)."""
-    root = Path(os.environ["HF_HUB_CACHE"]) / f"models--{repo_id.replace('/', '--')}"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    snapshot = root / "snapshots" / commit
-    snapshot.mkdir(parents=True, exist_ok=True)
-    for name, src in files.items():
-        shutil.copy(src, snapshot / name)
-    (root / "refs").mkdir(exist_ok=True)
-    (root / "refs" / "main").write_text(commit)
 
 
 @pytest.fixture(scope="module")

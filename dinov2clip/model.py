@@ -149,13 +149,18 @@ class DinoV2Clip(nn.Module):
         self._require("tokenizer")
         return self.tokenizer([texts] if isinstance(texts, str) else list(texts))
 
-    @torch.inference_mode()
     def encode_text(self, texts: str | Sequence[str], batch_size: int | None = None,
                     progress: bool = False) -> torch.Tensor:
-        """Texts → float32 L2-normalised [N, D] on CPU. Texts are processed in order of token length
-        (each batch stops at its longest caption) and returned in input order."""
+        """Texts → float32 L2-normalised [N, D] on CPU."""
+        return self.encode_tokens(self.tokenize(texts), batch_size, progress)
+
+    @torch.inference_mode()
+    def encode_tokens(self, tokens: torch.Tensor, batch_size: int | None = None,
+                      progress: bool = False) -> torch.Tensor:
+        """Token ids [N, L] (from `tokenizer`) → float32 L2-normalised [N, D] on CPU. Processed in order of
+        token length (each batch stops at its longest caption) and returned in input order."""
         self._require("text_encoder")
-        tokens = self.tokenize(texts)
+        tokens = tokens.cpu()
         if len(tokens) == 0:
             return torch.empty(0, self.embed_dim)
         order = torch.argsort(tokens.argmax(dim=-1), stable=True)

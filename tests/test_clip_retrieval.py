@@ -1,0 +1,176 @@
+"""The stock `clip-retrieval` executable with `--clip_model dinov2clip:...` (its own environment: DESIGN §1).
+
+In the main environment clip-retrieval is absent by design and these tests skip; CI's clip-retrieval
+environment sets DINOV2CLIP_REQUIRE_CLIP_RETRIEVAL=1, which turns that skip into a failure."""
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+COLORS = ["red", "green", "blue", "yellow", "purple", "orange"]
+
+
+if os.environ.get("DINOV2CLIP_REQUIRE_CLIP_RETRIEVAL") == "1":
+    import clip_retrieval  # noqa: F401  (must be present in the clip-retrieval environment)
+else:
+    pytest.importorskip("clip_retrieval", reason="clip-retrieval lives in its own environment")
+
+EXE = Path(sys.executable).with_name("clip-retrieval")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run([str(EXE), *map(str, args)], capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def image_bytes(color, size=(80, 60)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def core_model(tiny_dir):
+    """The core model as the adapter loads it (default device and dtype), called directly."""
+    import dinov2clip
+
+    return dinov2clip.load(str(tiny_dir))
+
+
+def test_registry_order_in_a_fresh_process():
+    code = "import all_clip.main as m; print(list(m._CLIP_REGISTRY)[-2:])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['dinov2clip', '']"
+
+
+@pytest.fixture(scope="module")
+def wds_run(tmp_path_factory, tiny_dir):
+    """A webdataset shard (img2dataset layout, one corrupt image) through `clip-retrieval inference`."""
+    root = tmp_path_factory.mktemp("wds")
+    shard = root / "shard-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i, color in enumerate(COLORS + ["corrupt"]):
+            key = f"{i:09d}"
+            jpg = b"\xff\xd8\xff not a jpeg" if color == "corrupt" else image_bytes(color)
+            files = {"jpg": jpg, "txt": f"a {color} thing".encode(), "json": json.dumps({"key": key}).encode()}
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    out = root / "embeddings"
+    res = run_cli("inference", "--input_format", "webdataset", "--input_dataset", shard, "--output_folder", out,
+                         "--clip_model", f"dinov2clip:{tiny_dir}", "--enable_metadata", "True",
+                         "--batch_size", "4", "--num_prepro_workers", "1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def read_run(out):
+    import pandas as pd
+
+    meta = pd.read_parquet(out / "metadata" / "metadata_0.parquet")
+    img = np.load(out / "img_emb" / "img_emb_0.npy")
+    txt = np.load(out / "text_emb" / "text_emb_0.npy") if (out / "text_emb").exists() else None
+    return meta, img, txt
+
+
+def test_webdataset_inference_matches_core(wds_run, core_model):
+    meta, img, txt = read_run(wds_run)
+    assert img.dtype == np.float16 and len(meta) == len(COLORS)  # the corrupt sample was skipped
+    colors = [COLORS[int(k)] for k in meta["key"]]
+    expected = core_model.encode_image([Image.open(io.BytesIO(image_bytes(c))) for c in colors]).numpy()
+    np.testing.assert_allclose(img.astype(np.float32), expected, atol=1e-3)
+    expected_txt = core_model.encode_text([f"a {c} thing" for c in colors]).numpy()
+    np.testing.assert_allclose(txt.astype(np.float32), expected_txt, atol=1e-3)
+    assert list(meta["caption"]) == [f"a {c} thing" for c in colors]
+
+
+def test_folder_inference_skips_corrupt_image(tmp_path, tiny_dir, core_model, image_folder):
+    out = tmp_path / "out"
+    res = run_cli("inference", "--input_dataset", image_folder, "--output_folder", out, "--clip_model",
+                         f"dinov2clip:{tiny_dir}", "--enable_text", "False", "--batch_size", "3",
+                         "--num_prepro_workers", "1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    meta, img, _ = read_run(out)
+    paths = list(meta["image_path"])
+    assert len(paths) == 7 and not any("corrupt" in p for p in paths)
+    np.testing.assert_allclose(img.astype(np.float32), core_model.encode_image(paths).numpy(), atol=1e-3)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(port, payload):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/knn-service", data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def test_index_and_back_answer_text_and_image_queries(wds_run, tmp_path, tiny_dir, core_model):
+    index = tmp_path / "index"
+    res = run_cli("index", "--embeddings_folder", wds_run, "--index_folder", index)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (tmp_path / "indices.json").write_text(json.dumps({"tiny": str(index)}))
+    port = free_port()
+    server = subprocess.Popen(
+        [str(EXE), "back", "--port", str(port), "--indices_paths", str(tmp_path / "indices.json"),
+         "--clip_model", f"dinov2clip:{tiny_dir}", "--enable_mclip_option", "False",
+         "--provide_aesthetic_embeddings", "False"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/indices-list", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()[-3000:]
+                assert time.time() < deadline, "clip-retrieval back did not start"
+                time.sleep(0.5)
+        meta, img, _ = read_run(wds_run)
+        query = "a green thing"
+        best = int(np.argmax(img.astype(np.float32) @ core_model.encode_text([query])[0].numpy()))
+        hits = post(port, {"text": query, "modality": "image", "num_images": 3, "indice_name": "tiny",
+                           "deduplicate": False})
+        assert hits[0]["id"] == best
+        probe = image_bytes("blue")
+        q = core_model.encode_image([Image.open(io.BytesIO(probe))])[0].numpy()
+        best_img = int(np.argmax(img.astype(np.float32) @ q))
+        hits = post(port, {"image": base64.b64encode(probe).decode(), "modality": "image", "num_images": 3,
+                           "indice_name": "tiny", "deduplicate": False})
+        assert hits[0]["id"] == best_img and COLORS[int(meta["key"][best_img])] == "blue"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("dinov2clip:no-such-preset", "unknown preset 'no-such-preset'"),
+    ("dinov2clip:/no/such/dir", "model directory not found"),
+    ("dinov2clipX", "must be 'dinov2clip' or 'dinov2clip:SOURCE'"),
+])
+def test_bad_model_spec_is_our_one_line(tmp_path, image_folder, spec, match):
+    res = run_cli("inference", "--input_dataset", image_folder, "--output_folder", tmp_path / "o",
+                         "--clip_model", spec, "--enable_text", "False", timeout=300)
+    assert res.returncode != 0
+    ours = [line for line in res.stderr.splitlines() if line.startswith("dinov2clip: error:")]
+    assert len(ours) == 1 and match in ours[0]
+    assert "openaipublic" not in res.stderr and "ViT-B-32" not in res.stderr  # no fall-through to OpenAI CLIP
+    assert not (tmp_path / "o" / "img_emb").exists()

@@ -174,3 +174,38 @@ def test_bad_model_spec_is_our_one_line(tmp_path, image_folder, spec, match):
     assert len(ours) == 1 and match in ours[0]
     assert "openaipublic" not in res.stderr and "ViT-B-32" not in res.stderr  # no fall-through to OpenAI CLIP
     assert not (tmp_path / "o" / "img_emb").exists()
+
+
+def test_pyspark_distribution_equals_sequential(tmp_path, tiny_dir):
+    """`--distribution_strategy pyspark` on a local Spark session: each output partition runs as its own
+    Spark task in a fresh Python worker, which registers dinov2clip through the start-up hook."""
+    if os.environ.get("DINOV2CLIP_REQUIRE_CLIP_RETRIEVAL") != "1":
+        pytest.importorskip("pyspark")
+    import pandas as pd
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (50, 60, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    common = ["--input_dataset", folder, "--clip_model", f"dinov2clip:{tiny_dir}", "--enable_text", "False",
+              "--write_batch_size", "4", "--batch_size", "2", "--num_prepro_workers", "1"]
+    runs = {}
+    for strategy in ("sequential", "pyspark"):
+        out = tmp_path / strategy
+        res = subprocess.run([str(EXE), "inference", *map(str, common), "--output_folder", str(out),
+                              "--distribution_strategy", strategy], capture_output=True, text=True, timeout=900,
+                             env={**ENV, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable})
+        assert res.returncode == 0, res.stderr[-3000:]
+        parts = sorted((out / "img_emb").glob("img_emb_*.npy"))
+        assert len(parts) == 3
+        emb = np.concatenate([np.load(p) for p in parts])
+        paths = pd.concat([pd.read_parquet(out / "metadata" / f"metadata_{i}.parquet") for i in range(3)])
+        runs[strategy] = dict(zip(paths["image_path"], emb))
+        if strategy == "pyspark":
+            log = res.stdout + res.stderr
+            assert "No pyspark session found, creating a new one!" in log
+            assert all(f"Starting work on task {i}" in log for i in range(3))
+    assert sorted(runs["pyspark"]) == sorted(runs["sequential"]) and len(runs["pyspark"]) == 12
+    for key, vec in runs["sequential"].items():
+        np.testing.assert_allclose(runs["pyspark"][key].astype(np.float32), vec.astype(np.float32), atol=1e-3)

@@ -182,21 +182,27 @@ def _log_crash() -> str:
     return str(path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(parser: argparse.ArgumentParser, argv: list[str] | None, prog: str = PROG) -> int:
+    """Parse (argparse exits 2 on bad flags, before any work), run `args.func`, map errors to exit codes:
+    UserError → one line, 2; Ctrl-C → 130; anything else → one line naming the logged traceback, 1."""
+    args = parser.parse_args(argv)
     try:
         args.func(args)
     except UserError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # anything else is our bug: keep the traceback, show one line
-        print(f"{PROG}: unexpected error: {type(e).__name__}: {e} (traceback logged to {_log_crash()})",
+        print(f"{prog}: unexpected error: {type(e).__name__}: {e} (traceback logged to {_log_crash()})",
               file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":

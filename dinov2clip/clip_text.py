@@ -69,10 +69,15 @@ def _load_bundled_clip(root: Path):
     from open_clip.model import CLIP, CustomTextCLIP
     from safetensors.torch import load_file
 
-    cfg = json.loads((root / CLIP_CONFIG_FILE).read_text())["model_cfg"]
+    from open_clip.model import set_model_preprocess_cfg
+
+    saved = json.loads((root / CLIP_CONFIG_FILE).read_text())
+    cfg = saved["model_cfg"]
     cls = CustomTextCLIP if cfg.get("custom_text") else CLIP
     model = cls(**{k: v for k, v in cfg.items() if k != "custom_text"})
     model.load_state_dict(load_file(str(root / CLIP_WEIGHTS_FILE)), strict=True)
+    if saved.get("preprocess_cfg"):  # the teacher's own image preprocessing, as open_clip records it
+        set_model_preprocess_cfg(model, saved["preprocess_cfg"])
     return model.eval(), tokenizer_from_cfg(cfg)
 
 
@@ -86,11 +91,24 @@ def tokenizer_from_cfg(cfg: dict):
     return SimpleTokenizer(context_length=context_length)
 
 
+def teacher_preprocess_cfg(model: nn.Module) -> dict:
+    """The CLIP image tower's own preprocessing (size, mean/std, interpolation, resize mode)."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from open_clip.model import get_model_preprocess_cfg
+
+    cfg = {"mean": OPENAI_DATASET_MEAN, "std": OPENAI_DATASET_STD, "interpolation": "bicubic",
+           "resize_mode": "shortest"}
+    cfg.update({k: v for k, v in get_model_preprocess_cfg(model).items() if v is not None})
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+
 def save_clip(model: nn.Module, model_cfg: dict, out_dir: Path) -> None:
+    """open_clip's hub layout: open_clip_config.json (model_cfg + preprocess_cfg) + safetensors weights."""
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / CLIP_CONFIG_FILE).write_text(json.dumps({"model_cfg": model_cfg}, indent=2))
+    cfg = {"model_cfg": model_cfg, "preprocess_cfg": teacher_preprocess_cfg(model)}
+    (out_dir / CLIP_CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out_dir / CLIP_WEIGHTS_FILE))
 

@@ -136,28 +136,31 @@ def _clip_embed_dim(clip_model) -> int:
 
 
 def build(config: ModelConfig, root: Path | None = None, device: str | None = None, dtype="auto",
-          batch_size: int = 32, image: bool = True, text: bool = True) -> DinoV2Clip:
+          batch_size: int = 32, image: bool = True, text: bool = True, keep_clip_visual: bool = False) -> DinoV2Clip:
     config = replace(config)  # the build fills in dims and hashes; never mutate the caller's copy
     projector = build_projector(config, root)
     image_encoder = build_image_encoder(config, root) if image else None
     text_encoder = tokenizer = None
     if text:
-        clip_model, tokenizer = build_clip(config, root)
+        clip_model, tokenizer = build_clip(config, root, keep_visual=keep_clip_visual)
         text_encoder = ClipTextEncoder(clip_model)
     return DinoV2Clip(config, projector, image_encoder, text_encoder, tokenizer,
                       device=device, dtype=dtype, batch_size=batch_size)
 
 
 def load(source: str = DEFAULT_PRESET, device: str | None = None, dtype="auto", batch_size: int = 32,
-         image: bool = True, text: bool = True, projector: str | None = None) -> DinoV2Clip:
+         image: bool = True, text: bool = True, projector: str | None = None,
+         keep_clip_visual: bool = False) -> DinoV2Clip:
     """Load a model directory, a named preset or `hf-hub:org/repo`.
 
     `image=False` keeps only the text tower (query-only processes); `projector` overrides the
-    projector source (a path, URL or `hf-hub:` spec) of a preset."""
+    projector source (a path, URL or `hf-hub:` spec) of a preset; `keep_clip_visual=True` keeps the
+    CLIP teacher's image tower at `model.text_encoder.clip.visual` (evaluation, training)."""
     config, root = resolve_source(source)
     if projector is not None:
         config.projector = {"source": projector}
-    return build(config, root, device=device, dtype=dtype, batch_size=batch_size, image=image, text=text)
+    return build(config, root, device=device, dtype=dtype, batch_size=batch_size, image=image, text=text,
+                 keep_clip_visual=keep_clip_visual)
 
 
 def from_parts(dinov2: str = "base", pooling: str = "mean", clip: str = "B/16", pretrained: str | None = None,

@@ -17,6 +17,7 @@ from dinov2clip.sources import url_cache_path
 from conftest import seed_hub_repo, solid
 
 pytestmark = pytest.mark.slow  # real-size ViT-B/16 and reference projector (random weights)
+PRETRAINED_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's, from open_clip's `openai` tag
 CAPTIONS = ["a dog on a beach", "a red circle", "two people riding bikes down a busy city street at night"]
 
 
@@ -112,8 +113,12 @@ def test_bundle_of_preset_is_self_contained(seeded, reference, tmp_path):
     hidden = hub.with_name("hub-hidden")
     hub.rename(hidden)  # nothing may come from the caches now
     try:
-        bundled = dinov2clip.load(str(out), device="cpu", dtype="fp32")
+        bundled = dinov2clip.load(str(out), device="cpu", dtype="fp32", keep_clip_visual=True)
         assert bundled.fingerprint == reference.fingerprint
+        from open_clip.model import get_model_preprocess_cfg  # the teacher's own preprocessing travels along
+
+        teacher_cfg = get_model_preprocess_cfg(bundled.text_encoder.clip)
+        assert tuple(teacher_cfg["mean"]) == PRETRAINED_MEAN and list(teacher_cfg["size"]) == [224, 224]
         img = [solid("orange")]
         torch.testing.assert_close(bundled.encode_image(img), reference.encode_image(img))
         torch.testing.assert_close(bundled.encode_text(CAPTIONS), reference.encode_text(CAPTIONS))

@@ -1,0 +1,217 @@
+"""Embed an evaluation set with a dinov2clip model and its CLIP teacher, through one code path.
+
+Each image is decoded once (the core's `load_rgb`: EXIF orientation, RGB) and given to both image
+towers, each with its own preprocessing: the core pipeline for DINOv2, open_clip's own transform for
+the teacher. Captions are encoded once: the model's text tower *is* the teacher's.
+
+What is cached is what a projector does not change: pooled DINOv2 features (the projector's input),
+the teacher's image embeddings and the caption embeddings. Keys hold everything that changes those
+numbers: model identities and weight-file hashes, the caption file's hash, split, image root, the
+image files' sizes and mtimes, preprocessing, dtype, device type and `PIPELINE_VERSION`. Another
+projector re-uses the features; anything else that changes gets new ones, never stale ones.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dinov2clip.embed import load_embeddings, save_embeddings
+from dinov2clip.errors import ImageError, UserError
+from dinov2clip.preprocess import load_rgb
+
+from .datasets import RetrievalSet
+
+PIPELINE_VERSION = 1  # bump when this module changes the numbers it produces
+
+
+@dataclass
+class EvalModels:
+    """A dinov2clip model and its CLIP teacher sharing one CLIP (text tower and image tower)."""
+    model: object  # DinoV2Clip
+    clip: torch.nn.Module  # open_clip CLIP with its image tower
+    teacher_transform: object
+    teacher_preprocess: dict
+
+    @property
+    def dinov2_identity(self) -> dict:
+        d = self.model.config.dinov2
+        return {"origin": d.get("origin") or d["source"], "revision": d.get("revision"), "class": d.get("class"),
+                "pooling": d["pooling"], "files": _bundled_hashes(self.model.config, d)}
+
+    @property
+    def clip_identity(self) -> dict:
+        c = self.model.config.clip
+        return {"origin": c.get("origin") or f"{c['model_name']}/{c.get('pretrained')}",
+                "model_name": c["model_name"], "pretrained": c.get("pretrained"),
+                "files": _bundled_hashes(self.model.config, c)}
+
+    def encode_teacher(self, pixels: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        with torch.inference_mode(), torch.autocast(model.device.type, dtype=model.dtype,
+                                                    enabled=model.dtype != torch.float32):
+            out = self.clip.encode_image(pixels.to(model.device))
+        return F.normalize(out.float(), dim=-1).cpu()
+
+
+def load_models(source: str, device: str | None = None, dtype="auto", batch_size: int = 32) -> EvalModels:
+    """`dinov2clip.load` with the CLIP image tower kept, so the teacher shares every weight file."""
+    from dinov2clip import load
+
+    model = load(source, device=device, dtype=dtype, batch_size=batch_size, keep_clip_visual=True)
+    clip_model = model.text_encoder.clip
+    transform, preprocess = teacher_transform(clip_model)
+    return EvalModels(model, clip_model, transform, preprocess)
+
+
+def teacher_transform(clip_model) -> tuple[object, dict]:
+    """open_clip's own evaluation transform for this CLIP, and the settings that define it."""
+    import open_clip
+    import torchvision
+
+    cfg = dict(open_clip.get_model_preprocess_cfg(clip_model)) if hasattr(open_clip, "get_model_preprocess_cfg") \
+        else {}
+    cfg.setdefault("size", clip_model.visual.image_size)
+    keys = ("mean", "std", "resize_mode", "interpolation", "fill_color")
+    transform = open_clip.image_transform(cfg["size"], is_train=False, **{k: cfg[k] for k in keys if k in cfg})
+    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+    settings["versions"] = {"open_clip": open_clip.__version__, "torchvision": torchvision.__version__}
+    return transform, settings
+
+
+def _bundled_hashes(config, section: dict) -> dict:
+    prefix = (section.get("path") or "").rstrip("/")
+    return {k: v for k, v in sorted(config.weights_sha256.items()) if prefix and k.startswith(prefix + "/")}
+
+
+class EmbeddingCache:
+    """npz files named by the hash of their key; the key is stored inside and checked on read."""
+
+    def __init__(self, root: Path | None):
+        self.root = Path(root) if root else None
+
+    @staticmethod
+    def _normal(key: dict) -> dict:
+        return json.loads(json.dumps(key, sort_keys=True, default=str))
+
+    def _path(self, key: dict) -> Path:
+        digest = hashlib.sha256(json.dumps(self._normal(key), sort_keys=True).encode()).hexdigest()
+        return self.root / f"{key['kind']}-{digest[:32]}.npz"
+
+    def get(self, key: dict):
+        """→ (embeddings, meta) or None."""
+        if self.root is None or not self._path(key).is_file():
+            return None
+        try:
+            emb, _, meta = load_embeddings(self._path(key))
+        except UserError:  # unreadable or foreign file under our name: recompute and overwrite
+            return None
+        return (emb, meta) if meta.get("key") == self._normal(key) else None
+
+    def put(self, key: dict, emb: np.ndarray, items: list[str], meta: dict) -> None:
+        if self.root is not None:
+            save_embeddings(self._path(key), emb, items, {"key": self._normal(key), **meta})
+
+
+@dataclass
+class Embedded:
+    """One evaluation set, embedded. Rows follow `dataset` (failed images already dropped)."""
+    dataset: RetrievalSet
+    dinov2: np.ndarray  # pooled DINOv2 features, the projector's input
+    teacher: np.ndarray  # CLIP image embeddings, L2-normalised
+    text: np.ndarray  # caption embeddings, L2-normalised
+    cache: dict  # part → "hit" / "miss" / "off"
+
+
+def embed_set(models: EvalModels, ds: RetrievalSet, cache: EmbeddingCache, skip_unreadable: bool = False,
+              workers: int | None = None, progress: bool = True) -> Embedded:
+    model = models.model
+    common = {"dtype": str(model.dtype).removeprefix("torch."), "device": model.device.type,
+              "pipeline": PIPELINE_VERSION}
+    images = {**common, "annotation_sha256": ds.annotation_sha256, "split": ds.split,
+              "image_root": str(ds.image_root.resolve()), "images": ds.images_digest()}
+    keys = {
+        "dinov2": {**images, "kind": "dinov2", "encoder": models.dinov2_identity,
+                   "preprocess": model.config.preprocess},
+        "teacher": {**images, "kind": "clip-image", "encoder": models.clip_identity,
+                    "preprocess": models.teacher_preprocess},
+        "text": {**common, "kind": "clip-text", "encoder": models.clip_identity,
+                 "captions": hashlib.sha256("\n".join(ds.captions).encode()).hexdigest()},
+    }
+    found = {part: cache.get(key) for part, key in keys.items()}
+    status = {part: "off" if cache.root is None else ("hit" if found[part] else "miss") for part in keys}
+    arrays = {part: hit[0] for part, hit in found.items() if hit}
+    failed = {int(i): msg for hit in found.values() if hit for i, msg in hit[1].get("failed", {}).items()}
+
+    towers = {part: tower for part, tower in _image_towers(models).items() if part not in arrays}
+    if towers:
+        new, new_failed = _image_pass(ds, towers, model.batch_size, skip_unreadable, workers, progress)
+        for part, emb in new.items():
+            cache.put(keys[part], emb, [str(p) for p in ds.images], {"failed": new_failed})
+        arrays.update(new)
+        failed.update(new_failed)
+    if failed and not skip_unreadable:
+        i = min(failed)
+        raise UserError(f"{ds.annotation_file}: {ds.entries[i]}: {failed[i]}; pass --skip-missing to skip it")
+    if "text" not in arrays:
+        arrays["text"] = model.encode_text(ds.captions, progress=progress).numpy()
+        cache.put(keys["text"], arrays["text"], ds.captions, {})
+
+    kept = [i for i in range(len(ds.images)) if i not in failed]
+    reduced = ds.without({i: f"unreadable: {msg}" for i, msg in failed.items()})
+    caption_kept = [j for j, i in enumerate(ds.text_image_ids) if i not in failed]
+    if not reduced.images or not reduced.captions:
+        raise UserError(f"{ds.annotation_file}: no readable image with a caption is left to evaluate")
+    return Embedded(reduced, arrays["dinov2"][kept], arrays["teacher"][kept], arrays["text"][caption_kept], status)
+
+
+def _image_towers(models: EvalModels) -> dict:
+    """part → (transform of an RGB PIL image, batch encoder)."""
+    model = models.model
+    return {"dinov2": (model.preprocess, model.encode_dinov2), "teacher": (models.teacher_transform,
+                                                                          models.encode_teacher)}
+
+
+def _image_pass(ds: RetrievalSet, towers: dict, batch_size: int, skip: bool, workers: int | None, progress: bool):
+    """Decode each image once, run every tower on it. A bad image fails alone, never its batch; without
+    `skip` the first one stops the run at once."""
+    from tqdm.auto import tqdm
+
+    def prepare(i):
+        try:
+            image = load_rgb(ds.images[i])
+            return i, {part: transform(image) for part, (transform, _) in towers.items()}, None
+        except ImageError as e:
+            return i, None, str(e)
+
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    out = {part: [None] * len(ds.images) for part in towers}
+    failed: dict[int, str] = {}
+    with ThreadPoolExecutor(max(1, workers)) as pool, \
+            tqdm(total=len(ds.images), desc=f"embed {ds.name} images", unit="img", disable=not progress) as bar:
+        for start in range(0, len(ds.images), batch_size):
+            results = list(pool.map(prepare, range(start, min(start + batch_size, len(ds.images)))))
+            for i, _, err in results:
+                if err is not None:
+                    if not skip:
+                        raise UserError(f"{ds.annotation_file}: {ds.entries[i]}: {err}; pass --skip-missing to skip it")
+                    failed[i] = err
+            ok = [(i, pix) for i, pix, err in results if err is None]
+            for part, (_, encode) in towers.items():
+                if ok:
+                    emb = encode(torch.stack([pix[part] for _, pix in ok])).float().cpu().numpy()
+                    for (i, _), row in zip(ok, emb):
+                        out[part][i] = row
+            bar.update(len(results))
+    arrays = {}
+    for part, rows in out.items():
+        dim = next((r.shape[0] for r in rows if r is not None), 0)
+        arrays[part] = np.stack([r if r is not None else np.zeros(dim, np.float32) for r in rows]).astype(np.float32)
+    return arrays, failed

@@ -45,7 +45,7 @@ def cmd_info(args) -> None:
 def cmd_make_tiny(args) -> None:
     from .modeldir import make_tiny
 
-    print(make_tiny(args.out_dir, seed=args.seed, pooling=args.pooling, overwrite=args.overwrite))
+    print(make_tiny(args.out_dir, seed=args.seed, pooling=args.pooling, overwrite=args.overwrite, size=args.size))
 
 
 def cmd_convert_reference(args) -> None:
@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pooling", default="mean", choices=["mean", "cls", "cls+mean"])
+    p.add_argument("--size", default="tiny", choices=["tiny", "reference"],
+                   help="reference: real-size architectures (dinov2-base, ViT-B/16, 768→2048×6→512) for benchmarks")
     p.add_argument("--overwrite", action="store_true")
 
     p = add("convert-reference", cmd_convert_reference, "turn a reference .pt projector into a model directory")

@@ -149,31 +149,46 @@ TINY_CLIP_CFG = {
     "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
+# Random-weight architectures: "tiny" for tests and demos, "reference" (dinov2-base, ViT-B-16-quickgelu,
+# 768→2048×6→512) for speed measurements, where weight values do not matter.
+RANDOM_SIZES = {
+    "tiny": {"dinov2": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "mlp_ratio": 2},
+             "clip": "tiny-quickgelu", "projector": (64, 2)},
+    "reference": {"dinov2": {}, "clip": "ViT-B-16-quickgelu", "projector": (2048, 6)},
+}
 
 
-def make_tiny(out_dir: str, seed: int = 0, pooling: str = "mean", hidden_size: int = 32,
-              overwrite: bool = False) -> Path:
-    """A random tiny model directory (bundled DINOv2 + CLIP + projector): offline tests and demos."""
+def make_tiny(out_dir: str, seed: int = 0, pooling: str = "mean", overwrite: bool = False,
+              size: str = "tiny") -> Path:
+    """A random model directory (bundled DINOv2 + CLIP + projector) that loads offline: tests, demos,
+    and (size="reference") benchmarks on real-size architectures."""
+    import open_clip
     from open_clip.model import CLIP
     from transformers import Dinov2Config, Dinov2Model
 
+    if size not in RANDOM_SIZES:
+        raise UserError(f"unknown size {size!r}: choose one of {', '.join(RANDOM_SIZES)}")
+    spec = RANDOM_SIZES[size]
+    clip_cfg = TINY_CLIP_CFG if size == "tiny" else open_clip.get_model_config(spec["clip"])
     torch.manual_seed(seed)
-    backbone = Dinov2Model(Dinov2Config(hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=2,
-                                        mlp_ratio=2, image_size=224, patch_size=14)).eval()
-    clip_model = CLIP(**TINY_CLIP_CFG).eval()
-    projector = ProjectorWithResiduals(pooled_dim(hidden_size, pooling), TINY_CLIP_CFG["embed_dim"], 64, 2).eval()
+    dinov2_cfg = Dinov2Config(image_size=224, patch_size=14, **spec["dinov2"])
+    backbone = Dinov2Model(dinov2_cfg).eval()
+    clip_model = CLIP(**clip_cfg).eval()
+    hidden, blocks = spec["projector"]
+    projector = ProjectorWithResiduals(pooled_dim(dinov2_cfg.hidden_size, pooling), clip_cfg["embed_dim"],
+                                       hidden, blocks).eval()
     config = ModelConfig(
-        dinov2={"source": "dinov2", "pooling": pooling, "class": "Dinov2Model", "hidden_size": hidden_size,
+        dinov2={"source": "dinov2", "pooling": pooling, "class": "Dinov2Model", "hidden_size": dinov2_cfg.hidden_size,
                 "origin": f"sha256:{tensor_sha256(backbone.state_dict())}"},
-        clip={"model_name": "tiny-quickgelu", "pretrained": None, "embed_dim": TINY_CLIP_CFG["embed_dim"],
+        clip={"model_name": spec["clip"], "pretrained": None, "embed_dim": clip_cfg["embed_dim"],
               "quick_gelu": True, "origin": f"sha256:{tensor_sha256(clip_model.state_dict())}"},
         projector={}, license=TINY_LICENSE,
-        provenance={"recipe": "random tiny model (dinov2clip make-tiny)", "seed": seed},
+        provenance={"recipe": f"random {size} model (dinov2clip make-tiny)", "seed": seed},
     )
 
     def add_parts(tmp: Path, cfg: ModelConfig) -> None:
         backbone.save_pretrained(tmp / "dinov2", safe_serialization=True)
-        save_clip(clip_model, TINY_CLIP_CFG, tmp / "clip")
+        save_clip(clip_model, clip_cfg, tmp / "clip")
         cfg.dinov2 = {**cfg.dinov2, "path": "dinov2"}
         cfg.clip = {**cfg.clip, "path": "clip"}
 

@@ -125,3 +125,8 @@ def test_hf_hub_model_directory_and_projector(tiny_dir, tiny_model):
     assert rebuilt.fingerprint == tiny_model.fingerprint
     with pytest.raises(UserError, match="cannot fetch hf-hub:acme/absent"):
         dinov2clip.load("hf-hub:acme/absent")
+
+
+def test_make_tiny_unknown_size(tmp_path):
+    with pytest.raises(UserError, match="unknown size 'huge'"):
+        dinov2clip.make_tiny(str(tmp_path / "x"), size="huge")

@@ -93,12 +93,139 @@ def add_eval(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-STAGES = {"eval": add_eval}  # precompute and train register here
+def cmd_precompute(args) -> None:
+    from .precompute import precompute
+
+    summary = precompute(args.model, args.shards, args.out, batch_size=args.batch_size, device=args.device,
+                         dtype=args.dtype, workers=args.workers, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"precompute: {summary}")
+
+
+def add_precompute(sub) -> None:
+    p = sub.add_parser("precompute", allow_abbrev=False, help="webdataset shards → per-shard float16 embeddings",
+                       description="Embed webdataset shards ({key}.jpg/.txt/.json) with DINOv2 (CLS and patch mean "
+                                   "separately) and the CLIP teacher (image and caption); one directory per shard "
+                                   "under OUT/shards, written atomically; finished shards are skipped. Under "
+                                   "torchrun each rank takes every WORLD_SIZE-th shard.")
+    p.set_defaults(func=cmd_precompute)
+    p.add_argument("--model", default=DEFAULT_PRESET,
+                   help=f"model directory, preset or hf-hub:org/repo naming DINOv2 and the CLIP teacher "
+                        f"(default: {DEFAULT_PRESET})")
+    p.add_argument("--shards", nargs="+", required=True, metavar="SHARD",
+                   help="tar shards: paths, globs, {00000..00099} braces or fsspec URLs (s3://, https://, ...)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=4, help="image decoding threads")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: best available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--overwrite", action="store_true", help="recompute finished shards too")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def cmd_train(args) -> None:
+    from dataclasses import fields
+
+    from .pipeline import load_config
+    from .train import TrainConfig, train
+
+    opts = dict((load_config(args.config, args.set).get("train") or {}) if args.config else {})
+    for f in fields(TrainConfig):
+        value = getattr(args, f.name)
+        if value is not None:
+            opts[f.name] = value
+    summary = train(TrainConfig.from_dict(opts))
+    if summary:
+        test = summary["metrics"].get("test")
+        print(f"selected epoch {summary['selected_epoch']} on val; model: {summary['model']}"
+              + (f"; test {test['recalls']}" if test else ""))
+
+
+def add_train(sub) -> None:
+    from dataclasses import MISSING, fields
+
+    from .train import TrainConfig
+
+    p = sub.add_parser("train", allow_abbrev=False, help="train a projector on precomputed embeddings",
+                       description="Train a projector (AdamW + OneCycleLR; unit-norm MSE and/or InfoNCE with a "
+                                   "learnable temperature; DDP under torchrun), evaluate on validation each epoch, "
+                                   "export the best epoch as a model directory OUT/model. Options override "
+                                   "--config's train section.")
+    p.set_defaults(func=cmd_train)
+    p.add_argument("--config", default=None, metavar="YAML", help="a pipeline config; its train section is used")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    for f in fields(TrainConfig):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        flag = "--" + f.name.replace("_", "-")
+        helptext = f"{f.metadata.get('help', '')} (default: {default})"
+        if isinstance(default, bool):
+            p.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=helptext)
+        elif isinstance(default, list):
+            kind = int if f.name == "ks" else str
+            p.add_argument(flag, dest=f.name, default=None, nargs="+", type=kind, help=helptext)
+        else:
+            p.add_argument(flag, dest=f.name, default=None, type=type(default), help=helptext)
+
+
+def cmd_pipeline(args) -> None:
+    from .pipeline import load_config, run_pipeline
+
+    summary = run_pipeline(load_config(args.config, args.set), args.output, progress=not args.quiet)
+    if summary:
+        print(f"model: {summary['model']} (epoch {summary['selected_epoch']}, selected on val)")
+
+
+def add_pipeline(sub) -> None:
+    p = sub.add_parser("pipeline", allow_abbrev=False, help="every stage from one YAML config",
+                       description="Data (given shards, or generated shapes) → base model → precompute → train, "
+                                   "from a YAML config (training/configs/tiny.yaml runs offline). Rerunning resumes.")
+    p.set_defaults(func=cmd_pipeline)
+    p.add_argument("--config", required=True, metavar="YAML")
+    p.add_argument("--output", default=".", metavar="DIR", help="where everything goes (default: current directory)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. train.epochs=3 (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def cmd_planted(args) -> None:
+    import json
+
+    from .planted import run_planted
+
+    print(json.dumps(run_planted(args.out, n_train=args.n_train, n_eval=args.n_eval, in_dim=args.in_dim,
+                                 out_dim=args.out_dim, hidden=args.hidden, epochs=args.epochs,
+                                 batch_size=args.batch_size, lr=args.lr, proj_hidden=args.proj_hidden,
+                                 num_blocks=args.num_blocks, seed=args.seed, progress=not args.quiet), indent=2))
+
+
+def add_planted(sub) -> None:
+    p = sub.add_parser("planted", allow_abbrev=False, help="planted-alignment check of the trainer; prints figures",
+                       description="Generate a planted alignment (random 3-layer GELU+LayerNorm MLP + noise, true "
+                                   "map recall@1 ~0.6), train on it with the MSE and the contrastive loss, print "
+                                   "recall@1 of the true map, ridge regression and the trainer.")
+    p.set_defaults(func=cmd_planted)
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--n-train", type=int, default=200_000)
+    p.add_argument("--n-eval", type=int, default=5_000, help="validation and test pairs (recall candidates)")
+    p.add_argument("--in-dim", type=int, default=768)
+    p.add_argument("--out-dim", type=int, default=512)
+    p.add_argument("--hidden", type=int, default=512, help="width of the planted MLP")
+    p.add_argument("--epochs", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--proj-hidden", type=int, default=1024, help="trained projector width")
+    p.add_argument("--num-blocks", type=int, default=2, help="trained projector residual blocks")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+
+
+STAGES = {"eval": add_eval, "precompute": add_precompute, "train": add_train, "pipeline": add_pipeline,
+          "planted": add_planted}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, allow_abbrev=False,
-                                     description="dinov2clip training pipeline: " + ", ".join(STAGES))
+                                     description="dinov2clip training pipeline: " + ", ".join(STAGES) +
+                                     ". `--config X.yaml` alone runs the whole pipeline.")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for add in STAGES.values():
         add(sub)
@@ -108,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from dinov2clip.cli import run  # the console script's error handling and crash log, shared
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "--config":  # `python -m training.run --config X.yaml`: the whole pipeline
+        argv = ["pipeline", *argv]
     return run(build_parser(), argv, PROG)
 
 

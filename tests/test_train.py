@@ -1,0 +1,182 @@
+"""The train stage and the tiny pipeline: end to end offline, resume after SIGKILL, torchrun (gloo)."""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dinov2clip.errors import UserError
+
+pytest.importorskip("yaml", reason="the pipeline reads YAML configs (the [train] extra)")
+pytest.importorskip("braceexpand", reason="shard lists use brace patterns (the [train] extra)")
+from training.pipeline import load_config, run_pipeline  # noqa: E402
+from training.train import TrainConfig, train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "training" / "configs" / "tiny.yaml"
+# Bar: 3× chance (issue). Measured: test caption→image R@5 0.157 on the first honest run (10 epochs, width 128),
+# 0.187 with tiny.yaml as shipped (300 test images: chance 5/300 = 0.017, so ~11× chance).
+R5_FACTOR_OVER_CHANCE = 3
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    summary = run_pipeline(load_config(TINY, ["train.cpu_threads=1"]), out, progress=False)
+    return out, summary
+
+
+def test_tiny_pipeline_end_to_end(tiny_run):
+    out, summary = tiny_run
+    if importlib.util.find_spec("matplotlib") is not None:  # the plot is skipped without the [train] extra
+        assert (out / "train/metrics.png").stat().st_size > 1000
+    for rel in ("data/train/train-00000.tar", "base_model/config.json", "precomputed/val/shards/val-00000/meta.json",
+                "train/metrics.json", "train/summary.json", "train/checkpoints/last.pt",
+                "train/checkpoints/best.pt", "train/model/config.json", "train/model/projector.safetensors",
+                "train/model/dinov2/config.json", "train/model/clip/open_clip_config.json"):
+        assert (out / rel).is_file(), rel
+    history = json.loads((out / "train/metrics.json").read_text())["epochs"]
+    assert len(history) == 30 and history[-1]["train"]["loss"] < 0.95 * history[0]["train"]["loss"]
+    test = summary["metrics"]["test"]
+    assert test["split"] == "test" and test["epoch"] == summary["selected_epoch"]
+    chance = 5 / test["recalls"]["pairs"]
+    assert test["recalls"]["image_retrieval_recall@5"] >= R5_FACTOR_OVER_CHANCE * chance, test["recalls"]
+
+
+def test_model_directory_loads_and_ranks_red_circles(tiny_run):
+    import io
+
+    import dinov2clip
+    from PIL import Image
+    from training.precompute import read_samples
+
+    out, summary = tiny_run
+    model = dinov2clip.load(summary["model"], device="cpu", dtype="fp32")
+    prov = model.config.provenance
+    assert prov["selected_on"] == "val" and prov["selected_epoch"] == summary["selected_epoch"]
+    assert prov["seed"] == 0 and len(prov["data_manifest_sha256"]) == 64 and prov["recipe"] == "tiny"
+    assert "git_sha" in prov and prov["metrics"]["test"]["ks"] == [1, 5, 10]
+    assert model.config.dinov2["pooling"] == "mean"
+    samples = list(read_samples(str(out / "data/test/test-00000.tar")))
+    captions = [s["txt"].decode() for s in samples]
+    emb = model.encode_image([Image.open(io.BytesIO(s["jpg"])) for s in samples])
+    top = (emb @ model.encode_text(["a red circle"]).T).squeeze(1).argsort(descending=True)[:5]
+    assert all(captions[i].startswith("a red") for i in top), [captions[i] for i in top]
+
+
+def test_checkpoint_reads_with_weights_only(tiny_run):
+    out, _ = tiny_run
+    state = torch.load(out / "train/checkpoints/last.pt", weights_only=True)
+    assert state["epoch"] == 29 and torch.is_tensor(state["rng"]["torch"]) and "optimizer" in state
+    assert json.loads(state["config"])["contrastive_weight"] == 1.0
+
+
+def _cfg(tiny_run, out, **kw) -> TrainConfig:
+    pre = tiny_run[0] / "precomputed"
+    base = dict(train=[str(pre / "train")], val=[str(pre / "val")], out=str(out), pooling="mean", hidden_dim=64,
+                num_blocks=1, epochs=3, batch_size=200, lr=3e-3, mse_weight=0.5, contrastive_weight=1.0,
+                device="cpu", cpu_threads=1, progress=False, model_source=str(tiny_run[0] / "base_model"))
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    train(_cfg(tiny_run, out))
+    return out
+
+
+KILL_MID_EPOCH = """
+import os, signal
+from training import data
+calls = [0]
+real = data.EmbeddingSet.batch
+def batch(self, index):
+    calls[0] += 1
+    if calls[0] == 18:  # 12 steps an epoch: inside epoch 2
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, index)
+data.EmbeddingSet.batch = batch
+"""
+KILL_IN_CHECKPOINT = """
+import os, signal, torch
+real = torch.save
+saves = [0]
+def save(obj, path, *a, **k):
+    real(obj, path, *a, **k)
+    if "last.pt" in str(path):
+        saves[0] += 1
+        if saves[0] == 2:  # epoch 2's checkpoint: half written, not yet renamed
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save
+"""
+
+
+@pytest.mark.parametrize("kill", [KILL_MID_EPOCH, KILL_IN_CHECKPOINT], ids=["mid-epoch", "in-checkpoint-write"])
+def test_sigkill_then_resume_is_bitwise_equal(tiny_run, uninterrupted, tmp_path, kill):
+    cfg = _cfg(tiny_run, tmp_path)
+    script = kill + f"\nfrom training.train import TrainConfig, train\ntrain(TrainConfig(**{cfg.to_dict()!r}))\n"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not (tmp_path / "model").exists()
+    with pytest.raises(UserError, match="--resume"):
+        train(cfg)
+    cfg.resume = True
+    train(cfg)
+    # Tensors bitwise (the file's bytes are not: safetensors orders its metadata map at random per process).
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "model/projector.safetensors"), load_file(uninterrupted / "model/projector.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    conf = [json.loads((d / "model/config.json").read_text()) for d in (tmp_path, uninterrupted)]
+    assert conf[0]["projector"]["tensor_sha256"] == conf[1]["projector"]["tensor_sha256"]
+    a = torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)
+    b = torch.load(uninterrupted / "checkpoints/last.pt", weights_only=True)
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_torchrun_two_processes_match_one(tiny_run, tmp_path):
+    """2 gloo ranks, contrastive + MSE, accumulation 2: within 1e-5 relative of one process (same global batch)."""
+    cfg = _cfg(tiny_run, tmp_path / "two", accum_steps=2, epochs=2)
+    ref = _cfg(tiny_run, tmp_path / "ref", accum_steps=2, epochs=2)
+    train(ref)
+    args = ["--train", *cfg.train, "--val", *cfg.val, "--out", cfg.out, "--pooling", "mean", "--hidden-dim", "64",
+            "--num-blocks", "1", "--epochs", "2", "--batch-size", "200", "--accum-steps", "2", "--lr", "0.003",
+            "--mse-weight", "0.5", "--contrastive-weight", "1.0", "--device", "cpu", "--cpu-threads", "1",
+            "--no-progress", "--model-source", cfg.model_source]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run([*torchrun, "-m", "training.run", "train", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    a, b = load_file(f"{cfg.out}/model/projector.safetensors"), load_file(f"{ref.out}/model/projector.safetensors")
+    for k in a:
+        rel = ((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)).item()
+        assert rel <= 1e-5, (k, rel)
+    h2 = json.loads(Path(cfg.out, "metrics.json").read_text())["epochs"]
+    h1 = json.loads(Path(ref.out, "metrics.json").read_text())["epochs"]
+    np.testing.assert_allclose([r["train"]["loss"] for r in h2], [r["train"]["loss"] for r in h1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--train", "x"], "--val"),
+    (["train", "--config", str(TINY), "--set", "train.nope=1", "--train", "x", "--val", "y"], "unknown train option"),
+    (["train", "--config", str(TINY), "--set", "oops", "--train", "x", "--val", "y"], "KEY=VALUE"),
+    (["pipeline", "--config", "missing.yaml"], "config not found"),
+    (["train", "--train", "x", "--val", "y", "--batch-size", "10", "--accum-steps", "3"], "not divisible"),
+])
+def test_cli_user_errors(argv, message, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "training.run", *argv, "--out" if argv[0] == "train" else "--output",
+                           str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr

@@ -1,0 +1,119 @@
+"""Precomputed embeddings for training: per-shard float16 memmaps, pooled on the fly.
+
+Nothing is loaded whole unless asked: each batch gathers its rows from the shards' memmaps (the
+page cache does the rest). `resident=True` copies everything into one tensor on the training
+device instead (GPU-resident when it fits). Row order is the shards' name order, then row order.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from dinov2clip.dinov2 import check_pooling
+from dinov2clip.errors import UserError
+
+from .precompute import ARRAYS, META, TEXT, manifest
+
+
+def pool(cls: torch.Tensor, patch_mean: torch.Tensor, pooling: str, num_patches: int) -> torch.Tensor:
+    """DINOv2 pooling from the stored parts: mean = mean over CLS and patches (registers excluded)."""
+    if pooling == "cls":
+        return cls
+    mean = (cls + num_patches * patch_mean) / (1 + num_patches)
+    return mean if pooling == "mean" else torch.cat([cls, mean], dim=-1)
+
+
+class EmbeddingSet:
+    """All precomputed shards under one or more directories, as (input, clip_image, clip_text) rows."""
+
+    def __init__(self, dirs: Sequence[str | Path], pooling: str, resident: bool = False, device="cpu"):
+        check_pooling(pooling)
+        self.pooling = pooling
+        self.manifests = [manifest(d) for d in dirs]
+        self.shards = []
+        for d, man in zip(dirs, self.manifests):
+            for meta in man["shards"]:
+                if meta["count"]:
+                    root = Path(d) / "shards" / meta["name"]
+                    self.shards.append({"root": root, "meta": meta, **{k: np.load(root / f"{k}.npy", mmap_mode="r")
+                                        for k in ARRAYS}})
+        if not self.shards:
+            raise UserError(f"no samples in {', '.join(map(str, dirs))}")
+        patches = {s["meta"]["num_patches"] for s in self.shards}
+        if len(patches) > 1 and pooling != "cls":
+            raise UserError(f"shards disagree on the number of DINOv2 patches ({sorted(patches)}): "
+                            "they were precomputed with different models or resolutions")
+        self.num_patches = patches.pop()
+        self.counts = np.array([s["meta"]["count"] for s in self.shards])
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)])
+        self.device = torch.device(device)
+        self._resident = None
+        if resident:
+            self._resident = self._gather(np.arange(len(self)), self.device)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def data_sha256(self) -> str:
+        import hashlib
+
+        return hashlib.sha256("".join(m["sha256"] for m in self.manifests).encode()).hexdigest()
+
+    @property
+    def input_dim(self) -> int:
+        return self.shards[0]["dinov2_cls"].shape[1] * (2 if self.pooling == "cls+mean" else 1)
+
+    @property
+    def output_dim(self) -> int:
+        return self.shards[0]["clip_image"].shape[1]
+
+    @property
+    def encoders(self) -> dict | None:
+        return self.shards[0]["meta"].get("encoders")
+
+    def captions(self) -> list[str]:
+        out = []
+        for s in self.shards:
+            out += json.loads((s["root"] / TEXT).read_text())["captions"]
+        return out
+
+    def rows(self, index) -> dict[str, np.ndarray]:
+        """The stored float16 rows at global `index`, in `index` order (one gather per shard and array)."""
+        index = np.asarray(index, dtype=np.int64)
+        shard = np.searchsorted(self.offsets, index, side="right") - 1
+        out = {k: np.empty((len(index), self.shards[0][k].shape[1]), np.float16) for k in ARRAYS}
+        for s in np.unique(shard):
+            if len(shard) and shard[0] == s and shard[-1] == s and (shard == s).all():
+                mask = slice(None)
+            else:
+                mask = shard == s
+            local = index[mask] - self.offsets[s]
+            for k in ARRAYS:
+                out[k][mask] = np.take(self.shards[s][k], local, axis=0)
+        return out
+
+    def _gather(self, index: np.ndarray, device=None):
+        """Rows → float32 (pooled input, clip_image, clip_text) on `device`: float16 crosses to the device,
+        the conversion and pooling happen there."""
+        t = {k: torch.from_numpy(v).to(device or self.device, non_blocking=True).float()
+             for k, v in self.rows(index).items()}
+        x = pool(t["dinov2_cls"], t["dinov2_patch_mean"], self.pooling, self.num_patches)
+        return x, t["clip_image"], t["clip_text"]
+
+    def batch(self, index) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._resident is not None:
+            idx = torch.as_tensor(np.asarray(index), dtype=torch.long, device=self.device)
+            return tuple(t[idx] for t in self._resident)
+        return self._gather(np.asarray(index))
+
+    def all(self):
+        return self.batch(np.arange(len(self)))
+
+
+def meta_of(shard_dir: Path) -> dict:
+    return json.loads((Path(shard_dir) / META).read_text())

@@ -1,0 +1,314 @@
+"""The precompute stage (DESIGN §5): webdataset shards → per-shard float16 memmappable arrays.
+
+    torchrun --nproc_per_node 8 -m training.run precompute --model MODEL --shards 'cc12m/{00000..01242}.tar' \\
+        --out precomputed/train
+
+Per input shard, one directory `OUT/shards/NAME/` holding
+  dinov2_cls.npy, dinov2_patch_mean.npy  [N, H] float16: every pooling is trainable from one pass
+      (mean = (cls + P·patch_mean)/(1 + P), P = meta.json's num_patches; cls; cls+mean)
+  clip_image.npy  [N, D] float16: the teacher's L2-normalised image embedding (its own preprocessing)
+  clip_text.npy   [N, D] float16: the teacher's L2-normalised caption embedding
+  text.json       keys and captions, row-aligned
+  meta.json       counts, skipped (corrupt) samples, dims, model identity, array hashes — written last
+The directory is written under a temporary name and renamed when complete, so a killed run leaves
+either a whole shard or none; a rerun skips finished shards. Reader → mapper → writer per shard; the
+distributor (`rank_slice`) hands each `torchrun` rank every WORLD_SIZE-th shard.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dinov2clip.errors import ImageError, UserError
+
+FORMAT = "dinov2clip-precompute/1"
+ARRAYS = ("dinov2_cls", "dinov2_patch_mean", "clip_image", "clip_text")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+META, TEXT = "meta.json", "text.json"
+
+
+# -- distributor ---------------------------------------------------------------------------------
+
+def expand_shards(specs: Sequence[str]) -> list[str]:
+    """Brace patterns (`a/{00000..00009}.tar`), local globs and fsspec URLs → a sorted, unique list."""
+    import glob
+
+    from braceexpand import braceexpand
+
+    out = []
+    for spec in specs:
+        for item in braceexpand(str(spec)):
+            if "://" not in item and any(c in item for c in "*?["):
+                found = sorted(glob.glob(item))
+                if not found:
+                    raise UserError(f"no shard matches {item!r}")
+                out += found
+            else:
+                out.append(item)
+    if not out:
+        raise UserError("no input shards given")
+    return sorted(set(out))
+
+
+def rank_slice(items: Sequence, rank: int | None = None, world: int | None = None) -> list:
+    """This process's share: every `world`-th item from `rank` (RANK/WORLD_SIZE of torchrun by default)."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
+    return list(items[rank::world])
+
+
+def shard_name(url: str) -> str:
+    name = url.rstrip("/").split("/")[-1]
+    for ext in (".tar.gz", ".tgz", ".tar"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+# -- reader --------------------------------------------------------------------------------------
+
+def read_samples(url: str) -> Iterator[dict]:
+    """Stream a webdataset tar through fsspec: one dict per key, {'__key__', 'jpg', 'txt', 'json'...}
+    (webdataset's grouping: the key is the member path up to the first dot of its base name)."""
+    import fsspec
+
+    with fsspec.open(url, "rb", compression="infer") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        current: dict | None = None
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = member.name.rsplit("/", 1)[-1]
+            if "." not in base:
+                continue
+            prefix = member.name[: len(member.name) - len(base)]
+            key, ext = prefix + base.split(".", 1)[0], base.split(".", 1)[1].lower()
+            if current is not None and current["__key__"] != key:
+                yield current
+                current = None
+            current = current or {"__key__": key}
+            current[ext] = tar.extractfile(member).read()
+        if current is not None:
+            yield current
+
+
+def caption_of(sample: dict) -> str | None:
+    if "txt" in sample:
+        return sample["txt"].decode("utf-8", errors="replace").strip()
+    if "json" in sample:
+        try:
+            return str(json.loads(sample["json"]).get("caption", "")).strip() or None
+        except (ValueError, AttributeError):
+            return None
+    return None
+
+
+# -- mapper --------------------------------------------------------------------------------------
+
+@dataclass
+class Encoders:
+    """The model's DINOv2 backbone and its CLIP teacher (image and text towers), on one device."""
+    model: object  # DinoV2Clip loaded with keep_clip_visual=True
+    teacher_transform: object
+    teacher_preprocess: dict
+    source: str
+
+    @property
+    def identity(self) -> dict:
+        cfg = self.model.config
+        return {"source": self.source, "config": cfg.to_dict(), "teacher_preprocess": self.teacher_preprocess,
+                "dtype": str(self.model.dtype).removeprefix("torch.")}
+
+    def _autocast(self):
+        m = self.model
+        return torch.autocast(m.device.type, dtype=m.dtype, enabled=m.dtype != torch.float32)
+
+    @torch.inference_mode()
+    def encode_images(self, dino_pixels: torch.Tensor, clip_pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        m = self.model
+        enc = m.image_encoder
+        with self._autocast():
+            tokens = enc.backbone(pixel_values=dino_pixels.to(m.device)).last_hidden_state.float()
+            teacher = m.text_encoder.clip.encode_image(clip_pixels.to(m.device)).float()
+        patches = tokens[:, 1 + enc.num_register_tokens:]
+        return {"dinov2_cls": tokens[:, 0].cpu(), "dinov2_patch_mean": patches.mean(dim=1).cpu(),
+                "clip_image": F.normalize(teacher, dim=-1).cpu(), "num_patches": patches.shape[1]}
+
+
+def load_encoders(source: str, device: str | None = None, dtype="auto", batch_size: int = 64) -> Encoders:
+    from .encode import load_models
+
+    models = load_models(source, device=device, dtype=dtype, batch_size=batch_size)
+    return Encoders(models.model, models.teacher_transform, models.teacher_preprocess, str(source))
+
+
+# -- writer --------------------------------------------------------------------------------------
+
+def write_shard(out_dir, name: str, arrays: dict[str, np.ndarray], keys: list[str], captions: list[str],
+                meta: dict) -> Path:
+    """Write one shard directory atomically: a temporary sibling, renamed when complete."""
+    final = Path(out_dir) / "shards" / name
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    hashes = {}
+    for key in ARRAYS:
+        arr = np.ascontiguousarray(arrays[key], dtype=np.float16)
+        np.save(tmp / f"{key}.npy", arr)
+        hashes[key] = hashlib.sha256(arr.tobytes()).hexdigest()
+    (tmp / TEXT).write_text(json.dumps({"keys": keys, "captions": captions}))
+    full = {"format": FORMAT, "name": name, "count": len(keys), "dinov2_dim": int(arrays["dinov2_cls"].shape[1]),
+            "clip_dim": int(arrays["clip_image"].shape[1]), "sha256": hashes, **meta}
+    (tmp / META).write_text(json.dumps(full, indent=2))
+    if final.exists():  # an older complete copy (overwrite): replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def is_done(out_dir, name: str) -> bool:
+    return (Path(out_dir) / "shards" / name / META).is_file()
+
+
+def clean_partial(out_dir) -> None:
+    """Remove temporary shard directories a killed run left behind."""
+    root = Path(out_dir) / "shards"
+    if root.is_dir():
+        for p in root.glob(".*.tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# -- one shard, then the stage -------------------------------------------------------------------
+
+def precompute_shard(enc: Encoders, url: str, out_dir, batch_size: int = 64, workers: int = 4, bar=None) -> dict:
+    """Reader → mapper → writer for one shard; returns its meta."""
+    from dinov2clip.preprocess import load_rgb
+
+    model = enc.model
+    keys, captions, parts, skipped = [], [], {k: [] for k in ("dinov2_cls", "dinov2_patch_mean", "clip_image")}, {}
+    num_patches = None
+
+    def decode(sample):
+        key = sample["__key__"]
+        caption = caption_of(sample)
+        data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+        if data is None:
+            return key, None, None, "no image"
+        if caption is None:
+            return key, None, None, "no caption"
+        try:
+            image = load_rgb(data)
+            return key, caption, (model.preprocess(image), enc.teacher_transform(image)), None
+        except ImageError as e:
+            return key, None, None, str(e)
+        except Exception as e:  # a decoder's own error on corrupt bytes
+            return key, None, None, f"{type(e).__name__}: {e}"
+
+    def flush(batch):
+        nonlocal num_patches
+        out = enc.encode_images(torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch]))
+        num_patches = out.pop("num_patches")
+        for k, v in out.items():
+            parts[k].append(v.numpy())
+
+    try:
+        samples = read_samples(url)
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            pending: list = []
+            chunk: list = []
+            for sample in samples:
+                chunk.append(sample)
+                if len(chunk) == batch_size:
+                    pending += _decode_chunk(pool, decode, chunk, keys, captions, skipped)
+                    chunk = []
+                    if len(pending) >= batch_size:
+                        flush(pending[:batch_size])
+                        pending = pending[batch_size:]
+                    if bar is not None:
+                        bar.update(batch_size)
+            pending += _decode_chunk(pool, decode, chunk, keys, captions, skipped)
+            if bar is not None:
+                bar.update(len(chunk))
+            for i in range(0, len(pending), batch_size):
+                flush(pending[i:i + batch_size])
+    except (OSError, tarfile.TarError, EOFError) as e:
+        raise UserError(f"cannot read shard {url}: {type(e).__name__}: {e}") from None
+    dim_d = model.image_encoder.backbone.config.hidden_size
+    arrays = {k: (np.concatenate(v) if v else np.zeros((0, dim_d if "dinov2" in k else model.embed_dim), np.float32))
+              for k, v in parts.items()}
+    arrays["clip_text"] = model.encode_text(captions).numpy() if captions else np.zeros((0, model.embed_dim),
+                                                                                          np.float32)
+    if num_patches is None:
+        num_patches = 0
+    meta = {"source": url, "num_patches": int(num_patches), "num_register_tokens": model.image_encoder.num_register_tokens,
+            "skipped": len(skipped), "skipped_keys": skipped, "encoders": enc.identity}
+    write_shard(out_dir, shard_name(url), arrays, keys, captions, meta)
+    return meta
+
+
+def _decode_chunk(pool, decode, chunk, keys, captions, skipped) -> list:
+    ok = []
+    for key, caption, pixels, err in pool.map(decode, chunk):
+        if err is not None:
+            skipped[key] = err
+        else:
+            keys.append(key)
+            captions.append(caption)
+            ok.append(pixels)
+    return ok
+
+
+def precompute(model: str, shards: Sequence[str], out_dir, batch_size: int = 64, device: str | None = None,
+               dtype: str = "auto", workers: int = 4, rank: int | None = None, world: int | None = None,
+               overwrite: bool = False, progress: bool = True) -> dict:
+    """Precompute this rank's share of `shards` into `out_dir`; finished shards are skipped (resume)."""
+    from tqdm.auto import tqdm
+
+    urls = expand_shards(shards)
+    names = [shard_name(u) for u in urls]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise UserError(f"two shards share the name {sorted(dupes)[0]!r}: outputs would collide")
+    mine = rank_slice(urls, rank, world)
+    clean_partial(out_dir)
+    todo = [u for u in mine if overwrite or not is_done(out_dir, shard_name(u))]
+    summary = {"shards": len(mine), "done_before": len(mine) - len(todo), "written": 0, "samples": 0, "skipped": 0}
+    if not todo:
+        return summary
+    if device is None and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per torchrun rank
+    enc = load_encoders(model, device=device, dtype=dtype, batch_size=batch_size)
+    start = time.perf_counter()
+    with tqdm(desc=f"precompute {len(todo)} shards", unit="img", disable=not progress, smoothing=0.1) as bar:
+        for url in todo:
+            meta = precompute_shard(enc, url, out_dir, batch_size, workers, bar)
+            summary["written"] += 1
+            summary["samples"] += json.loads((Path(out_dir) / "shards" / shard_name(url) / META).read_text())["count"]
+            summary["skipped"] += meta["skipped"]
+            rate = (summary["samples"] + summary["skipped"]) / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(samples_per_s=f"{rate:.0f}", skipped=summary["skipped"])
+    summary["seconds"] = time.perf_counter() - start
+    return summary
+
+
+def manifest(out_dir) -> dict:
+    """Every finished shard's meta (sorted by name) and one hash over their array hashes: the data identity."""
+    root = Path(out_dir) / "shards"
+    metas = [json.loads(p.read_text()) for p in sorted(root.glob(f"*/{META}"))] if root.is_dir() else []
+    if not metas:
+        raise UserError(f"no precomputed shards under {out_dir} (run the precompute stage first)")
+    ident = [(m["name"], m["count"], m["sha256"]) for m in metas]
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+    return {"shards": metas, "sha256": digest, "count": sum(m["count"] for m in metas)}

@@ -1,0 +1,152 @@
+"""Seeded synthetic data for offline runs and tests.
+
+- `write_shapes_shards`: img2dataset-style webdataset shards (`{key}.jpg/.txt/.json`) of coloured
+  shapes whose captions name the colour and the shape ("a red circle"): the tiny pipeline's data.
+- `planted_alignment`: inputs whose true map to unit-norm targets is known (a random 3-layer
+  GELU+LayerNorm MLP plus noise), written in the precompute format, to check the trainer learns it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (235, 220, 40),
+           "purple": (150, 40, 190), "white": (245, 245, 245)}
+SHAPES = ("circle", "square", "triangle")
+
+
+def shape_image(rng: np.random.Generator, colour: str, shape: str, size: int = 64):
+    """One RGB image: a `colour` `shape` at a random place and scale on a dark random background."""
+    from PIL import Image, ImageDraw
+
+    bg = tuple(int(v) for v in rng.integers(0, 90, 3))
+    img = Image.new("RGB", (size, size), bg)
+    draw = ImageDraw.Draw(img)
+    r = rng.uniform(0.2, 0.4) * size
+    cx, cy = rng.uniform(r, size - r, 2)
+    fill = COLOURS[colour]
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return img
+
+
+def write_shapes_shards(out_dir, n: int, per_shard: int = 500, seed: int = 0, size: int = 64,
+                        prefix: str = "shapes", corrupt: int = 0) -> list[Path]:
+    """`n` captioned shape images in tar shards `{prefix}-00000.tar`...; `corrupt` samples carry
+    undecodable JPEG bytes (the precompute must skip and count them). Returns the shard paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    colours, paths = list(COLOURS), []
+    bad = set(rng.choice(n, size=min(corrupt, n), replace=False).tolist()) if corrupt else set()
+    for s, start in enumerate(range(0, n, per_shard)):
+        path = out / f"{prefix}-{s:05d}.tar"
+        tmp = path.with_name(path.name + ".tmp")
+        with tarfile.open(tmp, "w") as tar:
+            for i in range(start, min(start + per_shard, n)):
+                colour, shape = colours[rng.integers(len(colours))], SHAPES[rng.integers(len(SHAPES))]
+                buf = io.BytesIO()
+                shape_image(rng, colour, shape, size).save(buf, format="JPEG", quality=90)
+                key = f"{s:05d}{i - start:04d}"
+                caption = f"a {colour} {shape}"
+                data = buf.getvalue() if i not in bad else b"\xff\xd8\xff\xe0 not a jpeg"
+                meta = {"key": key, "caption": caption, "colour": colour, "shape": shape}
+                for ext, payload in (("jpg", data), ("txt", caption.encode()), ("json", json.dumps(meta).encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size, info.mtime = len(payload), 0
+                    tar.addfile(info, io.BytesIO(payload))
+        tmp.replace(path)
+        paths.append(path)
+    return paths
+
+
+# -- planted alignment ----------------------------------------------------------------------------
+
+class PlantedMap(nn.Module):
+    """The true map: 3 × (Linear → LayerNorm → GELU) then Linear, output L2-normalised."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int):
+        super().__init__()
+        layers, d = [], in_dim
+        for _ in range(3):
+            layers += [nn.Linear(d, hidden), nn.LayerNorm(hidden), nn.GELU()]
+            d = hidden
+        self.net = nn.Sequential(*layers, nn.Linear(d, out_dim))
+
+    def forward(self, x):
+        return F.normalize(self.net(x), dim=-1)
+
+
+def _noisy(clean: torch.Tensor, sigma: float, gen: torch.Generator) -> torch.Tensor:
+    noise = torch.randn(clean.shape, generator=gen) / math.sqrt(clean.shape[1])
+    return F.normalize(clean + sigma * noise, dim=-1)
+
+
+def recall_at_1(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """target → pred R@1 among all rows (the trainer's `image_retrieval_recall@1`)."""
+    from .metrics import retrieval_recall
+
+    return retrieval_recall(pred, target, list(range(len(pred))), ks=(1,))["image_retrieval_recall@1"]
+
+
+def planted_alignment(out_dir, n_train: int = 200_000, n_val: int = 5_000, n_test: int = 5_000,
+                      in_dim: int = 768, out_dim: int = 512, hidden: int = 512, target_r1: float = 0.6,
+                      text_sigma: float | None = None, per_shard: int = 50_000, seed: int = 0) -> dict:
+    """Write train/val/test in the precompute format (inputs as `cls`, so train with pooling 'cls').
+
+    The noise level is set (bisection on a calibration draw) so the true map's own recall@1 among
+    `n_val` candidates is ~`target_r1`; text targets = targets + independent noise of the same level
+    unless `text_sigma` is given. Returns the calibrated levels and the true map's held-out recall."""
+    from .precompute import write_shard
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    true_map = PlantedMap(in_dim, out_dim, hidden).eval()
+    # inputs are scaled like LayerNormed DINOv2 features (unit variance per dimension)
+
+    def draw(n):
+        x = torch.randn(n, in_dim, generator=gen)
+        with torch.no_grad():
+            return x, true_map(x)
+
+    xc, cc = draw(n_val)
+    lo, hi = 0.0, 8.0
+    cal_noise = torch.randn(cc.shape, generator=gen) / math.sqrt(out_dim)
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        if recall_at_1(cc, F.normalize(cc + mid * cal_noise, dim=-1)) > target_r1:
+            lo = mid
+        else:
+            hi = mid
+    sigma = (lo + hi) / 2
+    text_sigma = sigma if text_sigma is None else text_sigma
+    out = Path(out_dir)
+    figures = {"sigma": sigma, "text_sigma": text_sigma}
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        for s, start in enumerate(range(0, n, per_shard)):
+            m = min(per_shard, n - start)
+            x, clean = draw(m)
+            target = _noisy(clean, sigma, gen)
+            text = _noisy(target, text_sigma, gen)
+            keys = [f"{split}{start + i:08d}" for i in range(m)]
+            write_shard(out / split, f"{split}-{s:05d}",
+                        {"dinov2_cls": x.numpy(), "dinov2_patch_mean": x.numpy(), "clip_image": target.numpy(),
+                         "clip_text": text.numpy()},
+                        keys, [""] * m, {"num_patches": 0, "source": "planted", "skipped": 0, "skipped_keys": {}})
+            if split == "test" and s == 0:
+                figures["true_map_test_r1"] = recall_at_1(clean, target)
+    (out / "planted.json").write_text(json.dumps({**figures, "seed": seed, "in_dim": in_dim, "out_dim": out_dim,
+                                                  "n_train": n_train, "n_val": n_val, "n_test": n_test}, indent=2))
+    return figures

@@ -1,0 +1,397 @@
+"""The train stage (DESIGN §5): precomputed embeddings → a trained projector → a model directory.
+
+    python -m training.run train --train pre/train --val pre/val --test pre/test --out run    # one process
+    torchrun --nproc_per_node 8 -m training.run train --train pre/train --val pre/val --out run
+    torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 -m training.run train ...
+
+Batch sizes are global: `batch_size` samples per optimizer step, split into `accum_steps` micro-batches,
+each split across ranks. Each micro-batch's contrastive loss uses the whole global micro-batch as
+negatives (features all-gathered with gradient); accumulation therefore changes the contrastive
+objective (negatives come from `batch_size / accum_steps` samples, not `batch_size`), as in any
+trainer without a GradCache; it does not change the MSE objective.
+
+One epoch = one seeded permutation of the training rows (drop-last). After each epoch: validation
+recall@K (and validation loss) on held-out pairs, a checkpoint (`checkpoints/last.pt`: model,
+optimizer, scheduler, RNG state as tensors, history — `torch.load(weights_only=True)` reads it) and
+metrics.json + metrics.png. The best epoch on validation is exported; test is evaluated once, on it.
+Seeded and deterministic on CPU: an interrupted run resumed with `resume=True` ends bitwise equal.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dinov2clip.errors import UserError
+from dinov2clip.projector import ProjectorWithResiduals
+
+from .data import EmbeddingSet
+from .losses import MAX_LOGIT_SCALE, Trainee, combined_loss
+from .metrics import retrieval_recall
+
+CKPT_FORMAT = "dinov2clip-train/1"
+
+
+@dataclass
+class TrainConfig:
+    train: list = field(default_factory=list, metadata={"help": "precomputed training director(ies)"})
+    val: list = field(default_factory=list, metadata={"help": "precomputed validation director(ies): held-out pairs"})
+    test: list = field(default_factory=list, metadata={"help": "precomputed test director(ies), evaluated once"})
+    out: str = field(default="train", metadata={"help": "output directory (checkpoints, metrics, model/)"})
+    pooling: str = field(default="mean", metadata={"help": "DINOv2 pooling: mean, cls or cls+mean"})
+    hidden_dim: int = field(default=2048, metadata={"help": "projector width"})
+    num_blocks: int = field(default=6, metadata={"help": "projector residual blocks"})
+    epochs: int = field(default=16, metadata={"help": "training epochs"})
+    batch_size: int = field(default=4096, metadata={"help": "global samples per optimizer step"})
+    accum_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step (gradient accumulation)"})
+    lr: float = field(default=1e-3, metadata={"help": "OneCycleLR peak learning rate"})
+    pct_start: float = field(default=0.1, metadata={"help": "OneCycleLR warm-up fraction"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (matrices only)"})
+    grad_clip: float = field(default=0.0, metadata={"help": "max gradient norm (0: off)"})
+    mse_weight: float = field(default=1.0, metadata={"help": "weight of unit-norm MSE to the CLIP image embedding"})
+    contrastive_weight: float = field(default=0.0, metadata={"help": "weight of InfoNCE to the CLIP text embedding"})
+    ks: list = field(default_factory=lambda: [1, 5, 10], metadata={"help": "recall@K values"})
+    select_metric: str = field(default="mean_recall",
+                               metadata={"help": "validation metric that selects the epoch (a recall key or "
+                                                 "mean_recall)"})
+    seed: int = field(default=0, metadata={"help": "seed of initialisation and data order"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda (auto: cuda:LOCAL_RANK when available)"})
+    cpu_threads: int = field(default=0, metadata={"help": "torch threads on CPU (0: torch's default); results "
+                                                             "are bitwise reproducible for a fixed count"})
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast (GPU only; CPU always fp32)"})
+    resident: str = field(default="auto", metadata={"help": "keep all embeddings on the device: auto, yes, no"})
+    resident_max_gb: float = field(default=8.0, metadata={"help": "auto: resident when the arrays fit in this"})
+    resume: bool = field(default=False, metadata={"help": "continue from checkpoints/last.pt"})
+    model_source: str = field(default="", metadata={"help": "model directory whose DINOv2/CLIP the output uses "
+                                                            "(default: the one recorded by precompute)"})
+    recipe: str = field(default="", metadata={"help": "recipe name recorded in provenance"})
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"unknown train option(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def check(self) -> None:
+        if not self.train or not self.val:
+            raise UserError("train needs --train DIR and --val DIR (held-out pairs select the epoch)")
+        if self.accum_steps < 1 or self.batch_size % self.accum_steps:
+            raise UserError(f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}")
+        if not (self.mse_weight or self.contrastive_weight):
+            raise UserError("both loss weights are 0: set mse_weight and/or contrastive_weight")
+        if self.epochs < 1:
+            raise UserError("epochs must be ≥ 1")
+
+
+# -- distributed ----------------------------------------------------------------------------------
+
+def setup_distributed(device: str) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if world > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return rank, world, dev
+
+
+def get_lr_schedule(optimizer, cfg: TrainConfig, total_steps: int):
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps,
+                                               pct_start=cfg.pct_start)
+
+
+def _param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay = [p for n, p in module.named_parameters() if p.ndim >= 2]
+    rest = [p for n, p in module.named_parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic: a temporary file renamed over the target."""
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(),
+             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate_split(projector, data: EmbeddingSet, ks, batch: int = 8192) -> dict:
+    """Recall@K of caption → image and image → caption over all pairs of `data`, plus the MSE."""
+    from .losses import unit_mse
+
+    was = projector.training
+    projector.eval()
+    preds, mse, n = [], 0.0, len(data)
+    for i in range(0, n, batch):
+        x, img, _ = data.batch(np.arange(i, min(i + batch, n)))
+        p = projector(x).float()
+        mse += unit_mse(p, img).item() * len(x)
+        preds.append(torch.nn.functional.normalize(p, dim=-1).cpu())
+    projector.train(was)
+    _, _, text = data.all()
+    recalls = retrieval_recall(torch.cat(preds), text.cpu(), list(range(n)), ks=ks)
+    return {**recalls, "mean_recall": float(np.mean(list(recalls.values()))), "mse": mse / n, "pairs": n}
+
+
+def teacher_recall(data: EmbeddingSet, ks) -> dict:
+    _, img, text = data.all()
+    return retrieval_recall(img.cpu(), text.cpu(), list(range(len(data))), ks=ks)
+
+
+# -- the loop -------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig) -> dict:
+    """Train, select the best validation epoch, export it as a model directory; returns the summary."""
+    cfg.check()
+    threads = torch.get_num_threads()
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    try:
+        return _train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+        if owns_group and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig) -> dict:
+    rank, world, device = setup_distributed(cfg.device)
+    master = rank == 0
+    out = Path(cfg.out)
+    ckpt_dir = out / "checkpoints"
+    if master:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    last = ckpt_dir / "last.pt"
+    if last.exists() and not cfg.resume:
+        raise UserError(f"{last} exists: pass --resume to continue it, or choose another --out")
+    if cfg.batch_size % (cfg.accum_steps * world):
+        raise UserError(f"batch_size {cfg.batch_size} must divide into accum_steps {cfg.accum_steps} × "
+                        f"{world} ranks")
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    train_data = _load(cfg.train, cfg, device)
+    val_data = _load(cfg.val, cfg, device)
+    steps_per_epoch = len(train_data) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(train_data)} training samples is fewer than one batch of {cfg.batch_size}")
+    projector = ProjectorWithResiduals(train_data.input_dim, train_data.output_dim, cfg.hidden_dim, cfg.num_blocks)
+    module = Trainee(projector, contrastive=bool(cfg.contrastive_weight)).to(device)
+    ddp_args = {"device_ids": [device]} if device.type == "cuda" else {}
+    model = torch.nn.parallel.DistributedDataParallel(module, **ddp_args) if world > 1 else module
+    optimizer = torch.optim.AdamW(_param_groups(module, cfg.weight_decay), lr=cfg.lr)
+    scheduler = get_lr_schedule(optimizer, cfg, cfg.epochs * steps_per_epoch)
+    history, best, start_epoch = [], None, 0
+    if cfg.resume and last.exists():
+        state = torch.load(last, map_location="cpu", weights_only=True)
+        module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"], device)
+        history, start_epoch = json.loads(state["history"]), int(state["epoch"]) + 1
+        best = json.loads(state["best"])
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda" \
+        else contextlib.nullcontext()
+    micro = cfg.batch_size // cfg.accum_steps
+    local = micro // world
+
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        perm = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
+        sums = {"loss": torch.zeros((), dtype=torch.float64)}
+        model.train()
+        steps = range(steps_per_epoch)
+        if cfg.progress and master:
+            from tqdm.auto import tqdm
+            steps = tqdm(steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False)
+        for step in steps:
+            idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size].numpy()
+            optimizer.zero_grad(set_to_none=True)
+            for m in range(cfg.accum_steps):
+                rows = idx[m * micro:(m + 1) * micro][rank * local:(rank + 1) * local]
+                x, img, txt = train_data.batch(rows)
+                sync = contextlib.nullcontext() if (world == 1 or m == cfg.accum_steps - 1) else model.no_sync()
+                with sync:
+                    with autocast:
+                        pred = model(x)
+                    loss, parts = combined_loss(pred, img, txt, module.logit_scale, cfg.mse_weight,
+                                                cfg.contrastive_weight)
+                    (loss / cfg.accum_steps).backward()
+                sums["loss"] += loss.detach().double() / cfg.accum_steps
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64)) + v.double() / cfg.accum_steps
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            if module.logit_scale is not None:
+                with torch.no_grad():
+                    module.logit_scale.clamp_(0, np.log(MAX_LOGIT_SCALE))
+        if world > 1:
+            for v in sums.values():
+                dist.all_reduce(v)  # gloo and nccl: SUM; divided by world below
+        row = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0,
+               "train": {k: float(v) / steps_per_epoch / world for k, v in sums.items()}}
+        if module.logit_scale is not None:
+            row["temperature"] = float(1 / module.logit_scale.detach().exp())
+        row["val"] = evaluate_split(projector, val_data, cfg.ks)
+        history.append(row)
+        score = row["val"][cfg.select_metric]
+        if best is None or score > best["score"]:
+            best = {"epoch": epoch + 1, "score": score}
+            if master:
+                save_checkpoint(ckpt_dir / "best.pt", {"projector": projector.state_dict(), "epoch": epoch + 1})
+        if master:
+            save_checkpoint(last, {"format": CKPT_FORMAT, "model": module.state_dict(),
+                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                   "rng": rng_state(device), "epoch": epoch, "config": json.dumps(cfg.to_dict()),
+                                   "history": json.dumps(history), "best": json.dumps(best)})
+            write_metrics(out, history, cfg)
+            print(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['train']['loss']:.4f}  val "
+                  f"R@{cfg.ks[0]} {row['val'][f'image_retrieval_recall@{cfg.ks[0]}']:.3f}  "
+                  f"{cfg.select_metric} {score:.4f}  ({row['seconds']:.1f}s)", flush=True)
+        if world > 1:
+            dist.barrier()
+    summary = finish(cfg, projector, train_data, val_data, history, best, out, device) if master else {}
+    if world > 1:
+        dist.barrier()
+    return summary
+
+
+def _load(dirs, cfg: TrainConfig, device) -> EmbeddingSet:
+    data = EmbeddingSet(dirs, cfg.pooling)
+    nbytes = sum(s[k].nbytes for s in data.shards for k in ("dinov2_cls", "dinov2_patch_mean", "clip_image",
+                                                              "clip_text")) * 2  # float32 on device
+    resident = {"yes": True, "no": False}.get(cfg.resident, nbytes <= cfg.resident_max_gb * 2 ** 30)
+    if resident:
+        data = EmbeddingSet(dirs, cfg.pooling, resident=True, device=device)
+    else:
+        data.device = device
+    return data
+
+
+def write_metrics(out: Path, history: list, cfg: TrainConfig) -> None:
+    from dinov2clip.config import write_json_atomic
+
+    write_json_atomic(out / "metrics.json", {"split": "val", "ks": list(cfg.ks), "select_metric": cfg.select_metric,
+                                             "epochs": history})
+    try:
+        import matplotlib
+    except ImportError:
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(epochs, [r["train"]["loss"] for r in history], "o-", label="train loss")
+    a.plot(epochs, [r["val"]["mse"] for r in history], "s--", label="val unit-norm MSE")
+    a.set_xlabel("epoch"), a.set_ylabel("loss"), a.legend()
+    for k in cfg.ks:
+        b.plot(epochs, [r["val"][f"image_retrieval_recall@{k}"] for r in history], "o-", label=f"text→image R@{k}")
+    b.set_xlabel("epoch"), b.set_ylabel("validation recall"), b.set_ylim(0, 1), b.legend()
+    fig.tight_layout()
+    tmp = out / "metrics.tmp.png"
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, out / "metrics.png")
+
+
+def finish(cfg: TrainConfig, projector, train_data, val_data, history, best, out: Path, device) -> dict:
+    """Load the selected epoch, evaluate test once, write the model directory with provenance."""
+    state = torch.load(out / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
+    final = ProjectorWithResiduals(**projector.config.to_dict())
+    final.load_state_dict(state["projector"])
+    final.to(device).eval()
+    metrics = {"val": {"split": "val", "ks": list(cfg.ks), "epoch": best["epoch"],
+                       "recalls": history[best["epoch"] - 1]["val"]}}
+    if cfg.test:
+        test_data = _load(cfg.test, cfg, device)
+        metrics["test"] = {"split": "test", "ks": list(cfg.ks), "epoch": best["epoch"],
+                           "recalls": evaluate_split(final, test_data, cfg.ks),
+                           "teacher_recalls": teacher_recall(test_data, cfg.ks)}
+    model_dir = export_model(cfg, final.cpu(), train_data, metrics, best, out / "model")
+    summary = {"model": str(model_dir) if model_dir else None, "selected_epoch": best["epoch"], "selected_on": "val", "metrics": metrics,
+               "history": history}
+    from dinov2clip.config import write_json_atomic
+
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def git_sha() -> str | None:
+    from .evaluate import code_version
+
+    return code_version().get("git")
+
+
+def export_model(cfg: TrainConfig, projector, train_data: EmbeddingSet, metrics: dict, best: dict, out_dir: Path):
+    """A dinov2clip model directory: the precompute's DINOv2 + CLIP (bundled copies kept), this projector."""
+    import shutil
+
+    from dinov2clip.config import ModelConfig, check_relative, read_config
+    from dinov2clip.modeldir import save_model_dir
+
+    enc = train_data.encoders
+    source = cfg.model_source or (enc or {}).get("source")
+    root = Path(source) if source and Path(source).is_dir() else None
+    if root is not None:
+        base = read_config(root)
+    elif enc and enc.get("config"):
+        base = ModelConfig.from_dict(enc["config"])
+    else:  # synthetic embeddings (planted alignment): nothing to build a model directory from
+        print("no model source recorded or given (--model-source): checkpoints only, no model directory")
+        return None
+    base.dinov2 = {**base.dinov2, "pooling": cfg.pooling}
+    base.projector = {}
+    base.weights_sha256 = {}
+    base.provenance = {
+        "recipe": cfg.recipe or "training.run train", "train_config": cfg.to_dict(),
+        "data_manifest_sha256": train_data.data_sha256, "seed": cfg.seed, "git_sha": git_sha(),
+        "selected_epoch": best["epoch"], "selected_on": "val", "selection_metric": cfg.select_metric,
+        "metrics": metrics, "base_model": str(source),
+    }
+
+    def copy_parts(tmp: Path, config) -> None:
+        for section in (config.dinov2, config.clip):
+            rel = section.get("path")
+            if rel and root is not None:
+                shutil.copytree(root / check_relative(rel, "model source"), tmp / rel)
+
+    return save_model_dir(base, projector, out_dir, overwrite=True, extra=copy_parts)

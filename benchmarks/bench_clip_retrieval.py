@@ -46,7 +46,9 @@ def through_clip_retrieval(model_dir: Path, folder: Path, out: Path, batch_size:
     stats = [json.loads(p.read_text()) for p in (out / "stats").glob("*.json")]
     samples = sum(s["sample_count"] for s in stats)
     steady = sum(s["total_duration"] for s in stats)
-    return {"images": samples, "steady_s": steady, "images_per_s": samples / steady, "wall_s_incl_load": wall}
+    parts = {f"{k}_s": sum(s[f"{k}_duration"] for s in stats) for k in ("read", "inference", "write")}
+    return {"images": samples, "steady_s": steady, "images_per_s": samples / steady, "wall_s_incl_load": wall,
+            **parts}
 
 
 def direct(model_dir: Path, paths: list[Path], batch_size: int, workers: int) -> dict:
@@ -87,6 +89,8 @@ def main() -> None:
     print(f"{'DinoV2Clip.encode_image':<28}{ours['images_per_s']:>10.2f}{ours['steady_s']:>10.1f}")
     print(f"{'clip-retrieval inference':<28}{cr['images_per_s']:>10.2f}{cr['steady_s']:>10.1f}"
           f"   (wall incl. start-up and model load: {cr['wall_s_incl_load']:.1f} s)")
+    print(f"clip-retrieval time split: waiting for its reader {cr['read_s']:.1f} s, inference {cr['inference_s']:.1f} s, "
+          f"writing {cr['write_s']:.2f} s")
     print(f"overhead: {100 * overhead:+.1f} % (target ≤ +15 %), dtype {ours['dtype']}, batch {args.batch_size}, "
           f"{args.images} images of 320×256")
 

@@ -8,7 +8,7 @@ clip-retrieval starts (Spark executors, `back` workers) registers us the moment 
 
 Call `register()` yourself if you prefer not to rely on the .pth hook.
 """
-PREFIX = "dinov2clip"
+from ._hook import PREFIX  # noqa: F401  (one definition; _hook stays import-light)
 
 
 def register() -> None:

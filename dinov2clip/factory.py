@@ -144,8 +144,23 @@ def build(config: ModelConfig, root: Path | None = None, device: str | None = No
     if text:
         clip_model, tokenizer = build_clip(config, root, keep_visual=keep_clip_visual)
         text_encoder = ClipTextEncoder(clip_model)
-    return DinoV2Clip(config, projector, image_encoder, text_encoder, tokenizer,
-                      device=device, dtype=dtype, batch_size=batch_size)
+    model = DinoV2Clip(config, projector, image_encoder, text_encoder, tokenizer,
+                       device=device, dtype=dtype, batch_size=batch_size)
+    model.root = root  # where `attach` finds bundled parts later
+    return model
+
+
+def attach(model: DinoV2Clip, image: bool = False, text: bool = False) -> DinoV2Clip:
+    """Load the towers `model` was built without, from the same source and config (lazy front-ends:
+    an App process answering text queries never loads DINOv2 unless it embeds images)."""
+    root = getattr(model, "root", None)
+    if image and model.image_encoder is None:
+        model.image_encoder = build_image_encoder(model.config, root).to(model.device).eval()
+    if text and model.text_encoder is None:
+        clip_model, tokenizer = build_clip(model.config, root)
+        model.text_encoder = ClipTextEncoder(clip_model).to(model.device).eval()
+        model.tokenizer = tokenizer
+    return model
 
 
 def load(source: str = DEFAULT_PRESET, device: str | None = None, dtype="auto", batch_size: int = 32,

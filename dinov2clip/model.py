@@ -66,6 +66,7 @@ class DinoV2Clip(nn.Module):
         self.device = torch.device(device or default_device())
         self.dtype = resolve_dtype(dtype, self.device.type)
         self.batch_size = batch_size
+        self.root = None  # model directory the parts came from (set by the factory; used by `attach`)
         self.to(self.device).eval()
 
     # -- identity -------------------------------------------------------------------------

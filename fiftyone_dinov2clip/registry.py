@@ -1,0 +1,195 @@
+"""Zoo models by name, in every process: a model source folder inside FiftyOne's model zoo directory.
+
+FiftyOne finds remote-source models by walking `fo.config.model_zoo_dir` for `manifest.json` files and
+loads one by importing the `__init__.py` beside it. Registering therefore writes, under
+`<model_zoo_dir>/dinov2clip-zoo/`:
+
+    manifest.json           one entry per registered name@version
+    __init__.py             one line: FiftyOne's loader hooks, imported from the installed package
+    <name>-v<N>.json        the model file FiftyOne checks exists: source + fingerprint of that version
+
+Every process that shares the zoo directory (the App server included) loads the same names. Versions
+are immutable: registering a name again with different weights adds version N+1 and leaves N alone, so
+a similarity index recorded as `name@N` keeps loading the embedding space it was computed in.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import glob
+import json
+import os
+import re
+from pathlib import Path
+
+from dinov2clip.config import write_json_atomic
+from dinov2clip.errors import UserError
+from dinov2clip.presets import PRESETS
+
+SOURCE_NAME = "dinov2clip-zoo"  # the manifest name = its folder under the zoo directory. Never "dinov2clip":
+# FiftyOne imports the folder's __init__.py under the folder's name, which would shadow the core package.
+PRESET_PREFIX = "dinov2clip-"
+TAGS = ["embeddings", "text-embeddings", "zero-shot", "torch", "dinov2", "clip"]
+# no dots: FiftyOne versions "a.b" as "a@N.b"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+INIT_PY = ('"""dinov2clip zoo models; written by fiftyone_dinov2clip (do not edit)."""\n'
+           "from fiftyone_dinov2clip.zoo_source import download_model, load_model  # noqa: F401\n")
+
+
+def zoo_dir() -> Path:
+    import fiftyone as fo
+
+    return Path(fo.config.model_zoo_dir).expanduser()
+
+
+def source_dir(root: Path | None = None) -> Path:
+    return (root or zoo_dir()) / SOURCE_NAME
+
+
+def preset_zoo_name(preset: str) -> str:
+    return PRESET_PREFIX + preset
+
+
+def _manifest_path(root: Path | None = None) -> Path:
+    return source_dir(root) / "manifest.json"
+
+
+def read_manifest(root: Path | None = None) -> dict:
+    path = _manifest_path(root)
+    if not path.is_file():
+        return {"name": SOURCE_NAME, "url": None, "models": []}
+    return json.loads(path.read_text())
+
+
+def builtin_names() -> set[str]:
+    """Base names in FiftyOne's own manifests: never reused."""
+    import fiftyone.zoo.models as fozm
+
+    names = set()
+    for path in glob.glob(os.path.join(os.path.dirname(fozm.__file__), "manifest-*.json")):
+        for m in json.loads(Path(path).read_text()).get("models", []):
+            names.add(m["base_name"])
+    return names
+
+
+def describe_source(source: str) -> tuple[str, dict]:
+    """A source as another process will see it (directories made absolute) and its model config."""
+    from dinov2clip.factory import resolve_source
+
+    looks_local = "/" in source and not source.startswith("hf-hub:") or Path(source).is_dir()
+    if looks_local:
+        path = Path(source.removeprefix("local-dir:")).expanduser().resolve()
+        if not path.is_dir():
+            raise UserError(f"model directory not found: {path}")
+        source = str(path)
+    config, _ = resolve_source(source)
+    return source, config
+
+
+def _spec_fingerprint(config) -> str | None:
+    # A preset's projector is identified only once fetched; a model directory records its weights' hash.
+    return config.fingerprint() if config.projector.get("tensor_sha256") else None
+
+
+def _entry(name: str, version: int, source: str, config, description: str) -> dict:
+    return {
+        "base_name": name,
+        "base_filename": f"{name}.json",
+        "version": str(version),
+        "author": "dinov2clip",
+        "license": config.license,
+        "source": "https://github.com/dinov2clip/dinov2clip",
+        "description": description,
+        "tags": TAGS,
+        "date_added": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "requirements": {"packages": ["dinov2clip"], "cpu": {"support": True}, "gpu": {"support": True}},
+    }
+
+
+def _write_source(manifest: dict, root: Path | None = None) -> None:
+    folder = source_dir(root)
+    folder.mkdir(parents=True, exist_ok=True)
+    init = folder / "__init__.py"
+    if not init.is_file() or init.read_text() != INIT_PY:
+        tmp = init.with_suffix(".tmp")
+        tmp.write_text(INIT_PY)
+        os.replace(tmp, init)
+    write_json_atomic(_manifest_path(root), manifest)
+
+
+def check_name(name: str) -> None:
+    if not NAME_RE.match(name) or "@" in name:
+        raise UserError(f"invalid zoo model name {name!r}: use letters, digits, '_' and '-'")
+    if name in builtin_names():
+        raise UserError(f"{name!r} is one of FiftyOne's built-in zoo models: choose another name")
+
+
+def register(name: str, source: str, description: str | None = None, root: Path | None = None) -> str:
+    """Register `source` (preset, model directory or hf-hub:org/repo) as zoo model `name`.
+
+    Returns the `name@version` it is loadable under. The same source with the same weights keeps its
+    version; anything else becomes a new version."""
+    check_name(name)
+    source, config = describe_source(source)
+    fingerprint = _spec_fingerprint(config)
+    manifest = read_manifest(root)
+    folder = source_dir(root)
+    versions = [m for m in manifest["models"] if m["base_name"] == name]
+    for m in versions:
+        spec = read_spec(folder / f"{name}-v{m['version']}.json")
+        if spec["source"] == source and spec["fingerprint"] == fingerprint:
+            return f"{name}@{m['version']}"
+    version = 1 + max((int(m["version"]) for m in versions), default=0)
+    zoo_name = f"{name}@{version}"
+    desc = description or (f"DINOv2 ({config.dinov2['source']}, {config.dinov2['pooling']} pooling) projected "
+                           f"into CLIP {config.clip['model_name']}/{config.clip.get('pretrained')} space, "
+                           f"with CLIP's text encoder for prompts. Source: {source}")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / f"{name}-v{version}.json",
+                      {"zoo_name": zoo_name, "source": source, "fingerprint": fingerprint})
+    manifest["models"].append(_entry(name, version, source, config, desc))
+    _write_source(manifest, root)
+    return zoo_name
+
+
+def register_presets(root: Path | None = None) -> list[str]:
+    return [register(preset_zoo_name(p), p, root=root) for p in sorted(PRESETS)]
+
+
+def unregister(name: str, root: Path | None = None) -> list[str]:
+    """Remove `name` (every version) or `name@N` (one version). Returns what was removed."""
+    base, _, version = name.partition("@")
+    manifest = read_manifest(root)
+    gone = [m for m in manifest["models"] if m["base_name"] == base and (not version or m["version"] == version)]
+    if not gone:
+        raise UserError(f"no registered dinov2clip model {name!r}; registered: {', '.join(registered()) or 'none'}")
+    manifest["models"] = [m for m in manifest["models"] if m not in gone]
+    _write_source(manifest, root)
+    for m in gone:
+        (source_dir(root) / f"{base}-v{m['version']}.json").unlink(missing_ok=True)
+    return [f"{base}@{m['version']}" for m in gone]
+
+
+def registered(root: Path | None = None) -> list[str]:
+    """Every registered `name@version`."""
+    return [f"{m['base_name']}@{m['version']}" for m in read_manifest(root)["models"]]
+
+
+def read_spec(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def resolve(name: str, root: Path | None = None) -> str:
+    """A registered name (latest version) or `name@N` → `name@N`; anything else → one line naming them."""
+    base, _, version = name.partition("@")
+    versions = sorted((int(m["version"]) for m in read_manifest(root)["models"] if m["base_name"] == base))
+    if versions and (not version or (version.isdigit() and int(version) in versions)):
+        return f"{base}@{version or versions[-1]}"
+    names = ", ".join(registered(root)) or "none"
+    raise UserError(f"unknown dinov2clip zoo model {name!r} (registered: {names}); register one with "
+                    "`python -m fiftyone_dinov2clip register-presets` or `... register NAME SOURCE`")
+
+
+def spec(name: str, root: Path | None = None) -> dict:
+    zoo_name = resolve(name, root)
+    base, _, version = zoo_name.partition("@")
+    return read_spec(source_dir(root) / f"{base}-v{version}.json")

@@ -1,0 +1,278 @@
+"""The FiftyOne zoo model: `TorchImageModel` + `PromptMixin`, thin over `dinov2clip.DinoV2Clip`.
+
+Everything numeric (preprocessing, towers, projector, normalisation) lives in the core; this module
+only adapts it to FiftyOne's model protocol:
+- images are read by the core's own pipeline from each sample's file (EXIF, 16-bit, CMYK, palette),
+  one image at a time in the DataLoader workers, so a bad file costs one sample, never its batch;
+- towers load lazily: a process that only embeds prompts (the App server) never loads DINOv2.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+import fiftyone.core.models as fom
+import fiftyone.utils.torch as fout
+
+import dinov2clip
+from dinov2clip.errors import UserError
+from dinov2clip.preprocess import Preprocess, PreprocessConfig
+
+logger = logging.getLogger(__name__)
+
+CLASSIFIER = "fiftyone.utils.torch.ClassifierOutputProcessor"
+# CLIP's learned logit scale saturates at 100 in every OpenAI checkpoint; zero-shot logits use it too.
+LOGIT_SCALE = 100.0
+
+
+class Failed:
+    """Stands in for an image that could not be read (deliberately not an Exception: FiftyOne's collate
+    turns any Exception item into a failure of the whole batch)."""
+
+    def __init__(self, filepath, reason: str):
+        self.filepath = str(filepath)
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"Failed({self.filepath!r}: {self.reason})"
+
+
+class PixelBatch:
+    """A collated batch: pixels of the readable images plus where the unreadable ones were."""
+
+    def __init__(self, items: list):
+        self.size = len(items)
+        self.ok = [i for i, x in enumerate(items) if not isinstance(x, Failed)]
+        self.failed = [x for x in items if isinstance(x, Failed)]
+        self.pixels = torch.stack([items[i] for i in self.ok]) if self.ok else None
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def collate(items: list) -> PixelBatch:
+    return PixelBatch(items)
+
+
+class ImageTransform:
+    """The core preprocessing for anything FiftyOne hands a model: paths, PIL images, HWC uint8 arrays
+    (patch crops) or already-preprocessed tensors."""
+
+    def __init__(self, config: dict):
+        self.preprocess = Preprocess(PreprocessConfig.from_dict(config))
+
+    def __call__(self, img):
+        if torch.is_tensor(img) and img.ndim == 3 and img.dtype.is_floating_point:
+            return img
+        if isinstance(img, np.ndarray):
+            from PIL import Image
+
+            img = Image.fromarray(img)
+        return self.preprocess(img)
+
+
+class DinoV2ClipGetItem(fout.GetItem):
+    """Loads one sample's image with the core pipeline; an unreadable image becomes `Failed`."""
+
+    def __init__(self, transform: ImageTransform, field_mapping=None):
+        self.transform = transform
+        super().__init__(field_mapping=field_mapping)
+
+    @property
+    def required_keys(self):
+        return ["filepath"]
+
+    def __call__(self, d):
+        try:
+            return self.transform(d["filepath"])
+        except OSError as e:  # ImageError and every file-system error
+            return Failed(d["filepath"], str(e))
+
+
+class DinoV2ClipModelConfig(fout.TorchImageModelConfig):
+    """Configuration of a :class:`DinoV2ClipModel`.
+
+    Args:
+        source: what `dinov2clip.load` accepts: a preset name, a model directory or `hf-hub:org/repo`
+        zoo_name (None): the registered `name@version` this config was loaded under (recorded in runs)
+        fingerprint (None): the embedding-space fingerprint recorded at registration; a source whose
+            weights changed since then is refused
+        batch_size (32): images per forward pass when FiftyOne is not told a batch size
+        dtype ("auto"): `auto`, `fp32`, `bf16` or `fp16` (auto = bf16 on CUDA and bf16-capable CPUs)
+        query_prefix (""): text put before every prompt (e.g. "a photo of "); the default, none, is what
+            the projector was evaluated with
+        text_prompt ("a photo of"): zero-shot classification prompt: "<text_prompt> <class>"
+        classes (None): class names for zero-shot classification with `apply_model`
+    """
+
+    def __init__(self, d):
+        d = dict(d)
+        if d.get("classes") and not d.get("output_processor_cls"):
+            d["output_processor_cls"] = CLASSIFIER
+        d.setdefault("ragged_batches", False)
+        super().__init__(d)
+        self.source = self.parse_string(d, "source")
+        self.zoo_name = self.parse_string(d, "zoo_name", default=None)
+        self.fingerprint = self.parse_string(d, "fingerprint", default=None)
+        self.batch_size = self.parse_int(d, "batch_size", default=32)
+        self.dtype = self.parse_string(d, "dtype", default="auto")
+        self.query_prefix = self.parse_string(d, "query_prefix", default="")
+        self.text_prompt = self.parse_string(d, "text_prompt", default="a photo of")
+
+
+class DinoV2ClipModel(fout.TorchImageModel, fom.PromptMixin):
+    """DINOv2 image embeddings projected into CLIP space, and CLIP text embeddings for prompts.
+
+    `embed_all` returns one L2-normalised vector per image, or `None` for an image that could not be
+    read (counted in `failures`); the DINOv2 embedding of the same pass is in `last_dinov2`."""
+
+    def __init__(self, config: DinoV2ClipModelConfig):
+        self._core = None
+        self.failures: list[Failed] = []
+        self.last_dinov2: list = []
+        super().__init__(config)
+        self._text_features = None
+
+    # -- loading --------------------------------------------------------------------------
+    def _load_model(self, config):
+        # Nothing heavy here: the core model is built on first use, with only the towers it needs.
+        return None
+
+    def _build_transforms(self, config):
+        # The preprocessing config is part of the embedding space; read it without loading weights.
+        return ImageTransform(self.core_config().preprocess), False
+
+    def core_config(self):
+        from dinov2clip.factory import resolve_source
+
+        if self._core is not None:
+            return self._core.config
+        if getattr(self, "_config_cache", None) is None:
+            self._config_cache = resolve_source(self.config.source)[0]
+        return self._config_cache
+
+    def core(self, image: bool = False, text: bool = False) -> dinov2clip.DinoV2Clip:
+        """The core model, with (at least) the requested towers loaded."""
+        if self._core is None:
+            self._core = dinov2clip.load(self.config.source, device=str(self._device), dtype=self.config.dtype,
+                                         batch_size=self.config.batch_size, image=image, text=text)
+            self._check_fingerprint()
+        return dinov2clip.attach(self._core, image=image, text=text)
+
+    def _check_fingerprint(self):
+        want, got = self.config.fingerprint, self._core.fingerprint
+        if want and want != got:
+            name = self.config.zoo_name or self.config.source
+            raise UserError(
+                f"{name}: the weights at {self.config.source} changed since it was registered (fingerprint "
+                f"{got[:12]}, registered {want[:12]}); register it again under a new version with "
+                f"`python -m fiftyone_dinov2clip register NAME {self.config.source}` and recompute its "
+                "embeddings, so that one index never mixes two embedding spaces")
+
+    @property
+    def fingerprint(self) -> str:
+        return self.core().fingerprint
+
+    # -- FiftyOne protocol ----------------------------------------------------------------
+    @property
+    def has_embeddings(self):
+        return True
+
+    @property
+    def can_embed_prompts(self):
+        return True
+
+    @property
+    def has_collate_fn(self):
+        return True
+
+    @staticmethod
+    def collate_fn(batch):
+        return collate(batch)
+
+    def build_get_item(self, field_mapping=None):
+        return DinoV2ClipGetItem(self._transforms, field_mapping=field_mapping)
+
+    def _as_batch(self, imgs) -> PixelBatch:
+        if isinstance(imgs, PixelBatch):
+            return imgs
+        if torch.is_tensor(imgs) and imgs.ndim == 4:
+            return PixelBatch(list(imgs))
+        items = []
+        for img in imgs:
+            try:
+                items.append(self._transforms(img))
+            except OSError as e:
+                items.append(Failed(getattr(img, "filename", "<image>"), str(e)))
+        return PixelBatch(items)
+
+    def _embed_batch(self, imgs):
+        """→ (CLIP-space [n, D] or None per image, DINOv2 [n, d] or None per image)."""
+        batch = self._as_batch(imgs)
+        out: list = [None] * len(batch)
+        dino: list = [None] * len(batch)
+        for f in batch.failed:
+            logger.warning("dinov2clip: skipped unreadable image %s: %s", f.filepath, f.reason)
+        self.failures.extend(batch.failed)
+        if batch.pixels is not None:
+            core = self.core(image=True)
+            emb, raw = core.encode_image(batch.pixels, return_dinov2=True)
+            for j, i in enumerate(batch.ok):
+                out[i] = emb[j].numpy()
+                dino[i] = raw[j].numpy()
+        return out, dino
+
+    def embed(self, arg):
+        return self.embed_all([arg])[0]
+
+    def embed_all(self, args):
+        """Images → list of float32 unit vectors (None for an unreadable image); an array when none failed."""
+        out, self.last_dinov2 = self._embed_batch(args)
+        if all(e is not None for e in out):
+            return np.stack(out) if out else np.empty((0, self.core_config().embed_dim or 0), np.float32)
+        return out
+
+    def get_embeddings(self):
+        raise ValueError("DinoV2ClipModel returns embeddings from embed_all(); it does not cache them")
+
+    def embed_prompt(self, prompt):
+        return self.embed_prompts([prompt])[0]
+
+    def embed_prompts(self, prompts):
+        """Texts → float32 [N, D] unit vectors, in the same space as the image embeddings."""
+        prompts = [self.config.query_prefix + p for p in prompts]
+        return self.core(text=True).encode_text(prompts).numpy()
+
+    # -- zero-shot classification ---------------------------------------------------------
+    def _get_text_features(self) -> torch.Tensor:
+        if not self.classes:
+            raise UserError("zero-shot classification needs classes: load the model with classes=[...]")
+        if self._text_features is None:
+            prompts = [f"{self.config.text_prompt} {c}".strip() for c in self.classes]
+            self._text_features = torch.from_numpy(self.embed_prompts(prompts))
+        return self._text_features
+
+    def _predict_all(self, imgs):
+        if self._output_processor is None:
+            raise UserError("this dinov2clip model has no classes: load it with classes=[...] to classify, "
+                            "or use compute_embeddings / compute_similarity")
+        text = self._get_text_features()
+        out, _ = self._embed_batch(imgs)
+        ok = [i for i, e in enumerate(out) if e is not None]
+        labels: list = [None] * len(out)
+        if ok:
+            logits = LOGIT_SCALE * torch.from_numpy(np.stack([out[i] for i in ok])) @ text.T
+            predicted = self._output_processor(logits, (224, 224), confidence_thresh=self.config.confidence_thresh,
+                                               classes=self.config.filter_classes)
+            for i, label in zip(ok, predicted):
+                labels[i] = label
+        return labels
+
+
+def load_model_from_spec(spec: dict, **kwargs) -> DinoV2ClipModel:
+    """A registered model's spec (see `registry`) plus user keyword arguments → a model instance."""
+    d = {"source": spec["source"], "zoo_name": spec.get("zoo_name"), "fingerprint": spec.get("fingerprint")}
+    d.update(kwargs)
+    return DinoV2ClipModel(DinoV2ClipModelConfig(d))

@@ -51,13 +51,20 @@ def _zoo_name(model) -> str | None:
     return model.config.zoo_name if isinstance(model, DinoV2ClipModel) else registry.resolve(model)
 
 
+def _schema_field(samples, path: str):
+    """The field as the dataset stores it (a frames view's fields live on its video dataset's frames)."""
+    if samples._is_frames:
+        return samples._root_dataset.get_field("frames." + path)
+    return samples._root_dataset.get_field(path)
+
+
 def _field_info(samples, path: str) -> dict | None:
-    f = samples.get_field(path)
+    f = _schema_field(samples, path)
     return None if f is None else (f.info or {}).get(INFO_KEY)
 
 
 def _set_field_info(samples, path: str, info: dict) -> None:
-    f = samples.get_field(path)
+    f = _schema_field(samples, path)
     f.info = {**(f.info or {}), INFO_KEY: info}
     f.save()
 

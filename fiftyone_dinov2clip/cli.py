@@ -1,0 +1,240 @@
+"""`python -m fiftyone_dinov2clip`: register zoo models, index datasets, and a one-command quickstart."""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from dinov2clip.cli import run
+from dinov2clip.errors import UserError
+from dinov2clip.presets import PRESETS
+
+from . import registry
+
+PROG = "python -m fiftyone_dinov2clip"
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+# -- registry -------------------------------------------------------------------------------
+def cmd_register_presets(args):
+    for name in registry.register_presets():
+        print(name)
+
+
+def cmd_register(args):
+    print(registry.register(args.name, args.source, description=args.description))
+
+
+def cmd_unregister(args):
+    for name in registry.unregister(args.name):
+        print(f"removed {name}")
+
+
+def cmd_list(args):
+    folder = registry.source_dir()
+    for zoo_name in registry.registered():
+        spec = registry.spec(zoo_name)
+        print(f"{zoo_name}\t{spec['source']}\t{(spec.get('fingerprint') or '-')[:12]}")
+    if not registry.registered():
+        print(f"no dinov2clip models registered in {folder}; run `{PROG} register-presets`", file=sys.stderr)
+
+
+def export_source(out: Path, url: str | None) -> list[str]:
+    """The folder `foz.register_zoo_model_source(<repo URL>)` finds: the presets, as register-presets
+    writes them, plus the source URL. Regenerate the repository's `fiftyone_zoo/` with this."""
+    if out.exists():
+        shutil.rmtree(out)
+    names = registry.register_presets(root=out.parent / ".export-tmp")
+    tmp = registry.source_dir(out.parent / ".export-tmp")
+    manifest = json.loads((tmp / "manifest.json").read_text())
+    manifest["url"] = url
+    for m in manifest["models"]:
+        m["date_added"] = None  # reproducible bytes: the committed folder must equal a fresh export
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=4) + "\n")
+    shutil.move(str(tmp), out)
+    shutil.rmtree(out.parent / ".export-tmp")
+    return names
+
+
+def cmd_export_source(args):
+    for name in export_source(Path(args.out), args.url):
+        print(name)
+
+
+# -- datasets -------------------------------------------------------------------------------
+def ensure_model(spec: str) -> str:
+    """A registered name, a preset, a model directory or hf-hub:org/repo → a registered name@version."""
+    try:
+        return registry.resolve(spec)
+    except UserError:
+        pass
+    if spec in PRESETS:
+        return registry.register(registry.preset_zoo_name(spec), spec)
+    if spec.startswith("hf-hub:") or Path(spec).expanduser().is_dir():
+        parts = [p for p in Path(spec.removeprefix("hf-hub:")).parts if p not in ("/", ".", "..")]
+        base = "-".join(parts[-2:] if parts and parts[-1] == "model" else parts[-1:]) or "model"
+        base = "".join(c if c.isalnum() or c in "_-" else "-" for c in base)
+        return registry.register(registry.PRESET_PREFIX + base, spec)
+    return registry.resolve(spec)  # raises: unknown name, listing the registered ones
+
+
+def images_in(folder: Path) -> list[str]:
+    return sorted(str(p.resolve()) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+
+
+def open_dataset(target: str, name: str | None):
+    """A dataset name, or a folder of images → a persistent dataset holding every image of the folder
+    (re-running adds new files only)."""
+    import fiftyone as fo
+
+    folder = Path(target).expanduser()
+    if not folder.is_dir():
+        if fo.dataset_exists(target):
+            return fo.load_dataset(target)
+        raise UserError(f"{target!r} is neither a folder of images nor a FiftyOne dataset "
+                        f"(datasets: {', '.join(fo.list_datasets()) or 'none'})")
+    paths = images_in(folder)
+    if not paths:
+        raise UserError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) under {folder}")
+    name = name or f"dinov2clip-{folder.resolve().name}"
+    dataset = fo.load_dataset(name) if fo.dataset_exists(name) else fo.Dataset(name, persistent=True)
+    have = set(dataset.values("filepath"))
+    new = [p for p in paths if p not in have]
+    if new:
+        dataset.add_samples([fo.Sample(filepath=p) for p in new])
+    return dataset
+
+
+def index(args):
+    from .brain import compute_similarity
+
+    zoo_name = ensure_model(args.model)
+    dataset = open_dataset(args.target, args.dataset_name)
+    _, report = compute_similarity(dataset, zoo_name, brain_key=args.brain_key,
+                                   embeddings_field=args.embeddings_field, dinov2_field=args.dinov2_field,
+                                   dinov2_brain_key=args.dinov2_brain_key, backend=args.backend,
+                                   batch_size=args.batch_size, overwrite=args.overwrite)
+    print(f"dataset {dataset.name!r}: {len(dataset)} samples; {report}; text index {args.brain_key!r} "
+          f"({zoo_name})" + (f"; DINOv2 index {args.dinov2_brain_key!r}" if args.dinov2_brain_key else ""))
+    for path, reason in report.failed:
+        print(f"  skipped {path}: {reason}", file=sys.stderr)
+    return dataset
+
+
+def cmd_index(args):
+    index(args)
+
+
+def cmd_quickstart(args):
+    from .brain import sort_by_text
+
+    dataset = index(args)
+    if args.query:
+        top = sort_by_text(dataset, args.query, brain_key=args.brain_key, k=args.k)
+        print(f"top {len(top)} for {args.query!r}:")
+        for path in top.values("filepath"):
+            print(f"  {path}")
+    wait = sys.stdin.isatty() if args.wait is None else args.wait
+    launch_app(dataset, args.address, args.port, wait)
+
+
+def launch_app(dataset, address: str, port: int, wait: bool) -> None:
+    """Start the App on the dataset. Interactive: keep it open until Ctrl-C. Otherwise (scripts, CI):
+    check it answers, then stop it."""
+    import urllib.request
+
+    import fiftyone as fo
+
+    session = fo.launch_app(dataset, address=address, port=port, remote=True, auto=False)
+    url = f"http://{'localhost' if address in ('0.0.0.0', '127.0.0.1') else address}:{port}/datasets/{dataset.name}"
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as r:
+            ok = r.status == 200
+    except OSError as e:
+        raise UserError(f"the FiftyOne App did not answer on port {port}: {e}") from None
+    print(f"FiftyOne App {'ready' if ok else 'not ready'}: {url} — click the magnifier above the grid and type "
+          "a description to sort by text")
+    if wait:
+        print("press Ctrl-C to stop")
+        try:
+            session.wait(-1)
+        except KeyboardInterrupt:
+            pass
+    session.close()
+
+
+# -- parser ---------------------------------------------------------------------------------
+def _index_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", help="a folder of images (becomes a persistent dataset) or a dataset name")
+    p.add_argument("--model", default="dinov2clip-reference",
+                   help="registered zoo name, preset, model directory or hf-hub:org/repo (registered on "
+                        "first use) [%(default)s]")
+    p.add_argument("--dataset-name", help="dataset to create from a folder [dinov2clip-<folder>]")
+    p.add_argument("--brain-key", default="dinov2clip", help="text-searchable index [%(default)s]")
+    p.add_argument("--embeddings-field", default="dinov2clip", help="CLIP-space embeddings field [%(default)s]")
+    p.add_argument("--dinov2-field", default="dinov2", help="also store the DINOv2 embedding here "
+                   "('' for none) [%(default)s]")
+    p.add_argument("--dinov2-brain-key", default="dinov2", help="image-only index over the DINOv2 field "
+                   "('' for none) [%(default)s]")
+    p.add_argument("--backend", default=None, help="similarity backend (sklearn, lancedb, ...) [FiftyOne's default]")
+    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass [32]")
+    p.add_argument("--overwrite", action="store_true", help="replace existing brain runs with these keys")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("register-presets", help="register every preset as dinov2clip-<preset>",
+                       allow_abbrev=False)
+    p.set_defaults(func=cmd_register_presets)
+
+    p = sub.add_parser("register", help="register a model directory or hf-hub repo as a zoo model",
+                       allow_abbrev=False)
+    p.add_argument("name", help="zoo name (letters, digits, '_' and '-'); re-registering other weights "
+                                "adds a new version")
+    p.add_argument("source", help="model directory, hf-hub:org/repo or preset")
+    p.add_argument("--description")
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("unregister", help="remove NAME (all versions) or NAME@N", allow_abbrev=False)
+    p.add_argument("name")
+    p.set_defaults(func=cmd_unregister)
+
+    p = sub.add_parser("list", help="registered models: name@version, source, fingerprint", allow_abbrev=False)
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("export-source", help="write the remote zoo source folder (the repo's fiftyone_zoo/)",
+                       allow_abbrev=False)
+    p.add_argument("out")
+    p.add_argument("--url", default="https://github.com/dinov2clip/dinov2clip")
+    p.set_defaults(func=cmd_export_source)
+
+    p = sub.add_parser("index", help="embed a dataset or folder and build its similarity indexes",
+                       allow_abbrev=False)
+    _index_args(p)
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("quickstart", help="folder or dataset → embeddings + text index → the App",
+                       allow_abbrev=False)
+    _index_args(p)
+    p.add_argument("--query", help="print the best matches for this text before opening the App")
+    p.add_argument("-k", type=int, default=5, help="how many matches to print [%(default)s]")
+    p.add_argument("--address", default="127.0.0.1", help="App address; 0.0.0.0 exposes it [%(default)s]")
+    p.add_argument("--port", type=int, default=5151, help="App port [%(default)s]")
+    p.add_argument("--wait", dest="wait", action="store_true", default=None,
+                   help="keep the App open until Ctrl-C (default when run in a terminal)")
+    p.add_argument("--no-wait", dest="wait", action="store_false",
+                   help="check the App answers, then exit (default when not run in a terminal)")
+    p.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser(), argv, PROG)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

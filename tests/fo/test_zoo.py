@@ -1,0 +1,250 @@
+"""The zoo model, the registry and the brain helpers, against a real mongod and real FiftyOne."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import fiftyone as fo
+import fiftyone.brain as fob
+import fiftyone.zoo as foz
+
+import dinov2clip
+import fiftyone_dinov2clip as fod
+from dinov2clip.errors import UserError
+from fiftyone_dinov2clip import registry
+from fiftyone_dinov2clip.zoo import DinoV2ClipModel
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def make_images(root: Path) -> list[Path]:
+    """Eight files: plain RGB, EXIF-rotated, palette, 16-bit, CMYK, RGBA, grey — and one corrupt."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    base = Image.fromarray(rng.integers(0, 256, (90, 130, 3), dtype=np.uint8))
+    paths = []
+
+    def save(name, img, **kw):
+        path = root / name
+        img.save(path, **kw)
+        paths.append(path)
+
+    save("rgb.jpg", base, quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated: the pipeline must apply it
+    save("exif.jpg", base, exif=exif, quality=95)
+    save("palette.png", base.convert("P", palette=Image.ADAPTIVE))
+    save("sixteen.png", Image.fromarray((rng.integers(0, 65535, (80, 80))).astype(np.uint16)))
+    save("cmyk.jpg", base.convert("CMYK"), quality=95)
+    rgba = base.convert("RGBA")
+    rgba.putalpha(128)
+    save("rgba.png", rgba)
+    save("grey.png", base.convert("L"))
+    bad = root / "corrupt.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    paths.append(bad)
+    return paths
+
+
+@pytest.fixture()
+def dataset(tmp_path, request):
+    paths = make_images(tmp_path / "images")
+    ds = fo.Dataset(f"t-{request.node.name[:40]}-{os.getpid()}")
+    ds.add_samples([fo.Sample(filepath=str(p)) for p in paths])
+    yield ds
+    ds.delete()
+
+
+def cosine_rows(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_loaded_by_name_is_lazy_and_embeds_prompts(zoo_tiny, tiny_model):
+    model = foz.load_zoo_model(zoo_tiny, cache=False)
+    assert isinstance(model, DinoV2ClipModel)
+    assert model.can_embed_prompts and model.config.zoo_name == zoo_tiny
+    got = model.embed_prompts(["a red circle", "a dog"])
+    assert model._core.image_encoder is None, "a text query must not load the DINOv2 tower"
+    # dtype "auto" may run bf16 here; the space is the same one
+    assert cosine_rows(got, tiny_model.encode_text(["a red circle", "a dog"])).min() > 0.999
+    prefixed = foz.load_zoo_model(zoo_tiny, cache=False, query_prefix="a photo of ", dtype="fp32")
+    np.testing.assert_allclose(prefixed.embed_prompt("a dog"),
+                               tiny_model.encode_text(["a photo of a dog"])[0].numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["stock", "ours"])
+def test_parity_and_one_bad_image_costs_one_sample(dataset, zoo_tiny, tiny_model, path):
+    """Eight images in one batch, one corrupt: seven embeddings equal to the core's, one counted failure."""
+    if path == "stock":  # FiftyOne's own compute_embeddings, DataLoader and all
+        model = foz.load_zoo_model(zoo_tiny, cache=False)
+        dataset.compute_embeddings(model, embeddings_field="emb", batch_size=8, num_workers=1)
+        failed = [f.filepath for f in model.failures]
+    else:
+        report = fod.compute_embeddings(dataset, zoo_tiny, "emb", dinov2_field="dino", batch_size=8)
+        failed = [p for p, _ in report.failed]
+        assert report.embedded == 7
+    filepaths, emb = dataset.values(["filepath", "emb"])
+    assert [p for p, e in zip(filepaths, emb) if e is None] == failed == [str(dataset.last().filepath)]
+    good = [(p, e) for p, e in zip(filepaths, emb) if e is not None]
+    assert len(good) == 7
+    want = tiny_model.encode_image([p for p, _ in good]).numpy()
+    assert cosine_rows(np.stack([e for _, e in good]), want).min() >= 0.999
+
+
+def test_dinov2_field_records_provenance_and_reruns_are_incremental(dataset, zoo_tiny, tiny_model):
+    report = fod.compute_embeddings(dataset, zoo_tiny, "emb", dinov2_field="dino")
+    info = dataset.get_field("dino").info["dinov2clip"]
+    assert info["space"] == "dinov2" and info["pooling"] == "mean" and info["model"] == zoo_tiny
+    ok = dataset.exists("dino")
+    _, raw = tiny_model.encode_image(ok.values("filepath"), return_dinov2=True)
+    assert cosine_rows(np.stack(ok.values("dino")), raw.numpy()).min() >= 0.999
+    again = fod.compute_embeddings(dataset, zoo_tiny, "emb", dinov2_field="dino")
+    assert (again.embedded, again.skipped_existing, len(again.failed)) == (0, 7, 1)
+    new = dataset.first().filepath
+    dataset.add_sample(fo.Sample(filepath=new))
+    assert fod.compute_embeddings(dataset, zoo_tiny, "emb", dinov2_field="dino").embedded == 1
+    assert report.embedded == 7
+
+
+def test_projecting_a_stored_field_checks_its_provenance(dataset, zoo_tiny):
+    fod.compute_embeddings(dataset, zoo_tiny, "emb", dinov2_field="dino")
+    assert fod.project_field(dataset, "dino", zoo_tiny, "projected") == 7
+    a, b = np.stack(dataset.exists("emb").values("emb")), np.stack(dataset.exists("projected").values("projected"))
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    # a CLS-token field of unknown origin (what most users have) is refused, with the reason
+    dataset.set_values("cls", [np.ones(48, np.float32)] * len(dataset))
+    with pytest.raises(UserError, match="CLS tokens"):
+        fod.project_field(dataset, "cls", zoo_tiny, "p2")
+    with pytest.raises(UserError, match="cls-pooled"):
+        fod.project_field(dataset, "cls", zoo_tiny, "p2", provenance={"source": "x", "pooling": "cls"})
+    # and one field never mixes two embedding spaces
+    with pytest.raises(UserError, match="dinov2 embeddings"):
+        fod.compute_embeddings(dataset, zoo_tiny, "dino")
+
+
+def test_new_process_sorts_by_text_like_the_cosine_ranking(dataset, zoo_tiny):
+    """The index records name@version; a fresh process reloads the model by that name and ranks the
+    stored embeddings exactly as cosine to embed_prompt does."""
+    dataset.persistent = True
+    results, report = fod.compute_similarity(dataset, zoo_tiny, brain_key="txt", dinov2_field="dino",
+                                             dinov2_brain_key="img")
+    assert dataset.get_brain_info("txt").config.model == zoo_tiny
+    assert dataset.get_brain_info("txt").config.supports_prompts
+    script = textwrap.dedent(f"""
+        import json, numpy as np, fiftyone as fo, fiftyone.zoo as foz
+        ds = fo.load_dataset({dataset.name!r})
+        q = foz.load_zoo_model({zoo_tiny!r}).embed_prompt("a red circle")
+        ids, emb = ds.exists("dinov2clip").values(["id", "dinov2clip"])
+        cos = np.stack(emb) @ q
+        print(json.dumps({{"sorted": ds.sort_by_similarity("a red circle", brain_key="txt").values("id"),
+                          "cosine": [ids[i] for i in np.argsort(-cos, kind="stable")],
+                          "gap": float(np.min(np.abs(np.diff(np.sort(cos)))))}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=os.environ, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["gap"] > 1e-6, "ties would make the order ambiguous"
+    assert got["sorted"] == got["cosine"] and len(got["sorted"]) == 7
+    # the image-only DINOv2 index answers image queries and refuses text, saying how to fix it
+    first = dataset.exists("dino").first().id
+    assert dataset.sort_by_similarity(first, brain_key="img", k=1).first().id == first
+    with pytest.raises(UserError, match="recompute"):
+        fod.sort_by_text(dataset, "a red circle", brain_key="img")
+
+
+def test_lancedb_backend(dataset, zoo_tiny, tmp_path):
+    pytest.importorskip("lancedb")
+    fod.compute_similarity(dataset, zoo_tiny, brain_key="lance", backend="lancedb", uri=str(tmp_path / "lance"))
+    q = foz.load_zoo_model(zoo_tiny).embed_prompt("a blue square")
+    ids, emb = dataset.exists("dinov2clip").values(["id", "dinov2clip"])
+    best = ids[int(np.argmax(np.stack(emb) @ q))]
+    assert fod.sort_by_text(dataset, "a blue square", brain_key="lance", k=3).first().id == best
+
+
+def test_patches_field(tmp_path, zoo_tiny, tiny_model):
+    paths = make_images(tmp_path / "images")[:3]
+    ds = fo.Dataset()
+    for p in paths:
+        ds.add_sample(fo.Sample(filepath=str(p), gt=fo.Detections(detections=[
+            fo.Detection(label="a", bounding_box=[0.1, 0.1, 0.5, 0.5]),
+            fo.Detection(label="b", bounding_box=[0.4, 0.3, 0.5, 0.6])])))
+    results, _ = fod.compute_similarity(ds, zoo_tiny, brain_key="patches", patches_field="gt",
+                                        embeddings_field="patch_emb")
+    assert results.total_index_size == 6
+    patches = ds.to_patches("gt")
+    view = fod.sort_by_text(patches, "a red circle", brain_key="patches", k=2)
+    assert len(view) == 2
+    ds.delete()
+
+
+def test_frames_view(tmp_path, zoo_tiny, tiny_model):
+    """Frames of a video dataset (frames already extracted as images) are samples like any other."""
+    frames = make_images(tmp_path / "frames")[:4]
+    video = fo.Dataset()
+    sample = fo.Sample(filepath=str(tmp_path / "clip.mp4"))
+    for i, p in enumerate(frames, start=1):
+        sample.frames[i] = fo.Frame(filepath=str(p))
+    video.add_sample(sample)
+    view = video.to_frames(sample_frames=False)
+    report = fod.compute_embeddings(view, zoo_tiny, "emb")
+    assert report.embedded == 4
+    want = tiny_model.encode_image([str(p) for p in frames]).numpy()
+    assert cosine_rows(np.stack(view.values("emb")), want).min() >= 0.999
+    video.delete()
+
+
+def test_zero_shot_classification(dataset, zoo_tiny, tiny_model):
+    classes = ["red", "green", "blue"]
+    model = foz.load_zoo_model(zoo_tiny, cache=False, classes=classes)
+    dataset.apply_model(model, label_field="zs", batch_size=8, num_workers=1)
+    labels = dataset.values("zs")
+    assert labels[-1] is None and all(lbl is not None for lbl in labels[:-1])
+    text = tiny_model.encode_text([f"a photo of {c}" for c in classes])
+    img = tiny_model.encode_image(dataset.values("filepath")[:-1])
+    want = [classes[i] for i in (img @ text.T).argmax(1).tolist()]
+    assert [lbl.label for lbl in labels[:-1]] == want
+
+
+def test_registry_versions_are_immutable(tmp_path, zoo_tiny):
+    a = dinov2clip.make_tiny(str(tmp_path / "a"), seed=3)
+    first = registry.register("reg-test", str(a))
+    assert registry.register("reg-test", str(a)) == first  # same weights: same version
+    emb_v1 = foz.load_zoo_model(first, cache=False).embed_prompt("x")
+    dinov2clip.make_tiny(str(tmp_path / "a"), seed=4, overwrite=True)  # new weights, same directory
+    stale = foz.load_zoo_model(first, cache=False)
+    with pytest.raises(UserError, match="changed since it was registered"):
+        stale.embed_prompt("x")
+    second = registry.register("reg-test", str(a))
+    assert second == "reg-test@2" and registry.resolve("reg-test") == second
+    assert set(registry.registered()) >= {first, second}
+    assert foz.load_zoo_model("reg-test", cache=False).config.zoo_name == second  # bare name → latest
+    assert emb_v1.shape == (32,)
+    assert registry.unregister("reg-test") == [first, second]
+
+
+def test_registry_errors(tmp_path, zoo_tiny):
+    with pytest.raises(UserError, match=r"unknown dinov2clip zoo model 'nope'.*dinov2clip-test-tiny@1"):
+        fod.load("nope")
+    with pytest.raises(UserError, match="model directory not found"):
+        registry.register("x-missing", str(tmp_path / "absent"))
+    with pytest.raises(UserError, match="built-in"):
+        registry.register("clip-vit-base32-torch", "reference")
+    with pytest.raises(UserError, match="invalid zoo model name"):
+        registry.register("a.b", "reference")
+
+
+def test_presets_register_with_license_tags_and_real_files(zoo_tiny):
+    names = registry.register_presets()
+    assert names == ["dinov2clip-reference@1"]
+    zoo_model = foz.get_zoo_model(names[0])
+    assert {"embeddings", "text-embeddings", "zero-shot"} <= set(zoo_model.tags)
+    assert zoo_model.license and "licence" in zoo_model.license
+    assert os.path.isfile(zoo_model.get_path_in_dir(fo.config.model_zoo_dir))
+    assert names[0] in [m for m in foz.list_zoo_models()] or "dinov2clip-reference" in foz.list_zoo_models()

@@ -14,6 +14,7 @@ from dinov2clip.presets import PRESETS
 from . import registry
 
 PROG = "python -m fiftyone_dinov2clip"
+REMOTE_SOURCE_NAME = "dinov2clip-remote"
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -50,6 +51,9 @@ def export_source(out: Path, url: str | None) -> list[str]:
     tmp = registry.source_dir(out.parent / ".export-tmp")
     manifest = json.loads((tmp / "manifest.json").read_text())
     manifest["url"] = url
+    # Its own folder name under the zoo dir, so it coexists with `register-presets`' folder (never
+    # "dinov2clip": FiftyOne imports the folder under its name, which would shadow the core package).
+    manifest["name"] = REMOTE_SOURCE_NAME
     for m in manifest["models"]:
         m["date_added"] = None  # reproducible bytes: the committed folder must equal a fresh export
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=4) + "\n")
@@ -70,8 +74,9 @@ def ensure_model(spec: str) -> str:
         return registry.resolve(spec)
     except UserError:
         pass
-    if spec in PRESETS:
-        return registry.register(registry.preset_zoo_name(spec), spec)
+    preset = spec.removeprefix(registry.PRESET_PREFIX)
+    if preset in PRESETS:
+        return registry.register(registry.preset_zoo_name(preset), preset)
     if spec.startswith("hf-hub:") or Path(spec).expanduser().is_dir():
         parts = [p for p in Path(spec.removeprefix("hf-hub:")).parts if p not in ("/", ".", "..")]
         base = "-".join(parts[-2:] if parts and parts[-1] == "model" else parts[-1:]) or "model"
@@ -84,20 +89,31 @@ def images_in(folder: Path) -> list[str]:
     return sorted(str(p.resolve()) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
 
 
+def check_target(target: str) -> list[str] | None:
+    """Fail before any work: the images of a folder, None for an existing dataset, else one line."""
+    import fiftyone as fo
+
+    folder = Path(target).expanduser()
+    if folder.is_dir():
+        paths = images_in(folder)
+        if not paths:
+            raise UserError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) under {folder}")
+        return paths
+    if fo.dataset_exists(target):
+        return None
+    raise UserError(f"{target!r} is neither a folder of images nor a FiftyOne dataset "
+                    f"(datasets: {', '.join(fo.list_datasets()) or 'none'})")
+
+
 def open_dataset(target: str, name: str | None):
     """A dataset name, or a folder of images → a persistent dataset holding every image of the folder
     (re-running adds new files only)."""
     import fiftyone as fo
 
+    paths = check_target(target)
+    if paths is None:
+        return fo.load_dataset(target)
     folder = Path(target).expanduser()
-    if not folder.is_dir():
-        if fo.dataset_exists(target):
-            return fo.load_dataset(target)
-        raise UserError(f"{target!r} is neither a folder of images nor a FiftyOne dataset "
-                        f"(datasets: {', '.join(fo.list_datasets()) or 'none'})")
-    paths = images_in(folder)
-    if not paths:
-        raise UserError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) under {folder}")
     name = name or f"dinov2clip-{folder.resolve().name}"
     dataset = fo.load_dataset(name) if fo.dataset_exists(name) else fo.Dataset(name, persistent=True)
     have = set(dataset.values("filepath"))
@@ -110,6 +126,7 @@ def open_dataset(target: str, name: str | None):
 def index(args):
     from .brain import compute_similarity
 
+    check_target(args.target)
     zoo_name = ensure_model(args.model)
     dataset = open_dataset(args.target, args.dataset_name)
     _, report = compute_similarity(dataset, zoo_name, brain_key=args.brain_key,

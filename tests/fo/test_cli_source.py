@@ -1,0 +1,107 @@
+"""`python -m fiftyone_dinov2clip` as users run it, and the repository as a remote zoo model source."""
+import http.server
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import fiftyone as fo
+import fiftyone.zoo as foz
+
+from fiftyone_dinov2clip import cli
+from fiftyone_dinov2clip.zoo import DinoV2ClipModel
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "fiftyone_dinov2clip", *args], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=timeout, cwd=REPO)
+
+
+def test_register_index_quickstart(tiny_dir, tmp_path, zoo_tiny):
+    out = run("register", "cli-tiny", str(tiny_dir))
+    assert out.returncode == 0 and out.stdout.strip() == "cli-tiny@1", out.stderr
+    listed = run("list")
+    assert f"cli-tiny@1\t{tiny_dir.resolve()}" in listed.stdout
+
+    folder = tmp_path / "imgs"
+    shutil.copytree(REPO / "examples" / "images", folder)
+    (folder / "broken.png").write_bytes(b"\x89PNG broken")
+    name = f"cli-{os.getpid()}"
+    out = run("quickstart", str(folder), "--model", "cli-tiny", "--dataset-name", name, "--query", "a red circle",
+              "-k", "3", "--port", str(free_port()), "--no-wait")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "embedded 6 images, 1 unreadable (skipped)" in out.stdout
+    assert "top 3 for 'a red circle':" in out.stdout and "FiftyOne App ready: http://" in out.stdout
+    assert "broken.png" in out.stderr
+    ds = fo.load_dataset(name)
+    assert {"dinov2clip", "dinov2"} <= set(ds.list_brain_runs())
+    assert ds.get_brain_info("dinov2clip").config.model == "cli-tiny@1"
+    # re-running adds nothing and refuses to clobber the runs unless told to
+    again = run("index", name, "--model", "cli-tiny")
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "--overwrite" in again.stderr
+    again = run("index", name, "--model", "cli-tiny", "--overwrite")
+    assert again.returncode == 0 and "embedded 0 images" in again.stdout, again.stderr[-2000:]
+    ds.delete()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["index", "/nonexistent/folder"], "neither a folder of images nor a FiftyOne dataset"),
+    (["index", "examples/images", "--model", "no-such-model"], "registered: "),
+    (["register", "x", "/nonexistent/model"], "model directory not found"),
+    (["unregister", "never-registered"], "no registered dinov2clip model"),
+])
+def test_user_errors_are_one_line(args, message, zoo_tiny):
+    out = run(*args)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
+
+
+def test_committed_zoo_source_is_a_fresh_export(tmp_path):
+    cli.export_source(tmp_path / "fiftyone_zoo", "https://github.com/dinov2clip/dinov2clip")
+    committed = REPO / "fiftyone_zoo"
+    names = sorted(p.name for p in committed.iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "fiftyone_zoo").iterdir())
+    for n in names:
+        assert (committed / n).read_bytes() == (tmp_path / "fiftyone_zoo" / n).read_bytes(), \
+            f"fiftyone_zoo/{n} is stale: python -m fiftyone_dinov2clip export-source fiftyone_zoo"
+
+
+def test_repository_registers_as_a_remote_zoo_source(tmp_path, monkeypatch):
+    """FiftyOne's own `register_zoo_model_source` on an archive of the repository (GitHub serves the
+    same zip): it finds fiftyone_zoo/manifest.json, and every preset loads by name."""
+    monkeypatch.setattr(fo.config, "model_zoo_dir", str(tmp_path / "zoo"))
+    archive = tmp_path / "www" / "dinov2clip-main.zip"
+    archive.parent.mkdir()
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in [REPO / "fiftyone.yml", *sorted((REPO / "fiftyone_zoo").iterdir())]:
+            if path.is_file():
+                z.write(path, f"dinov2clip-main/{path.relative_to(REPO)}")
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(archive.parent), **k)  # noqa
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/{archive.name}"
+    try:
+        foz.register_zoo_model_source(url)
+        assert url in foz.list_zoo_model_sources()
+        assert "dinov2clip-reference@1" in foz.list_zoo_models(source=url)
+        model = foz.load_zoo_model("dinov2clip-reference", cache=False)
+        assert isinstance(model, DinoV2ClipModel) and model.config.source == "reference"
+        assert model.config.zoo_name == "dinov2clip-reference@1"
+        foz.delete_zoo_model_source(url)
+        assert url not in foz.list_zoo_model_sources()
+    finally:
+        server.shutdown()

@@ -147,6 +147,7 @@ def cmd_index(args):
 def cmd_quickstart(args):
     from .brain import sort_by_text
 
+    args.overwrite = True  # a quickstart rebuilds its indexes; embeddings are still only computed once
     dataset = index(args)
     if args.query:
         top = sort_by_text(dataset, args.query, brain_key=args.brain_key, k=args.k)
@@ -164,7 +165,7 @@ def launch_app(dataset, address: str, port: int, wait: bool) -> None:
 
     import fiftyone as fo
 
-    session = fo.launch_app(dataset, address=address, port=port, remote=True, auto=False)
+    session = fo.launch_app(dataset, address=address, port=port, auto=False)
     url = f"http://{'localhost' if address in ('0.0.0.0', '127.0.0.1') else address}:{port}/datasets/{dataset.name}"
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as r:

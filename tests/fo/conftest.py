@@ -4,11 +4,13 @@ module imports fiftyone, which reads its config at import. Everything started is
 
 Without fiftyone or mongod these tests skip; CI's main environment sets DINOV2CLIP_REQUIRE_FIFTYONE=1,
 which turns such a skip into a failure."""
+import atexit
 import importlib.util
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -77,6 +79,14 @@ def mongod():
                 pytest.fail(f"mongod did not start: {(HOME / 'mongod.log').read_text()[-2000:]}")
             time.sleep(0.2)
     yield proc
+    # fiftyone's atexit hook queries the database; with mongod gone it would wait out pymongo's 30 s
+    # server-selection timeout. The whole database is thrown away below, so drop the hook and the client.
+    odm = sys.modules.get("fiftyone.core.odm.database")
+    if odm is not None:
+        hook = getattr(odm, "_delete_non_persistent_datasets_if_allowed", None)
+        if hook is not None:
+            atexit.unregister(hook)
+        getattr(odm, "_disconnect", lambda: None)()
     proc.terminate()
     try:
         proc.wait(timeout=20)

@@ -1,9 +1,9 @@
 """FiftyOne operators: build a text-searchable similarity index, and sort the App's view by text.
 
-Each `execute` is one call into `brain`; the forms only collect its arguments. `brain` (torch) is
-imported when a form opens or an operator runs, never when FiftyOne registers the plugin, so
-`fiftyone operators list` and the App's start stay fast. A `UserError` is left to propagate: FiftyOne
-returns its one line as the run's `error_message`, which the App shows as the failure notice."""
+Each `execute` is one call into `brain`; the forms only collect its arguments. `brain` (the zoo model,
+fiftyone.brain) is imported when a form opens or an operator runs, not when FiftyOne registers the
+plugin in every process that lists operators. A `UserError` is left to propagate: FiftyOne returns its
+one line as the run's `error_message`, which the App shows as the failure notice."""
 from __future__ import annotations
 
 import fiftyone.core.utils as fou

@@ -4,4 +4,6 @@ FiftyOne runs this file from its copy in the plugins directory, under a generate
 (`fiftyone.plugins.orgs.dinov2clip.dinov2clip`) and not as part of this package, so a relative
 import fails here. The operators live in the installed package; this file only hands FiftyOne
 their `register`."""
-from fiftyone_dinov2clip.operators import register  # noqa: F401
+from fiftyone_dinov2clip.operators import register
+
+__all__ = ["register"]

@@ -154,6 +154,8 @@ def compute_similarity(samples, model="dinov2clip-reference", brain_key: str = D
     objects' crops are embedded (FiftyOne's own patch pipeline, calling this model).
 
     Returns `(results, report)`: the text index and an `EmbedReport` (None for patches)."""
+    if dinov2_brain_key and not dinov2_field:
+        raise UserError("a DINOv2 index (dinov2_brain_key) needs the DINOv2 embeddings stored: pass dinov2_field")
     zoo_name = registry.resolve(model) if isinstance(model, str) else model.config.zoo_name
     if zoo_name is None:
         raise UserError("pass a registered model name, not an instance: the App reloads the model by name")

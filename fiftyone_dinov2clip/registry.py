@@ -21,7 +21,6 @@ import os
 import re
 from pathlib import Path
 
-from dinov2clip.config import write_json_atomic
 from dinov2clip.errors import UserError
 from dinov2clip.presets import PRESETS
 
@@ -103,6 +102,12 @@ def _entry(name: str, version: int, source: str, config, description: str) -> di
         "date_added": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
         "requirements": {"packages": ["dinov2clip"], "cpu": {"support": True}, "gpu": {"support": True}},
     }
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    from dinov2clip.config import write_json_atomic as write  # imports torch: only when writing
+
+    write(path, obj)
 
 
 def _write_source(manifest: dict, root: Path | None = None) -> None:

@@ -17,7 +17,6 @@ import importlib.util
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from fiftyone_dinov2clip.devdb import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -58,12 +59,6 @@ def _unavailable(reason: str):  # as in conftest: a skip here, a failure in CI
     if REQUIRED:
         pytest.fail(f"DINOV2CLIP_REQUIRE_FIFTYONE=1 but {reason}")
     pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,6 @@
 import http.server
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -15,15 +14,10 @@ import fiftyone as fo
 import fiftyone.zoo as foz
 
 from fiftyone_dinov2clip import cli
+from fiftyone_dinov2clip.devdb import free_port
 from fiftyone_dinov2clip.zoo import DinoV2ClipModel
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(*args, timeout=600):

@@ -11,7 +11,6 @@ import pytest
 from PIL import Image
 
 import fiftyone as fo
-import fiftyone.brain as fob
 import fiftyone.zoo as foz
 
 import dinov2clip

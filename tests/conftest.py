@@ -1,7 +1,6 @@
 """Shared fixtures. The environment is fixed before anything imports huggingface_hub/transformers:
 no hub access (a hub call would otherwise hang for minutes), private caches per test session."""
 import os
-import shutil
 import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -19,8 +18,6 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-DATA = Path(__file__).parent / "data"
-
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
@@ -36,10 +33,6 @@ def tiny_model(tiny_dir):
     return dinov2clip.load(str(tiny_dir), device="cpu", dtype="fp32")
 
 
-def solid(color, size=(64, 48)) -> Image.Image:
-    return Image.new("RGB", size, color)
-
-
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory) -> Path:
     """Eight images, one of them corrupt, in several formats and modes."""
@@ -50,20 +43,3 @@ def image_folder(tmp_path_factory) -> Path:
         Image.fromarray(arr).save(root / f"img{i}.{'png' if i % 2 else 'jpg'}")
     (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
     return root
-
-
-def seed_hub_repo(repo_id: str, files: dict[str, Path]) -> None:
-    """Lay files out exactly as huggingface_hub's cache does (refs/main → snapshot), so the real
-    download code resolves them with HF_HUB_OFFLINE=1. A directory value is copied as a tree."""
-    root = Path(os.environ["HF_HUB_CACHE"]) / f"models--{repo_id.replace('/', '--')}"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    snapshot = root / "snapshots" / commit
-    snapshot.mkdir(parents=True, exist_ok=True)
-    for name, src in files.items():
-        if Path(src).is_dir():
-            shutil.copytree(src, snapshot / name, dirs_exist_ok=True)
-        else:
-            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, snapshot / name)
-    (root / "refs").mkdir(exist_ok=True)
-    (root / "refs" / "main").write_text(commit)

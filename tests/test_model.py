@@ -7,7 +7,7 @@ import dinov2clip
 from dinov2clip import UserError
 from dinov2clip.dinov2 import pool_tokens
 
-from conftest import solid
+from testsupport import solid
 
 CAPTIONS = [
     "a red circle",

@@ -8,7 +8,7 @@ import dinov2clip
 from dinov2clip import UserError
 from dinov2clip.config import CONFIG_FILE, FORMAT_VERSION, file_sha256
 
-from conftest import seed_hub_repo, solid
+from testsupport import seed_hub_repo, solid
 
 
 def edit_config(model_dir, **changes):

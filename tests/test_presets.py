@@ -14,7 +14,7 @@ from dinov2clip import UserError
 from dinov2clip.presets import PRESETS, REFERENCE_URL
 from dinov2clip.sources import url_cache_path
 
-from conftest import seed_hub_repo, solid
+from testsupport import seed_hub_repo, solid
 
 pytestmark = pytest.mark.slow  # real-size ViT-B/16 and reference projector (random weights)
 PRETRAINED_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's, from open_clip's `openai` tag

@@ -8,7 +8,7 @@ import dinov2clip
 from dinov2clip import ProjectorWithResiduals, UserError, load_projector
 from dinov2clip.modeldir import write_projector
 
-from conftest import DATA
+from testsupport import DATA
 
 SEED = DATA / "seed_projector_small.pt"
 

@@ -21,4 +21,11 @@ def load_model(model_name, model_path, **kwargs):
 
     spec = read_spec(Path(model_path))
     spec.setdefault("zoo_name", model_name)
+    source = spec["source"]
+    if Path(source).is_absolute() and not Path(source).is_dir():
+        from .registry import registered
+
+        raise UserError(f"{model_name}: its model directory {source} is missing (moved or deleted); register it "
+                        f"again with `python -m fiftyone_dinov2clip register NAME DIR` (registered: "
+                        f"{', '.join(registered())})")
     return load_model_from_spec(spec, **kwargs)

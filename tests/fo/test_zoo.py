@@ -235,6 +235,14 @@ def test_registry_errors(tmp_path, zoo_tiny):
         registry.register("x-missing", str(tmp_path / "absent"))
     with pytest.raises(UserError, match="built-in"):
         registry.register("clip-vit-base32-torch", "reference")
+    gone = dinov2clip.make_tiny(str(tmp_path / "gone"), seed=5)
+    name = registry.register("reg-gone", str(gone))
+    import shutil
+
+    shutil.rmtree(gone)
+    with pytest.raises(UserError, match=r"reg-gone@1: its model directory .* is missing.*registered: .*reg-gone@1"):
+        foz.load_zoo_model(name, cache=False)
+    registry.unregister("reg-gone")
     with pytest.raises(UserError, match="invalid zoo model name"):
         registry.register("a.b", "reference")
 

@@ -1,13 +1,17 @@
-"""The FiftyOne plugin as FiftyOne loads it: fiftyone.yml and the package folder copied into the plugins
-directory (the layout `fiftyone plugins download` leaves), listed by the `fiftyone` CLI, and run
+"""The FiftyOne plugin as FiftyOne loads it: installed by `fiftyone plugins download` from an archive of
+the repository (served on 127.0.0.1; GitHub serves the same zip), listed by the `fiftyone` CLI, and run
 through FiftyOne's operator executor — `execute_or_delegate_operator` is what the App server's
 `POST /operators/execute` calls, `resolve_type` what it calls to draw a form."""
 import asyncio
+import functools
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -57,15 +61,35 @@ def form(uri: str, dataset, **params) -> dict:
     return prop.to_json()["type"]["properties"]
 
 
+def repo_archive(path: Path) -> Path:
+    """The repository as GitHub's archive lays it out: one top folder, fiftyone.yml at its root."""
+    with zipfile.ZipFile(path, "w") as z:
+        for rel in ["fiftyone.yml", "README.md", "pyproject.toml"]:
+            z.write(REPO / rel, f"dinov2clip-main/{rel}")
+        for sub in ["fiftyone_dinov2clip", "fiftyone_zoo", "dinov2clip"]:
+            for f in sorted((REPO / sub).rglob("*")):
+                if f.is_file() and "__pycache__" not in f.parts:
+                    z.write(f, f"dinov2clip-main/{f.relative_to(REPO)}")
+    return path
+
+
 @pytest.fixture(scope="module")
-def plugin(mongod):
-    dest = Path(os.environ["FIFTYONE_PLUGINS_DIR"]) / "dinov2clip"
-    dest.mkdir(parents=True)
-    shutil.copy(REPO / "fiftyone.yml", dest)
-    shutil.copytree(REPO / "fiftyone_dinov2clip", dest / "fiftyone_dinov2clip",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    yield dest
-    shutil.rmtree(dest)
+def plugin(mongod, tmp_path_factory):
+    www = tmp_path_factory.mktemp("www")
+    repo_archive(www / "dinov2clip-main.zip")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        fiftyone_cli(f"plugins download http://127.0.0.1:{server.server_address[1]}/dinov2clip-main.zip")
+    finally:
+        server.shutdown()
+    dest = [d for d in Path(os.environ["FIFTYONE_PLUGINS_DIR"]).rglob("fiftyone.yml")]
+    assert len(dest) == 1, dest
+    assert (dest[0].parent / "fiftyone_dinov2clip" / "plugin.py").is_file()
+    assert not (dest[0].parent / "__init__.py").exists()
+    yield dest[0].parent
+    shutil.rmtree(dest[0].parent)
 
 
 @pytest.fixture(scope="module")

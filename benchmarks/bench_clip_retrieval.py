@@ -68,31 +68,52 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved repeats of both paths; medians are compared (this VM's speed drifts)")
     parser.add_argument("--out", default="bench_results/clip_retrieval.json")
     args = parser.parse_args()
 
+    import statistics
+
     import dinov2clip
 
+    load_start = os.getloadavg()
+    runs = {"direct": [], "clip_retrieval": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model_dir = dinov2clip.make_tiny(str(tmp / "model"), size="reference")
         (tmp / "images").mkdir()
         paths = write_images(tmp / "images", args.images)
-        ours = direct(model_dir, paths, args.batch_size, args.workers)
-        cr = through_clip_retrieval(model_dir, tmp / "images", tmp / "out", args.batch_size, args.workers)
-    overhead = ours["images_per_s"] / cr["images_per_s"] - 1
-    result = {"direct": ours, "clip_retrieval": cr, "overhead": overhead, "target_overhead": 0.15,
-              "images": args.images, "batch_size": args.batch_size, "workers": args.workers}
+        for r in range(args.repeats):
+            order = ["direct", "clip_retrieval"] if r % 2 == 0 else ["clip_retrieval", "direct"]
+            for path in order:  # alternate which goes first: neither always meets the same drift
+                if path == "direct":
+                    runs[path].append(direct(model_dir, paths, args.batch_size, args.workers))
+                else:
+                    runs[path].append(through_clip_retrieval(model_dir, tmp / "images", tmp / f"out{r}",
+                                                             args.batch_size, args.workers))
+                print(f"[repeat {r + 1}/{args.repeats}] {path:<15} {runs[path][-1]['images_per_s']:6.2f} images/s",
+                      flush=True)
+    med = {k: statistics.median(x["images_per_s"] for x in v) for k, v in runs.items()}
+    overhead = med["direct"] / med["clip_retrieval"] - 1
+    paired = [d["images_per_s"] / c["images_per_s"] - 1 for d, c in zip(runs["direct"], runs["clip_retrieval"])]
+    cr = runs["clip_retrieval"][len(runs["clip_retrieval"]) // 2]
+    result = {"runs": runs, "median_images_per_s": med, "overhead": overhead, "paired_overheads": paired,
+              "target_overhead": 0.15, "images": args.images, "batch_size": args.batch_size,
+              "workers": args.workers, "repeats": args.repeats, "loadavg_start": load_start,
+              "loadavg_end": os.getloadavg(), "cpu_count": os.cpu_count()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"{'path':<28}{'images/s':>10}{'steady s':>10}")
-    print(f"{'DinoV2Clip.encode_image':<28}{ours['images_per_s']:>10.2f}{ours['steady_s']:>10.1f}")
-    print(f"{'clip-retrieval inference':<28}{cr['images_per_s']:>10.2f}{cr['steady_s']:>10.1f}"
-          f"   (wall incl. start-up and model load: {cr['wall_s_incl_load']:.1f} s)")
-    print(f"clip-retrieval time split: waiting for its reader {cr['read_s']:.1f} s, inference {cr['inference_s']:.1f} s, "
-          f"writing {cr['write_s']:.2f} s")
-    print(f"overhead: {100 * overhead:+.1f} % (target ≤ +15 %), dtype {ours['dtype']}, batch {args.batch_size}, "
-          f"{args.images} images of 320×256")
+    print(f"{'path':<28}{'median images/s':>16}  each run")
+    for k, label in (("direct", "DinoV2Clip.encode_image"), ("clip_retrieval", "clip-retrieval inference")):
+        each = ", ".join(f"{x['images_per_s']:.2f}" for x in runs[k])
+        print(f"{label:<28}{med[k]:>16.2f}  {each}")
+    print(f"clip-retrieval time split (median run): waiting for its reader {cr['read_s']:.1f} s, inference "
+          f"{cr['inference_s']:.1f} s, writing {cr['write_s']:.2f} s; wall incl. start-up {cr['wall_s_incl_load']:.1f} s")
+    print(f"overhead on medians: {100 * overhead:+.1f} % (target ≤ +15 %); per repeat: "
+          f"{', '.join(f'{100 * x:+.1f} %' for x in paired)}; dtype {runs['direct'][0]['dtype']}, batch "
+          f"{args.batch_size}, {args.workers} workers, {args.images} images of 320×256; load average "
+          f"{load_start[0]:.2f} → {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":

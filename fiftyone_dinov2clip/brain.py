@@ -106,12 +106,12 @@ def compute_embeddings(samples, model="dinov2clip-reference", embeddings_field: 
     report = EmbedReport()
     todo = samples
     if skip_existing:
-        missing = [f for f in (embeddings_field, dinov2_field) if f and samples.get_field(f) is not None]
-        if missing:
+        existing = [f for f in (embeddings_field, dinov2_field) if f and samples.get_field(f) is not None]
+        if existing:  # samples lacking a value in any of the fields that exist
             from fiftyone import ViewField as F
 
-            expr = F(missing[0]) == None  # noqa: E711  (a MongoDB expression, not a Python comparison)
-            for f in missing[1:]:
+            expr = F(existing[0]) == None  # noqa: E711  (a MongoDB expression, not a Python comparison)
+            for f in existing[1:]:
                 expr = expr | (F(f) == None)  # noqa: E711
             todo = samples.match(expr)
             report.skipped_existing = len(samples) - len(todo)

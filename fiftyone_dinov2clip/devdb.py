@@ -45,6 +45,17 @@ def isolated_env(home: Path, port: int, database: str) -> dict:
     }
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """Terminate a server we started; kill it if it does not exit within `timeout` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Mongod:
     """`mongod --dbpath home/mongo` on 127.0.0.1:port; `stop()` ends it. Raises RuntimeError if it
     cannot be found or does not answer within `timeout` seconds."""
@@ -88,11 +99,5 @@ class Mongod:
             if hook is not None:
                 atexit.unregister(hook)
             getattr(odm, "_disconnect", lambda: None)()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self._log.close()

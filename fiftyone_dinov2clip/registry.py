@@ -73,14 +73,12 @@ def builtin_names() -> set[str]:
 def describe_source(source: str) -> tuple[str, dict]:
     """A source as another process will see it (directories made absolute) and its model config."""
     from dinov2clip.factory import resolve_source
+    from dinov2clip.sources import HF_PREFIX
 
-    looks_local = "/" in source and not source.startswith("hf-hub:") or Path(source).is_dir()
-    if looks_local:
-        path = Path(source.removeprefix("local-dir:")).expanduser().resolve()
-        if not path.is_dir():
-            raise UserError(f"model directory not found: {path}")
-        source = str(path)
-    config, _ = resolve_source(source)
+    # the core decides what is a directory (and refuses a missing one); a hub spec stays a hub spec
+    config, root = resolve_source(source)
+    if root is not None and not source.startswith(HF_PREFIX):
+        source = str(root.resolve())
     return source, config
 
 

@@ -130,6 +130,7 @@ class DinoV2ClipModel(fout.TorchImageModel, fom.PromptMixin):
 
     def __init__(self, config: DinoV2ClipModelConfig):
         self._core = None
+        self._config_cache = None  # the model config, read before any weights load
         self.failures: list[Failed] = []
         self.last_dinov2: list = []
         super().__init__(config)
@@ -149,7 +150,7 @@ class DinoV2ClipModel(fout.TorchImageModel, fom.PromptMixin):
 
         if self._core is not None:
             return self._core.config
-        if getattr(self, "_config_cache", None) is None:
+        if self._config_cache is None:
             self._config_cache = resolve_source(self.config.source)[0]
         return self._config_cache
 

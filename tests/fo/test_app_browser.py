@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fiftyone_dinov2clip.devdb import free_port
+from fiftyone_dinov2clip.devdb import free_port, stop_process
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -146,12 +146,7 @@ class AppServer:
         return self.log_path.read_text(errors="replace")[-n:]
 
     def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, timeout=15)
         self._log.close()
 
 

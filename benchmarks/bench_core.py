@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import random
@@ -55,6 +54,8 @@ from dinov2clip.dinov2 import DinoV2Encoder  # noqa: E402
 from dinov2clip.model import DinoV2Clip  # noqa: E402
 from dinov2clip.preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from dinov2clip.projector import ProjectorWithResiduals  # noqa: E402
+
+from report import publish  # benchmarks/report.py: run as a script, this folder is on sys.path
 
 CLIP_ARCH = "ViT-B-16-quickgelu"
 IMAGE_BATCH = 32
@@ -656,13 +657,7 @@ def main(argv=None) -> dict:
         if args.texts:
             results["texts"] = bench_texts(args.texts, args.text_ref_batches, args.text_fp32_every, args.seed)
     results["load"] = total.result
-    text = table(results)
-    print(f"\n{text}\n\n{load_summary(results)}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**results, "table": text.splitlines()}, indent=2))
-    print(f"results written to {out}")
-    return results
+    return publish(results, table(results), load_summary(results), args.out)
 
 
 if __name__ == "__main__":

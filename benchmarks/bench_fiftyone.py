@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import json
 import os
 import platform
 import shutil
@@ -52,6 +51,8 @@ import numpy as np
 from PIL import Image
 
 from fiftyone_dinov2clip.devdb import Mongod, isolated_env
+
+from report import publish  # benchmarks/report.py: run as a script, this folder is on sys.path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -429,13 +430,7 @@ def run(args, home: Path, mongod: Mongod) -> dict:
         m = results["methods"][key]
         m["overhead_best"] = 1 - m["best_ips"] / base["best_ips"]
         m["overhead_median"] = 1 - m["median_ips"] / base["median_ips"]
-    text = table(results)
-    print(f"\n{text}\n\n{footer(results)}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**results, "table": text.splitlines()}, indent=2))
-    print(f"results written to {out}")
-    return results
+    return publish(results, table(results), footer(results), args.out)
 
 
 if __name__ == "__main__":

@@ -107,6 +107,52 @@ def uninterrupted(tiny_run, tmp_path_factory):
     return out
 
 
+def write_shapes_karpathy(root: Path, n_val: int = 12, n_test: int = 4) -> Path:
+    """A Karpathy-format file over coloured shapes (1–3 captions an image) under root/val2014."""
+    from training.synthetic import COLOURS, SHAPES, shape_image
+
+    rng = np.random.default_rng(7)
+    (root / "val2014").mkdir(parents=True, exist_ok=True)
+    items = []
+    for i in range(n_val + n_test):
+        colour, shape = list(COLOURS)[i % len(COLOURS)], SHAPES[i % len(SHAPES)]
+        shape_image(rng, colour, shape, 64).save(root / "val2014" / f"s{i}.jpg", quality=90)
+        captions = [f"a {colour} {shape}", f"a photo of a {colour} {shape}", f"{colour} {shape}"][:1 + i % 3]
+        items.append({"filepath": "val2014", "filename": f"s{i}.jpg", "split": "val" if i < n_val else "test",
+                      "sentences": [{"raw": c} for c in captions]})
+    path = root / "dataset_coco.json"
+    path.write_text(json.dumps({"dataset": "coco", "images": items}))
+    return path
+
+
+def test_karpathy_val_split_selects_the_epoch(tiny_run, tmp_path):
+    """Per-epoch recall on a Karpathy val split (many captions an image), pooled as trained ('cls' here, the
+    base model pools 'mean'), selects the epoch; it equals the exported model's own recall on those images."""
+    import dinov2clip
+    from training.datasets import load_karpathy
+    from training.metrics import retrieval_recall
+
+    file = write_shapes_karpathy(tmp_path / "coco")
+    cfg = _cfg(tiny_run, tmp_path / "run", pooling="cls", epochs=4, val_karpathy=[str(file)],
+               val_images=[str(tmp_path / "coco")], eval_cache=str(tmp_path / "cache"))
+    summary = train(cfg)
+    history = json.loads((tmp_path / "run/metrics.json").read_text())["epochs"]
+    scores = [r["val_karpathy"]["coco"]["mean_recall"] for r in history]
+    assert all(r["val_karpathy"]["coco"]["images"] == 12 and r["val_karpathy"]["coco"]["captions"] == 24
+               for r in history)
+    assert summary["selected_on"] == "karpathy-val" and summary["selected_epoch"] == 1 + int(np.argmax(scores))
+    picked = summary["metrics"]["val_karpathy"]["recalls"]["coco"]
+    model = dinov2clip.load(summary["model"], device="cpu", dtype="fp32")
+    assert model.config.dinov2["pooling"] == "cls" and model.config.provenance["selected_on"] == "karpathy-val"
+    ds = load_karpathy(file, tmp_path / "coco", split="val")
+    direct = retrieval_recall(model.encode_image(ds.images), model.encode_text(ds.captions), ds.text_image_ids)
+    for k, v in direct.items():
+        assert picked[k] == pytest.approx(v, abs=1e-9), (k, picked[k], v)
+    assert any((tmp_path / "cache").glob("dinov2-*.npz"))  # embedded once, through eval's cache
+    with pytest.raises(UserError, match="one val_images root per val_karpathy"):
+        train(_cfg(tiny_run, tmp_path / "bad", val_karpathy=[str(file)]))
+
+
 KILL_MID_EPOCH = """
 import os, signal
 from training import data

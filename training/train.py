@@ -44,6 +44,16 @@ class TrainConfig:
     train: list = field(default_factory=list, metadata={"help": "precomputed training director(ies)"})
     val: list = field(default_factory=list, metadata={"help": "precomputed validation director(ies): held-out pairs"})
     test: list = field(default_factory=list, metadata={"help": "precomputed test director(ies), evaluated once"})
+    val_karpathy: list = field(default_factory=list,
+                               metadata={"help": "Karpathy caption file(s) (dataset_coco.json...) whose val_split is "
+                                                 "evaluated every epoch, each with its val_images root"})
+    val_images: list = field(default_factory=list, metadata={"help": "image root of each val_karpathy file"})
+    val_split: str = field(default="val", metadata={"help": "Karpathy split evaluated every epoch"})
+    select_on: str = field(default="auto", metadata={"help": "what selects the epoch: pairs (held-out pairs), "
+                                                             "karpathy (mean over the Karpathy sets), auto: karpathy "
+                                                             "when given"})
+    eval_cache: str = field(default="", metadata={"help": "embedding cache of the Karpathy sets (default: "
+                                                          "eval's, $DINOV2CLIP_CACHE/eval or ~/.cache/dinov2clip/eval)"})
     out: str = field(default="train", metadata={"help": "output directory (checkpoints, metrics, model/)"})
     pooling: str = field(default="mean", metadata={"help": "DINOv2 pooling: mean, cls or cls+mean"})
     hidden_dim: int = field(default=2048, metadata={"help": "projector width"})
@@ -94,6 +104,17 @@ class TrainConfig:
             raise UserError("both loss weights are 0: set mse_weight and/or contrastive_weight")
         if self.epochs < 1:
             raise UserError("epochs must be ≥ 1")
+        if len(self.val_karpathy) != len(self.val_images):
+            raise UserError(f"give one val_images root per val_karpathy file (got {len(self.val_karpathy)} and "
+                            f"{len(self.val_images)})")
+        if self.select_on not in ("auto", "pairs", "karpathy"):
+            raise UserError(f"select_on must be auto, pairs or karpathy, got {self.select_on!r}")
+        if self.select_on == "karpathy" and not self.val_karpathy:
+            raise UserError("select_on karpathy needs val_karpathy files")
+
+    @property
+    def selects_on_karpathy(self) -> bool:
+        return bool(self.val_karpathy) and self.select_on != "pairs"
 
 
 # -- distributed ----------------------------------------------------------------------------------
@@ -168,6 +189,48 @@ def evaluate_split(projector, data: EmbeddingSet, ks, batch: int = 8192) -> dict
     return {**recalls, "mean_recall": float(np.mean(list(recalls.values()))), "mse": mse / n, "pairs": n}
 
 
+@torch.no_grad()
+def evaluate_features(projector, val: dict, ks, batch: int = 8192) -> dict:
+    """Recall@K of a Karpathy set from its pooled DINOv2 features and caption embeddings (many captions per image)."""
+    was = projector.training
+    projector.eval()
+    device = next(projector.parameters()).device
+    preds = [torch.nn.functional.normalize(projector(val["x"][i:i + batch].to(device)).float(), dim=-1).cpu()
+             for i in range(0, len(val["x"]), batch)]
+    projector.train(was)
+    recalls = retrieval_recall(torch.cat(preds), val["text"], val["text_image_ids"], ks=ks)
+    return {**recalls, "mean_recall": float(np.mean(list(recalls.values()))), "images": len(val["x"]),
+            "captions": len(val["text"])}
+
+
+def load_karpathy_val(cfg: TrainConfig, train_data: EmbeddingSet, device) -> list[dict]:
+    """Each Karpathy val split embedded once — DINOv2 pooled as trained, captions by the CLIP text tower —
+    with the models the training embeddings came from (read from the eval cache when seen before)."""
+    from .datasets import load_karpathy
+    from .encode import EmbeddingCache, embed_set, load_models
+    from .evaluate import default_cache_dir
+
+    enc = train_data.encoders or {}
+    source = cfg.model_source or enc.get("source")
+    if not source:
+        raise UserError("val_karpathy needs the model the training embeddings came from: pass --model-source")
+    sets = [load_karpathy(f, root, split=cfg.val_split) for f, root in zip(cfg.val_karpathy, cfg.val_images)]
+    models = load_models(source, device=str(device), dtype=enc.get("dtype", "auto"))
+    model = models.model
+    if model.config.dinov2["pooling"] != cfg.pooling:  # same backbone, pooled as the projector is trained
+        model.config.dinov2 = {**model.config.dinov2, "pooling": cfg.pooling}
+        model.image_encoder.pooling = cfg.pooling
+    cache = EmbeddingCache(Path(cfg.eval_cache) if cfg.eval_cache else default_cache_dir())
+    out, names = [], set()
+    for ds in sets:
+        emb = embed_set(models, ds, cache, skip_unreadable=True, progress=cfg.progress)
+        name = ds.name if ds.name not in names else f"{ds.name}-{len(names)}"
+        names.add(name)
+        out.append({"name": name, "x": torch.from_numpy(emb.dinov2), "text": torch.from_numpy(emb.text),
+                    "text_image_ids": list(emb.dataset.text_image_ids), "summary": emb.dataset.summary()})
+    return out
+
+
 def teacher_recall(data: EmbeddingSet, ks) -> dict:
     _, img, text = data.all()
     return retrieval_recall(img.cpu(), text.cpu(), list(range(len(data))), ks=ks)
@@ -208,6 +271,7 @@ def _train(cfg: TrainConfig) -> dict:
 
     train_data = _load(cfg.train, cfg, device)
     val_data = _load(cfg.val, cfg, device)
+    karpathy = load_karpathy_val(cfg, train_data, device) if master and cfg.val_karpathy else []
     steps_per_epoch = len(train_data) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"{len(train_data)} training samples is fewer than one batch of {cfg.batch_size}")
@@ -271,8 +335,10 @@ def _train(cfg: TrainConfig) -> dict:
         if module.logit_scale is not None:
             row["temperature"] = float(1 / module.logit_scale.detach().exp())
         row["val"] = evaluate_split(projector, val_data, cfg.ks)
+        if karpathy:
+            row["val_karpathy"] = {v["name"]: evaluate_features(projector, v, cfg.ks) for v in karpathy}
         history.append(row)
-        score = row["val"][cfg.select_metric]
+        score = selection_score(row, cfg)
         if best is None or score > best["score"]:
             best = {"epoch": epoch + 1, "score": score}
             if master:
@@ -285,13 +351,22 @@ def _train(cfg: TrainConfig) -> dict:
             write_metrics(out, history, cfg)
             print(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['train']['loss']:.4f}  val "
                   f"R@{cfg.ks[0]} {row['val'][f'image_retrieval_recall@{cfg.ks[0]}']:.3f}  "
-                  f"{cfg.select_metric} {score:.4f}  ({row['seconds']:.1f}s)", flush=True)
+                  f"{cfg.select_metric} {score:.4f}{' (Karpathy ' + cfg.val_split + ')' if karpathy and cfg.selects_on_karpathy else ''}"
+                  f"  ({row['seconds']:.1f}s)", flush=True)
         if world > 1:
             dist.barrier()
     summary = finish(cfg, projector, train_data, val_data, history, best, out, device) if master else {}
     if world > 1:
         dist.barrier()
     return summary
+
+
+def selection_score(row: dict, cfg: TrainConfig) -> float:
+    """The validation figure that picks the epoch: on the held-out pairs, or the mean over the Karpathy sets
+    (only rank 0 evaluates those; other ranks never export, so their choice is not used)."""
+    if cfg.selects_on_karpathy and "val_karpathy" in row:
+        return float(np.mean([v[cfg.select_metric] for v in row["val_karpathy"].values()]))
+    return row["val"][cfg.select_metric]
 
 
 def _load(dirs, cfg: TrainConfig, device) -> EmbeddingSet:
@@ -339,15 +414,19 @@ def finish(cfg: TrainConfig, projector, train_data, val_data, history, best, out
     final = ProjectorWithResiduals(**projector.config.to_dict())
     final.load_state_dict(state["projector"])
     final.to(device).eval()
-    metrics = {"val": {"split": "val", "ks": list(cfg.ks), "epoch": best["epoch"],
-                       "recalls": history[best["epoch"] - 1]["val"]}}
+    selected = history[best["epoch"] - 1]
+    metrics = {"val": {"split": "val", "ks": list(cfg.ks), "epoch": best["epoch"], "recalls": selected["val"]}}
+    if "val_karpathy" in selected:
+        metrics["val_karpathy"] = {"split": cfg.val_split, "ks": list(cfg.ks), "epoch": best["epoch"],
+                                   "recalls": selected["val_karpathy"]}
+    selected_on = f"karpathy-{cfg.val_split}" if cfg.selects_on_karpathy and "val_karpathy" in selected else "val"
     if cfg.test:
         test_data = _load(cfg.test, cfg, device)
         metrics["test"] = {"split": "test", "ks": list(cfg.ks), "epoch": best["epoch"],
                            "recalls": evaluate_split(final, test_data, cfg.ks),
                            "teacher_recalls": teacher_recall(test_data, cfg.ks)}
-    model_dir = export_model(cfg, final.cpu(), train_data, metrics, best, out / "model")
-    summary = {"model": str(model_dir) if model_dir else None, "selected_epoch": best["epoch"], "selected_on": "val", "metrics": metrics,
+    model_dir = export_model(cfg, final.cpu(), train_data, metrics, best, out / "model", selected_on)
+    summary = {"model": str(model_dir) if model_dir else None, "selected_epoch": best["epoch"], "selected_on": selected_on, "metrics": metrics,
                "history": history}
     from dinov2clip.config import write_json_atomic
 
@@ -361,7 +440,8 @@ def git_sha() -> str | None:
     return code_version().get("git")
 
 
-def export_model(cfg: TrainConfig, projector, train_data: EmbeddingSet, metrics: dict, best: dict, out_dir: Path):
+def export_model(cfg: TrainConfig, projector, train_data: EmbeddingSet, metrics: dict, best: dict, out_dir: Path,
+                 selected_on: str = "val"):
     """A dinov2clip model directory: the precompute's DINOv2 + CLIP (bundled copies kept), this projector."""
     import shutil
 
@@ -384,7 +464,7 @@ def export_model(cfg: TrainConfig, projector, train_data: EmbeddingSet, metrics:
     base.provenance = {
         "recipe": cfg.recipe or "training.run train", "train_config": cfg.to_dict(),
         "data_manifest_sha256": train_data.data_sha256, "seed": cfg.seed, "git_sha": git_sha(),
-        "selected_epoch": best["epoch"], "selected_on": "val", "selection_metric": cfg.select_metric,
+        "selected_epoch": best["epoch"], "selected_on": selected_on, "selection_metric": cfg.select_metric,
         "metrics": metrics, "base_model": str(source),
     }
 

@@ -8,7 +8,8 @@ Config sections (see training/configs/*.yaml):
              {train: [SHARDS...], val: [SHARDS...], test: [SHARDS...]}  (paths, globs, {a..b} braces, fsspec URLs)
   model:     {make_tiny: {seed: S, pooling: P}}  or  {source: MODEL_DIR | PRESET | hf-hub:org/repo}
   precompute: options of the precompute stage (batch_size, workers, device, dtype)
-  train:     options of the train stage (`python -m training.run train --help`)
+  train:     options of the train stage (`python -m training.run train --help`); relative val_karpathy and
+             val_images paths are under --output too
 Every stage skips work already done (finished shards, an existing base model, a finished training run),
 so rerunning the command resumes. Relative paths are under --output.
 """
@@ -64,6 +65,9 @@ def run_pipeline(cfg: dict, output, progress: bool = True) -> dict:
               flush=True)
     train_opts = dict(cfg.get("train") or {})
     train_opts.setdefault("recipe", cfg.get("name", "pipeline"))
+    for key in ("val_karpathy", "val_images"):  # relative paths are under --output, like the shards
+        if train_opts.get(key):
+            train_opts[key] = [_under(out, str(x)) for x in train_opts[key]]
     tc = TrainConfig.from_dict({"train": [str(out / "precomputed" / "train")], "val": [str(out / "precomputed" / "val")],
                                 "test": [str(out / "precomputed" / "test")] if "test" in shards else [],
                                 "out": str(out / "train"), "model_source": model, "progress": progress, **train_opts})

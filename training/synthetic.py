@@ -145,8 +145,9 @@ def planted_alignment(out_dir, n_train: int = 200_000, n_val: int = 5_000, n_tes
                         {"dinov2_cls": x.numpy(), "dinov2_patch_mean": x.numpy(), "clip_image": target.numpy(),
                          "clip_text": text.numpy()},
                         keys, [""] * m, {"num_patches": 0, "source": "planted", "skipped": 0, "skipped_keys": {}})
-            if split == "test" and s == 0:
+            if split == "test" and s == 0:  # the ceilings: the true map retrieving targets, and captions
                 figures["true_map_test_r1"] = recall_at_1(clean, target)
+                figures["true_map_test_r1_text"] = recall_at_1(clean, text)
     (out / "planted.json").write_text(json.dumps({**figures, "seed": seed, "in_dim": in_dim, "out_dim": out_dim,
                                                   "n_train": n_train, "n_val": n_val, "n_test": n_test}, indent=2))
     return figures

@@ -194,7 +194,8 @@ def cmd_planted(args) -> None:
     print(json.dumps(run_planted(args.out, n_train=args.n_train, n_eval=args.n_eval, in_dim=args.in_dim,
                                  out_dim=args.out_dim, hidden=args.hidden, epochs=args.epochs,
                                  batch_size=args.batch_size, lr=args.lr, proj_hidden=args.proj_hidden,
-                                 num_blocks=args.num_blocks, seed=args.seed, progress=not args.quiet), indent=2))
+                                 num_blocks=args.num_blocks, seed=args.seed, progress=not args.quiet,
+                                 losses=args.losses), indent=2))
 
 
 def add_planted(sub) -> None:
@@ -215,6 +216,8 @@ def add_planted(sub) -> None:
     p.add_argument("--proj-hidden", type=int, default=1024, help="trained projector width")
     p.add_argument("--num-blocks", type=int, default=2, help="trained projector residual blocks")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--losses", nargs="+", default=["mse", "contrastive"], choices=["mse", "contrastive"],
+                   help="losses to train (default: both)")
     p.add_argument("--quiet", action="store_true")
 
 

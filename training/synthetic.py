@@ -101,14 +101,27 @@ def recall_at_1(pred: torch.Tensor, target: torch.Tensor) -> float:
     return retrieval_recall(pred, target, list(range(len(pred))), ks=(1,))["image_retrieval_recall@1"]
 
 
+def _calibrate(recall_of, goal: float, hi: float = 16.0) -> float:
+    """The noise level at which `recall_of(level)` (falling as the level rises) is ~`goal`: bisection."""
+    lo = 0.0
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if recall_of(mid) > goal else (lo, mid)
+    return (lo + hi) / 2
+
+
 def planted_alignment(out_dir, n_train: int = 200_000, n_val: int = 5_000, n_test: int = 5_000,
                       in_dim: int = 768, out_dim: int = 512, hidden: int = 512, target_r1: float = 0.6,
-                      text_sigma: float | None = None, per_shard: int = 50_000, seed: int = 0) -> dict:
+                      text_r1: float = 0.3, text_sigma: float | None = None, per_shard: int = 50_000,
+                      seed: int = 0) -> dict:
     """Write train/val/test in the precompute format (inputs as `cls`, so train with pooling 'cls').
 
-    The noise level is set (bisection on a calibration draw) so the true map's own recall@1 among
-    `n_val` candidates is ~`target_r1`; text targets = targets + independent noise of the same level
-    unless `text_sigma` is given. Returns the calibrated levels and the true map's held-out recall."""
+    Noise levels are set by bisection on a calibration draw of `n_val` pairs: targets = true map + noise
+    such that the true map's own recall@1 retrieving the targets is ~`target_r1`; text targets = targets +
+    independent noise such that the true map's recall@1 retrieving the *texts* is ~`text_r1` (like a
+    caption, noisier than the image embedding but still informative) unless `text_sigma` is given. (At the
+    full size, text noise as large as the targets' own leaves the true map at recall 0.004 on texts: a
+    contrastive loss would then learn from almost nothing.) Returns the levels and the true map's recalls."""
     from .precompute import write_shard
 
     gen = torch.Generator().manual_seed(seed)
@@ -121,17 +134,13 @@ def planted_alignment(out_dir, n_train: int = 200_000, n_val: int = 5_000, n_tes
         with torch.no_grad():
             return x, true_map(x)
 
-    xc, cc = draw(n_val)
-    lo, hi = 0.0, 8.0
-    cal_noise = torch.randn(cc.shape, generator=gen) / math.sqrt(out_dim)
-    for _ in range(20):
-        mid = (lo + hi) / 2
-        if recall_at_1(cc, F.normalize(cc + mid * cal_noise, dim=-1)) > target_r1:
-            lo = mid
-        else:
-            hi = mid
-    sigma = (lo + hi) / 2
-    text_sigma = sigma if text_sigma is None else text_sigma
+    _, cc = draw(n_val)
+    noise1 = torch.randn(cc.shape, generator=gen) / math.sqrt(out_dim)
+    noise2 = torch.randn(cc.shape, generator=gen) / math.sqrt(out_dim)
+    sigma = _calibrate(lambda s: recall_at_1(cc, F.normalize(cc + s * noise1, dim=-1)), target_r1)
+    cal_target = F.normalize(cc + sigma * noise1, dim=-1)
+    if text_sigma is None:
+        text_sigma = _calibrate(lambda s: recall_at_1(cc, F.normalize(cal_target + s * noise2, dim=-1)), text_r1)
     out = Path(out_dir)
     figures = {"sigma": sigma, "text_sigma": text_sigma}
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):

@@ -466,3 +466,12 @@ def test_teacher_off_its_published_figure_warns(tiny_dir, karpathy, tmp_path, ca
                  str(tmp_path / "cli"), "--dtype", "fp32", "--no-cache", "--quiet"]) == 0
     err = capsys.readouterr().err
     assert "python -m training.run: warning: teacher text→image R@5 on coco test" in err
+
+
+def test_repeated_sets_are_named_apart(karpathy):
+    """The same file given twice (eval's --karpathy, train's --val-karpathy) keys two results, not one."""
+    from training.datasets import name_uniquely
+
+    file, root = karpathy
+    names = [ds.name for ds in name_uniquely([load_karpathy(file, root) for _ in range(3)])]
+    assert names == ["coco", "coco-2", "coco-3"]

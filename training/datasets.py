@@ -125,6 +125,17 @@ def load_folder(folder, captions_file, skip_missing: bool = False, name: str | N
     return _assemble(name or root.name, "folder", records, path, root, None, skip_missing)
 
 
+def name_uniquely(datasets: list[RetrievalSet]) -> list[RetrievalSet]:
+    """Rename repeats in place — the same file twice, or two folders named alike: coco, coco-2... —
+    so every set keys its own results."""
+    seen: dict[str, int] = {}
+    for ds in datasets:
+        seen[ds.name] = seen.get(ds.name, 0) + 1
+        if seen[ds.name] > 1:
+            ds.name = f"{ds.name}-{seen[ds.name]}"
+    return datasets
+
+
 def _assemble(name, kind, records, path, root, split, skip_missing) -> RetrievalSet:
     missing = {i: "missing" for i, (_, image, _) in enumerate(records) if not image.is_file()}
     if missing and not skip_missing:

@@ -21,7 +21,7 @@ PROG = "python -m training.run"
 
 
 def cmd_eval(args) -> None:
-    from .datasets import load_folder, load_karpathy
+    from .datasets import load_folder, load_karpathy, name_uniquely
     from .evaluate import TeacherCheckWarning, evaluate
     from .report import markdown
 
@@ -34,11 +34,7 @@ def cmd_eval(args) -> None:
     datasets = [load_karpathy(f, root, split=args.split, skip_missing=args.skip_missing)
                 for f, root in zip(args.karpathy, args.images)]
     datasets += [load_folder(d, c, skip_missing=args.skip_missing) for d, c in zip(args.folder, args.captions)]
-    seen: dict[str, int] = {}
-    for ds in datasets:  # the same file twice, or two folders named alike: coco, coco-2...
-        seen[ds.name] = seen.get(ds.name, 0) + 1
-        if seen[ds.name] > 1:
-            ds.name = f"{ds.name}-{seen[ds.name]}"
+    name_uniquely(datasets)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TeacherCheckWarning)  # printed below, once, as one line each
         report = evaluate(args.model, datasets, args.out, ks=args.ks, device=args.device, dtype=args.dtype,

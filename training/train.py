@@ -206,7 +206,7 @@ def evaluate_features(projector, val: dict, ks, batch: int = 8192) -> dict:
 def load_karpathy_val(cfg: TrainConfig, train_data: EmbeddingSet, device) -> list[dict]:
     """Each Karpathy val split embedded once — DINOv2 pooled as trained, captions by the CLIP text tower —
     with the models the training embeddings came from (read from the eval cache when seen before)."""
-    from .datasets import load_karpathy
+    from .datasets import load_karpathy, name_uniquely
     from .encode import EmbeddingCache, embed_set, load_models
     from .evaluate import default_cache_dir
 
@@ -214,19 +214,18 @@ def load_karpathy_val(cfg: TrainConfig, train_data: EmbeddingSet, device) -> lis
     source = cfg.model_source or enc.get("source")
     if not source:
         raise UserError("val_karpathy needs the model the training embeddings came from: pass --model-source")
-    sets = [load_karpathy(f, root, split=cfg.val_split) for f, root in zip(cfg.val_karpathy, cfg.val_images)]
+    sets = name_uniquely([load_karpathy(f, root, split=cfg.val_split)
+                          for f, root in zip(cfg.val_karpathy, cfg.val_images)])
     models = load_models(source, device=str(device), dtype=enc.get("dtype", "auto"))
     model = models.model
     if model.config.dinov2["pooling"] != cfg.pooling:  # same backbone, pooled as the projector is trained
         model.config.dinov2 = {**model.config.dinov2, "pooling": cfg.pooling}
         model.image_encoder.pooling = cfg.pooling
     cache = EmbeddingCache(Path(cfg.eval_cache) if cfg.eval_cache else default_cache_dir())
-    out, names = [], set()
+    out = []
     for ds in sets:
         emb = embed_set(models, ds, cache, skip_unreadable=True, progress=cfg.progress)
-        name = ds.name if ds.name not in names else f"{ds.name}-{len(names)}"
-        names.add(name)
-        out.append({"name": name, "x": torch.from_numpy(emb.dinov2), "text": torch.from_numpy(emb.text),
+        out.append({"name": ds.name, "x": torch.from_numpy(emb.dinov2), "text": torch.from_numpy(emb.text),
                     "text_image_ids": list(emb.dataset.text_image_ids), "summary": emb.dataset.summary()})
     return out
 

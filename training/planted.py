@@ -1,7 +1,7 @@
 """Planted-alignment check: does the trainer recover a known map? Prints the figures.
 
     python -m training.run planted --out runs/planted                                  # full size
-    python -m training.run planted --out runs/planted-small --n-train 20000 --in-dim 8 --out-dim 32 \
+    python -m training.run planted --out runs/planted-small --n-train 20000 --in-dim 8 --out-dim 32 \\
         --hidden 32 --n-eval 1000 --epochs 30 --lr 0.005 --batch-size 256 --proj-hidden 128   # the size CI runs
 
 Data (`training.synthetic.planted_alignment`, seeded): inputs [N, in_dim]; unit-norm targets from a random

@@ -185,8 +185,13 @@ def evaluate_split(projector, data: EmbeddingSet, ks, batch: int = 8192) -> dict
         preds.append(torch.nn.functional.normalize(p, dim=-1).cpu())
     projector.train(was)
     _, _, text = data.all()
-    recalls = retrieval_recall(torch.cat(preds), text.cpu(), list(range(n)), ks=ks)
-    return {**recalls, "mean_recall": float(np.mean(list(recalls.values()))), "mse": mse / n, "pairs": n}
+    return {**recalls_with_mean(torch.cat(preds), text.cpu(), list(range(n)), ks), "mse": mse / n, "pairs": n}
+
+
+def recalls_with_mean(pred, text, text_image_ids, ks) -> dict:
+    """Recall@K both ways and their mean (the default selection metric)."""
+    recalls = retrieval_recall(pred, text, text_image_ids, ks=ks)
+    return {**recalls, "mean_recall": float(np.mean(list(recalls.values())))}
 
 
 @torch.no_grad()
@@ -198,8 +203,7 @@ def evaluate_features(projector, val: dict, ks, batch: int = 8192) -> dict:
     preds = [torch.nn.functional.normalize(projector(val["x"][i:i + batch].to(device)).float(), dim=-1).cpu()
              for i in range(0, len(val["x"]), batch)]
     projector.train(was)
-    recalls = retrieval_recall(torch.cat(preds), val["text"], val["text_image_ids"], ks=ks)
-    return {**recalls, "mean_recall": float(np.mean(list(recalls.values()))), "images": len(val["x"]),
+    return {**recalls_with_mean(torch.cat(preds), val["text"], val["text_image_ids"], ks), "images": len(val["x"]),
             "captions": len(val["text"])}
 
 
@@ -348,10 +352,10 @@ def _train(cfg: TrainConfig) -> dict:
                                    "rng": rng_state(device), "epoch": epoch, "config": json.dumps(cfg.to_dict()),
                                    "history": json.dumps(history), "best": json.dumps(best)})
             write_metrics(out, history, cfg)
+            judge = f" (Karpathy {cfg.val_split})" if "val_karpathy" in row and cfg.selects_on_karpathy else ""
             print(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['train']['loss']:.4f}  val "
                   f"R@{cfg.ks[0]} {row['val'][f'image_retrieval_recall@{cfg.ks[0]}']:.3f}  "
-                  f"{cfg.select_metric} {score:.4f}{' (Karpathy ' + cfg.val_split + ')' if karpathy and cfg.selects_on_karpathy else ''}"
-                  f"  ({row['seconds']:.1f}s)", flush=True)
+                  f"{cfg.select_metric} {score:.4f}{judge}  ({row['seconds']:.1f}s)", flush=True)
         if world > 1:
             dist.barrier()
     summary = finish(cfg, projector, train_data, val_data, history, best, out, device) if master else {}

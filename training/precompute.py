@@ -11,8 +11,8 @@ Per input shard, one directory `OUT/shards/NAME/` holding
   text.json       keys and captions, row-aligned
   meta.json       counts, skipped (corrupt) samples, dims, model identity, array hashes — written last
 The directory is written under a temporary name and renamed when complete, so a killed run leaves
-either a whole shard or none; a rerun skips finished shards. Reader → mapper → writer per shard; the
-distributor (`rank_slice`) hands each `torchrun` rank every WORLD_SIZE-th shard.
+either a whole shard or none; a rerun skips finished shards. Reader → mapper → writer per shard (the
+decode threads work one chunk ahead of the model, so the two overlap); the distributor (`rank_slice`) hands each `torchrun` rank every WORLD_SIZE-th shard.
 """
 from __future__ import annotations
 
@@ -226,21 +226,28 @@ def precompute_shard(enc: Encoders, url: str, out_dir, batch_size: int = 64, wor
     try:
         samples = read_samples(url)
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            pending: list = []
+            pending: list = []  # decoded pixels waiting for a full batch
+            decoding = None  # the chunk the threads decode while the model runs on the one before
             chunk: list = []
+
+            def collect(chunk_results, size):
+                pending.extend(_collect_chunk(chunk_results, keys, captions, skipped))
+                if len(pending) >= batch_size:
+                    flush(pending[:batch_size])
+                    del pending[:batch_size]
+                if bar is not None:
+                    bar.update(size)
+
             for sample in samples:
                 chunk.append(sample)
                 if len(chunk) == batch_size:
-                    pending += _decode_chunk(pool, decode, chunk, keys, captions, skipped)
-                    chunk = []
-                    if len(pending) >= batch_size:
-                        flush(pending[:batch_size])
-                        pending = pending[batch_size:]
-                    if bar is not None:
-                        bar.update(batch_size)
-            pending += _decode_chunk(pool, decode, chunk, keys, captions, skipped)
-            if bar is not None:
-                bar.update(len(chunk))
+                    submitted = pool.map(decode, chunk)  # starts decoding now
+                    if decoding is not None:
+                        collect(*decoding)
+                    decoding, chunk = (submitted, batch_size), []
+            if decoding is not None:
+                collect(*decoding)
+            collect(pool.map(decode, chunk), len(chunk))
             for i in range(0, len(pending), batch_size):
                 flush(pending[i:i + batch_size])
     except (OSError, tarfile.TarError, EOFError) as e:
@@ -258,9 +265,10 @@ def precompute_shard(enc: Encoders, url: str, out_dir, batch_size: int = 64, wor
     return meta
 
 
-def _decode_chunk(pool, decode, chunk, keys, captions, skipped) -> list:
+def _collect_chunk(results, keys, captions, skipped) -> list:
+    """One decoded chunk, in order: keys and captions of the good samples recorded, bad ones counted."""
     ok = []
-    for key, caption, pixels, err in pool.map(decode, chunk):
+    for key, caption, pixels, err in results:
         if err is not None:
             skipped[key] = err
         else:

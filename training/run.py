@@ -198,7 +198,8 @@ def add_planted(sub) -> None:
     p = sub.add_parser("planted", allow_abbrev=False, help="planted-alignment check of the trainer; prints figures",
                        description="Generate a planted alignment (random 3-layer GELU+LayerNorm MLP + noise, true "
                                    "map recall@1 ~0.6), train on it with the MSE and the contrastive loss, print "
-                                   "recall@1 of the true map, ridge regression and the trainer.")
+                                   "recall@1 of the true map, ridge regression, the trainer, and the share of its "
+                                   "true map a linear map reaches with as many pairs (is the bar reachable?).")
     p.set_defaults(func=cmd_planted)
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--n-train", type=int, default=200_000)
@@ -212,8 +213,10 @@ def add_planted(sub) -> None:
     p.add_argument("--proj-hidden", type=int, default=1024, help="trained projector width")
     p.add_argument("--num-blocks", type=int, default=2, help="trained projector residual blocks")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--losses", nargs="+", default=["mse", "contrastive"], choices=["mse", "contrastive"],
-                   help="losses to train (default: both)")
+    p.add_argument("--losses", nargs="+", default=["mse", "contrastive"],
+                   choices=["mse", "contrastive", "contrastive-both"],  # planted.LOSSES, named here without torch
+                   help="losses to train (default: mse contrastive); contrastive is InfoNCE's text→image half, "
+                        "contrastive-both CLIP's symmetric form")
     p.add_argument("--quiet", action="store_true")
 
 

@@ -101,7 +101,7 @@ def recall_at_1(pred: torch.Tensor, target: torch.Tensor) -> float:
     return retrieval_recall(pred, target, list(range(len(pred))), ks=(1,))["image_retrieval_recall@1"]
 
 
-def _calibrate(recall_of, goal: float, hi: float = 16.0) -> float:
+def calibrate_noise(recall_of, goal: float, hi: float = 16.0) -> float:
     """The noise level at which `recall_of(level)` (falling as the level rises) is ~`goal`: bisection."""
     lo = 0.0
     for _ in range(20):
@@ -137,10 +137,10 @@ def planted_alignment(out_dir, n_train: int = 200_000, n_val: int = 5_000, n_tes
     _, cc = draw(n_val)
     noise1 = torch.randn(cc.shape, generator=gen) / math.sqrt(out_dim)
     noise2 = torch.randn(cc.shape, generator=gen) / math.sqrt(out_dim)
-    sigma = _calibrate(lambda s: recall_at_1(cc, F.normalize(cc + s * noise1, dim=-1)), target_r1)
+    sigma = calibrate_noise(lambda s: recall_at_1(cc, F.normalize(cc + s * noise1, dim=-1)), target_r1)
     cal_target = F.normalize(cc + sigma * noise1, dim=-1)
     if text_sigma is None:
-        text_sigma = _calibrate(lambda s: recall_at_1(cc, F.normalize(cal_target + s * noise2, dim=-1)), text_r1)
+        text_sigma = calibrate_noise(lambda s: recall_at_1(cc, F.normalize(cal_target + s * noise2, dim=-1)), text_r1)
     out = Path(out_dir)
     figures = {"sigma": sigma, "text_sigma": text_sigma}
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):

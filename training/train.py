@@ -33,7 +33,7 @@ from dinov2clip.errors import UserError
 from dinov2clip.projector import ProjectorWithResiduals
 
 from .data import EmbeddingSet
-from .losses import MAX_LOGIT_SCALE, Trainee, combined_loss
+from .losses import CONTRASTIVE_DIRECTIONS, MAX_LOGIT_SCALE, Trainee, combined_loss
 from .metrics import retrieval_recall
 
 CKPT_FORMAT = "dinov2clip-train/1"
@@ -67,6 +67,9 @@ class TrainConfig:
     grad_clip: float = field(default=0.0, metadata={"help": "max gradient norm (0: off)"})
     mse_weight: float = field(default=1.0, metadata={"help": "weight of unit-norm MSE to the CLIP image embedding"})
     contrastive_weight: float = field(default=0.0, metadata={"help": "weight of InfoNCE to the CLIP text embedding"})
+    contrastive_directions: str = field(default="both", metadata={"help": "both (CLIP's symmetric InfoNCE) or "
+                                                                          "text_to_image (the text-search half "
+                                                                          "only; see training/losses.py)"})
     ks: list = field(default_factory=lambda: [1, 5, 10], metadata={"help": "recall@K values"})
     select_metric: str = field(default="mean_recall",
                                metadata={"help": "validation metric that selects the epoch (a recall key or "
@@ -102,6 +105,9 @@ class TrainConfig:
             raise UserError(f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}")
         if not (self.mse_weight or self.contrastive_weight):
             raise UserError("both loss weights are 0: set mse_weight and/or contrastive_weight")
+        if self.contrastive_directions not in CONTRASTIVE_DIRECTIONS:
+            raise UserError(f"contrastive_directions must be one of {', '.join(CONTRASTIVE_DIRECTIONS)}, got "
+                            f"{self.contrastive_directions!r}")
         if self.epochs < 1:
             raise UserError("epochs must be ≥ 1")
         if len(self.val_karpathy) != len(self.val_images):
@@ -318,7 +324,7 @@ def _train(cfg: TrainConfig) -> dict:
                     with autocast:
                         pred = model(x)
                     loss, parts = combined_loss(pred, img, txt, module.logit_scale, cfg.mse_weight,
-                                                cfg.contrastive_weight)
+                                                cfg.contrastive_weight, cfg.contrastive_directions)
                     (loss / cfg.accum_steps).backward()
                 sums["loss"] += loss.detach().double() / cfg.accum_steps
                 for k, v in parts.items():

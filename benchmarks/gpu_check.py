@@ -25,8 +25,9 @@ Measured separately, so the bound is visible:
            `--workers` threads, no model;
   model    DINOv2 + teacher image tower on ready tensors, no decoding;
   stage    `training.precompute.precompute` end to end (decode, both towers, captions, shard writes).
-The bound is whichever of decode and model is slower; the stage decodes and runs the model in turn, so it
-runs near 1 / (1/decode + 1/model) unless they overlap.
+The bound is whichever of decode and model is slower. The stage's decode threads work one chunk ahead of
+the model, so it should run near min(decode, model); 1 / (1/decode + 1/model) (the two in turn) is printed
+beside it, to show how much of the overlap is realised.
 """
 from __future__ import annotations
 
@@ -265,7 +266,8 @@ def main(argv=None) -> int:
     if p:
         print(f"precompute: decode {p['decode_images_per_s']:,.0f} images/s ({p['workers']} threads), model "
               f"{p['model_images_per_s']:,.0f} images/s, stage {p['stage_images_per_s']:,.0f} images/s "
-              f"(serial estimate {p['serial_estimate_images_per_s']:,.0f}); bound: {p['bound']}")
+              f"(overlapped ideal {min(p['decode_images_per_s'], p['model_images_per_s']):,.0f}, in turn "
+              f"{p['serial_estimate_images_per_s']:,.0f}); bound: {p['bound']}")
     if args.dry_run:
         print("dry run: tiny sizes on the CPU; the figures above say nothing about a GPU")
     return 0

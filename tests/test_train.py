@@ -206,10 +206,29 @@ def test_sigkill_then_resume_is_bitwise_equal(tiny_run, uninterrupted, tmp_path,
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+def _max_relative_difference(a: dict, b: dict) -> float:
+    return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)).item() for k in b)
+
+
+def test_grad_cache_accumulation_equals_one_batch(tiny_run, tmp_path):
+    """Contrastive + MSE, 4 micro-batches through GradCache: within 1e-5 relative of no accumulation (the same
+    global batch). Without the cache each micro-batch sees its own negatives only, and the model differs."""
+    runs = {"one": {}, "cached": {"accum_steps": 4}, "plain": {"accum_steps": 4, "grad_cache": False}}
+    models, losses = {}, {}
+    for name, kw in runs.items():
+        train(_cfg(tiny_run, tmp_path / name, epochs=2, **kw))
+        models[name] = torch.load(tmp_path / name / "checkpoints/last.pt", weights_only=True)["model"]
+        losses[name] = [r["train"]["loss"] for r in json.loads((tmp_path / name / "metrics.json").read_text())["epochs"]]
+    assert _max_relative_difference(models["cached"], models["one"]) <= 1e-5
+    np.testing.assert_allclose(losses["cached"], losses["one"], rtol=1e-5)
+    assert _max_relative_difference(models["plain"], models["one"]) > 1e-3
+
+
 def test_torchrun_two_processes_match_one(tiny_run, tmp_path):
-    """2 gloo ranks, contrastive + MSE, accumulation 2: within 1e-5 relative of one process (same global batch)."""
+    """2 gloo ranks, contrastive + MSE, accumulation 2 (GradCache): within 1e-5 relative of one process with
+    the same global batch and no accumulation."""
     cfg = _cfg(tiny_run, tmp_path / "two", accum_steps=2, epochs=2)
-    ref = _cfg(tiny_run, tmp_path / "ref", accum_steps=2, epochs=2)
+    ref = _cfg(tiny_run, tmp_path / "ref", accum_steps=1, epochs=2)
     train(ref)
     args = ["--train", *cfg.train, "--val", *cfg.val, "--out", cfg.out, "--pooling", "mean", "--hidden-dim", "64",
             "--num-blocks", "1", "--epochs", "2", "--batch-size", "200", "--accum-steps", "2", "--lr", "0.003",

@@ -5,10 +5,14 @@
     torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 -m training.run train ...
 
 Batch sizes are global: `batch_size` samples per optimizer step, split into `accum_steps` micro-batches,
-each split across ranks. Each micro-batch's contrastive loss uses the whole global micro-batch as
-negatives (features all-gathered with gradient); accumulation therefore changes the contrastive
-objective (negatives come from `batch_size / accum_steps` samples, not `batch_size`), as in any
-trainer without a GradCache; it does not change the MSE objective.
+each split across ranks. The contrastive loss uses the whole global batch as negatives (features
+all-gathered with gradient). With `accum_steps > 1` it stays exact through GradCache (Gao et al., 2021,
+"Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup"): every micro-batch is embedded
+without gradient, the loss over the whole batch gives the gradient of each embedding, then each
+micro-batch is embedded again with gradient and that cached gradient is backpropagated — one extra
+forward pass, one micro-batch's activations in memory. `--no-grad-cache` instead gives each micro-batch's
+loss its own negatives only (`batch_size / accum_steps` samples), which changes the objective. The MSE
+objective is per sample: plain accumulation is exact for it.
 
 One epoch = one seeded permutation of the training rows (drop-last). After each epoch: validation
 recall@K (and validation loss) on held-out pairs, a checkpoint (`checkpoints/last.pt`: model,
@@ -61,6 +65,9 @@ class TrainConfig:
     epochs: int = field(default=16, metadata={"help": "training epochs"})
     batch_size: int = field(default=4096, metadata={"help": "global samples per optimizer step"})
     accum_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step (gradient accumulation)"})
+    grad_cache: bool = field(default=True, metadata={"help": "with accumulation and the contrastive loss: the "
+                                                              "whole batch's negatives via GradCache (one extra "
+                                                              "forward); off: each micro-batch's own only"})
     lr: float = field(default=1e-3, metadata={"help": "OneCycleLR peak learning rate"})
     pct_start: float = field(default=0.1, metadata={"help": "OneCycleLR warm-up fraction"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (matrices only)"})
@@ -262,6 +269,50 @@ def train(cfg: TrainConfig) -> dict:
             dist.destroy_process_group()
 
 
+def _no_sync_unless(model, last: bool):
+    """DDP all-reduces gradients on the last micro-batch's backward only."""
+    return contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+
+
+def _accumulated_backward(model, module, data, micro_rows, cfg, autocast) -> dict:
+    """Plain accumulation: each micro-batch's loss, with its own negatives, backpropagated in turn."""
+    n, sums = len(micro_rows), {}
+    for m, rows in enumerate(micro_rows):
+        x, img, txt = data.batch(rows)
+        with _no_sync_unless(model, m == n - 1):
+            with autocast:
+                pred = model(x)
+            loss, parts = combined_loss(pred, img, txt, module.logit_scale, cfg.mse_weight, cfg.contrastive_weight,
+                                        cfg.contrastive_directions)
+            (loss / n).backward()
+        for k, v in {"loss": loss.detach(), **parts}.items():
+            sums[k] = sums.get(k, 0) + v.double() / n
+    return sums
+
+
+def _cached_backward(model, module, data, micro_rows, cfg, autocast) -> dict:
+    """GradCache: the loss over the whole batch, exact, with one micro-batch's activations held at a time."""
+    batches = [data.batch(rows) for rows in micro_rows]
+    with torch.no_grad(), autocast:  # 1. embed everything, no graph
+        cache = torch.cat([module(x).float() for x, _, _ in batches])
+    cache.requires_grad_()
+    scale = module.logit_scale.detach().requires_grad_()
+    loss, parts = combined_loss(cache, torch.cat([b[1] for b in batches]), torch.cat([b[2] for b in batches]),
+                                scale, cfg.mse_weight, cfg.contrastive_weight, cfg.contrastive_directions)
+    loss.backward()  # 2. d loss / d embedding (all-gathered negatives' gradients come back to their rank)
+    grads = cache.grad.split([len(b[0]) for b in batches])
+    for m, ((x, _, _), grad) in enumerate(zip(batches, grads)):  # 3. embed again with graph, push the grads in
+        last = m == len(batches) - 1
+        with _no_sync_unless(model, last):
+            with autocast:
+                pred = model(x)
+            surrogate = (pred.float() * grad).sum()
+            if last:  # the temperature's gradient, in the synchronised backward so DDP averages it too
+                surrogate = surrogate + (module.logit_scale * scale.grad).sum()
+            surrogate.backward()
+    return {"loss": loss.detach().double(), **{k: v.double() for k, v in parts.items()}}
+
+
 def _train(cfg: TrainConfig) -> dict:
     rank, world, device = setup_distributed(cfg.device)
     master = rank == 0
@@ -303,6 +354,7 @@ def _train(cfg: TrainConfig) -> dict:
         else contextlib.nullcontext()
     micro = cfg.batch_size // cfg.accum_steps
     local = micro // world
+    cached = cfg.grad_cache and cfg.accum_steps > 1 and bool(cfg.contrastive_weight)
 
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -315,20 +367,12 @@ def _train(cfg: TrainConfig) -> dict:
             steps = tqdm(steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False)
         for step in steps:
             idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size].numpy()
+            micro_rows = [idx[m * micro:(m + 1) * micro][rank * local:(rank + 1) * local]
+                          for m in range(cfg.accum_steps)]
             optimizer.zero_grad(set_to_none=True)
-            for m in range(cfg.accum_steps):
-                rows = idx[m * micro:(m + 1) * micro][rank * local:(rank + 1) * local]
-                x, img, txt = train_data.batch(rows)
-                sync = contextlib.nullcontext() if (world == 1 or m == cfg.accum_steps - 1) else model.no_sync()
-                with sync:
-                    with autocast:
-                        pred = model(x)
-                    loss, parts = combined_loss(pred, img, txt, module.logit_scale, cfg.mse_weight,
-                                                cfg.contrastive_weight, cfg.contrastive_directions)
-                    (loss / cfg.accum_steps).backward()
-                sums["loss"] += loss.detach().double() / cfg.accum_steps
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64)) + v.double() / cfg.accum_steps
+            backward = _cached_backward if cached else _accumulated_backward
+            for k, v in backward(model, module, train_data, micro_rows, cfg, autocast).items():
+                sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64)) + v
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
             optimizer.step()

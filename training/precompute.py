@@ -12,7 +12,8 @@ Per input shard, one directory `OUT/shards/NAME/` holding
   meta.json       counts, skipped (corrupt) samples, dims, model identity, array hashes — written last
 The directory is written under a temporary name and renamed when complete, so a killed run leaves
 either a whole shard or none; a rerun skips finished shards. Reader → mapper → writer per shard (the
-decode threads work one chunk ahead of the model, so the two overlap); the distributor (`rank_slice`) hands each `torchrun` rank every WORLD_SIZE-th shard.
+decode threads work one chunk ahead of the model, so the two overlap); the distributor (`rank_slice`)
+hands each `torchrun` rank every WORLD_SIZE-th shard.
 """
 from __future__ import annotations
 

@@ -479,8 +479,8 @@ def finish(cfg: TrainConfig, projector, train_data, val_data, history, best, out
                            "recalls": evaluate_split(final, test_data, cfg.ks),
                            "teacher_recalls": teacher_recall(test_data, cfg.ks)}
     model_dir = export_model(cfg, final.cpu(), train_data, metrics, best, out / "model", selected_on)
-    summary = {"model": str(model_dir) if model_dir else None, "selected_epoch": best["epoch"], "selected_on": selected_on, "metrics": metrics,
-               "history": history}
+    summary = {"model": str(model_dir) if model_dir else None, "selected_epoch": best["epoch"],
+               "selected_on": selected_on, "metrics": metrics, "history": history}
     from dinov2clip.config import write_json_atomic
 
     write_json_atomic(out / "summary.json", summary)

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Training benchmark (CPU): the memmap loader's samples/s beside a naive per-sample DataLoader, and the
-reference projector's training-step samples/s in fp32 and bf16 autocast.
+"""Training benchmark (CPU): the memmap loader's samples/s beside a naive per-sample DataLoader, the
+reference projector's training-step samples/s in fp32 and bf16 autocast, and the cost of GradCache
+(contrastive loss, 4 micro-batches: exact accumulation against plain, side by side).
 
     python benchmarks/bench_train.py                    # 400k synthetic pairs (~2 GB on disk under --dir)
     python benchmarks/bench_train.py --quick            # 100k pairs, fewer steps
@@ -33,10 +34,15 @@ from training.precompute import write_shard  # noqa: E402
 LOADER_TARGET = 500_000
 
 
-def make_data(root: Path, n: int, per_shard: int = 100_000, seed: int = 0) -> None:
-    if (root / "shards").is_dir() and sum(json.loads(p.read_text())["count"]
-                                          for p in (root / "shards").glob("*/meta.json")) == n:
+def make_data(root: Path, n: int, per_shard: int = 10_000, seed: int = 0) -> None:
+    """img2dataset's default shard size (10k), so a batch gathers from many shards, as on CC12M."""
+    counts = [json.loads(p.read_text())["count"] for p in (root / "shards").glob("*/meta.json")]
+    if sum(counts) == n and len(counts) == -(-n // per_shard):
         return
+    if (root / "shards").is_dir():
+        import shutil
+
+        shutil.rmtree(root / "shards")
     rng = np.random.default_rng(seed)
     for s, start in enumerate(range(0, n, per_shard)):
         m = min(per_shard, n - start)
@@ -56,7 +62,7 @@ def bench_loader(root: Path, batch: int, mode: str) -> float:
     t = time.perf_counter()
     n = 0
     for i in range(0, len(data) - batch + 1, batch):
-        get(perm[i:i + batch])
+        get(np.sort(perm[i:i + batch]))  # as train does: sorted rows gather without a permutation
         n += batch
     return n / (time.perf_counter() - t)
 
@@ -112,6 +118,37 @@ def bench_step(dtype: str, batch: int, steps: int) -> float:
     return steps * batch / (time.perf_counter() - t)
 
 
+def bench_accumulation(root: Path, cached: bool, batch: int, accum: int, steps: int) -> float:
+    """Contrastive training steps with `accum` micro-batches: GradCache (exact, one extra forward) or plain."""
+    import contextlib
+
+    from dinov2clip.projector import ProjectorWithResiduals
+    from training.losses import Trainee
+    from training.train import TrainConfig, _accumulated_backward, _cached_backward
+
+    torch.manual_seed(0)
+    data = EmbeddingSet([root], "mean", resident=True)
+    module = Trainee(ProjectorWithResiduals(768, 512, 2048, 6), contrastive=True)
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    cfg = TrainConfig(mse_weight=0.0, contrastive_weight=1.0, accum_steps=accum, grad_cache=cached)
+    backward = _cached_backward if cached else _accumulated_backward
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).numpy()
+    micro = batch // accum
+
+    def step(i):
+        idx = perm[i * batch:(i + 1) * batch]
+        opt.zero_grad(set_to_none=True)
+        backward(module, module, data, [idx[m * micro:(m + 1) * micro] for m in range(accum)], cfg,
+                 contextlib.nullcontext())
+        opt.step()
+
+    step(0)  # warm-up
+    t = time.perf_counter()
+    for i in range(1, steps + 1):
+        step(i)
+    return steps * batch / (time.perf_counter() - t)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -131,9 +168,15 @@ def main(argv=None) -> int:
     steps = 3 if args.quick else 10
     res["step_fp32_samples_per_s"] = bench_step("fp32", 256, steps)
     res["step_bf16_samples_per_s"] = bench_step("bf16", 256, steps)
+    # GradCache's cost, side by side: contrastive, 4 micro-batches of 256, cached (exact) vs plain
+    res["step_contrastive_accum4_plain_samples_per_s"] = bench_accumulation(args.dir, False, 1024, 4, steps)
+    res["step_contrastive_accum4_gradcache_samples_per_s"] = bench_accumulation(args.dir, True, 1024, 4, steps)
+    res["gradcache_relative_speed"] = (res["step_contrastive_accum4_gradcache_samples_per_s"]
+                                       / res["step_contrastive_accum4_plain_samples_per_s"])
     res["loader_target_samples_per_s"] = LOADER_TARGET
     for k, v in res.items():
-        print(f"{k:36s} {v:,.0f}" if isinstance(v, float) else f"{k:36s} {v}")
+        print(f"{k:48s} {v:,.0f}" if isinstance(v, float) and v >= 10 else f"{k:48s} {v:.3g}" if isinstance(v, float)
+              else f"{k:48s} {v}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2))
     return 0

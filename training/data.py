@@ -82,27 +82,37 @@ class EmbeddingSet:
             out += json.loads((s["root"] / TEXT).read_text())["captions"]
         return out
 
-    def rows(self, index) -> dict[str, np.ndarray]:
-        """The stored float16 rows at global `index`, in `index` order (one gather per shard and array)."""
+    def rows(self, index, keys: Sequence[str] = ARRAYS) -> dict[str, np.ndarray]:
+        """The stored float16 rows at global `index`, in `index` order. The rows are gathered in sorted
+        order, each shard's into one contiguous slice (`np.take(out=)`, no mask per shard); an unsorted
+        `index` costs one more in-memory permutation, so callers that may reorder pass a sorted one."""
         index = np.asarray(index, dtype=np.int64)
-        shard = np.searchsorted(self.offsets, index, side="right") - 1
-        out = {k: np.empty((len(index), self.shards[0][k].shape[1]), np.float16) for k in ARRAYS}
-        for s in np.unique(shard):
-            if len(shard) and shard[0] == s and shard[-1] == s and (shard == s).all():
-                mask = slice(None)
-            else:
-                mask = shard == s
-            local = index[mask] - self.offsets[s]
-            for k in ARRAYS:
-                out[k][mask] = np.take(self.shards[s][k], local, axis=0)
+        if len(index) and (index.min() < 0 or index.max() >= len(self)):
+            raise IndexError(f"row index out of range 0..{len(self) - 1}")
+        order = None if (np.diff(index) >= 0).all() else np.argsort(index, kind="stable")
+        ordered = index if order is None else index[order]
+        bounds = np.searchsorted(ordered, self.offsets)  # shard s holds ordered[bounds[s]:bounds[s + 1]]
+        present = np.flatnonzero(bounds[1:] > bounds[:-1])
+        out = {}
+        for k in keys:
+            buf = np.empty((len(index), self.shards[0][k].shape[1]), np.float16)
+            for s in present:
+                lo, hi = bounds[s], bounds[s + 1]
+                np.take(self.shards[s][k], ordered[lo:hi] - self.offsets[s], axis=0, out=buf[lo:hi], mode="clip")
+            if order is not None:
+                unsorted = np.empty_like(buf)
+                unsorted[order] = buf
+                buf = unsorted
+            out[k] = buf
         return out
 
     def _gather(self, index: np.ndarray, device=None):
         """Rows → float32 (pooled input, clip_image, clip_text) on `device`: float16 crosses to the device,
         the conversion and pooling happen there."""
+        keys = [k for k in ARRAYS if not (k == "dinov2_patch_mean" and self.pooling == "cls")]
         t = {k: torch.from_numpy(v).to(device or self.device, non_blocking=True).float()
-             for k, v in self.rows(index).items()}
-        x = pool(t["dinov2_cls"], t["dinov2_patch_mean"], self.pooling, self.num_patches)
+             for k, v in self.rows(index, keys).items()}
+        x = pool(t["dinov2_cls"], t.get("dinov2_patch_mean"), self.pooling, self.num_patches)
         return x, t["clip_image"], t["clip_text"]
 
     def batch(self, index) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

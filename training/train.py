@@ -367,7 +367,9 @@ def _train(cfg: TrainConfig) -> dict:
             steps = tqdm(steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False)
         for step in steps:
             idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size].numpy()
-            micro_rows = [idx[m * micro:(m + 1) * micro][rank * local:(rank + 1) * local]
+            # each rank's rows of each micro-batch, sorted: the memmap gather then needs no permutation,
+            # and the losses do not depend on the order of rows within a batch
+            micro_rows = [np.sort(idx[m * micro:(m + 1) * micro][rank * local:(rank + 1) * local])
                           for m in range(cfg.accum_steps)]
             optimizer.zero_grad(set_to_none=True)
             backward = _cached_backward if cached else _accumulated_backward

@@ -131,8 +131,8 @@ class TextQuery(foo.Operator):
         return types.Property(inputs, view=types.View(label="dinov2clip text search"))
 
     def execute(self, ctx):
-        view = _brain().sort_by_text(ctx.view, ctx.params["query"], ctx.params["brain_key"],
-                                     ctx.params.get("k") or DEFAULT_K)
+        view = _brain().sort_by_text(_without_last_similarity_sort(ctx.view), ctx.params["query"],
+                                     ctx.params["brain_key"], ctx.params.get("k") or DEFAULT_K)
         ctx.ops.set_view(view)
         return {"count": len(view)}
 
@@ -140,6 +140,19 @@ class TextQuery(foo.Operator):
         outputs = types.Object()
         outputs.int("count", label="Results")
         return types.Property(outputs)
+
+
+def _without_last_similarity_sort(view):
+    """A new text query replaces the previous one: a trailing similarity sort is dropped, so the query
+    searches the view the user built, not only the last query's top k. The view is rebuilt from its
+    serialised stages, the way the App server rebuilds every view (generated views included)."""
+    import fiftyone.core.stages as fos
+    import fiftyone.core.view as fov
+
+    stages = getattr(view, "_all_stages", [])
+    if not stages or not isinstance(stages[-1], fos.SortBySimilarity):
+        return view
+    return fov.DatasetView._build(view._root_dataset, view._serialize()[:-1])
 
 
 def register(p):

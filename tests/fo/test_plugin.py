@@ -214,6 +214,28 @@ def test_text_query_operator_sets_sorted_view(indexed):
         assert len(shown.values("id")) == expected_count
 
 
+def test_second_text_query_replaces_the_first(indexed):
+    """A second query from the first one's top-3 view searches the user's own view again (here: the dataset
+    without the best cat match), not only those 3 — and keeps the user's own stage."""
+    import fiftyone.server.view as fosv
+    from bson import json_util
+
+    from fiftyone_dinov2clip import brain
+
+    dataset = indexed[0]
+    best_cat = brain.sort_by_text(dataset.view(), "a photo of a cat", "dinov2clip", 1).first().id
+    users_view = dataset.exclude([best_cat])
+    first = brain.sort_by_text(users_view, "a photo of a dog", "dinov2clip", 3)
+    result = run(QUERY, dataset, view=first, brain_key="dinov2clip", query="a photo of a cat")
+    assert result.error is None, result.error
+    expected = brain.sort_by_text(users_view, "a photo of a cat", "dinov2clip", 25).values("id")
+    assert result.result == {"count": len(expected)} and len(expected) > 3
+    (request,) = result.executor.to_json()["requests"]
+    shown = fosv.get_view(dataset.name, stages=json_util.loads(json.dumps(request["params"]["view"])))
+    assert shown.values("id") == expected
+    assert best_cat not in expected
+
+
 def test_text_query_form_without_text_index(plugin):
     import fiftyone as fo
 

@@ -31,22 +31,27 @@ import torch
 import torch.nn.functional as F
 
 from .data import EmbeddingSet
-from .synthetic import calibrate_noise, planted_alignment, recall_at_1
+from .synthetic import add_noise, calibrate_noise, planted_alignment, recall_at_1
 
 # loss name → (mse_weight, contrastive_weight, contrastive_directions)
 LOSSES = {"mse": (1.0, 0.0, "both"), "contrastive": (0.0, 1.0, "text_to_image"),
           "contrastive-both": (0.0, 1.0, "both")}
 
 
+def _with_bias(x: torch.Tensor) -> torch.Tensor:
+    """Inputs with a constant column appended, in float64: the design matrix of a linear map with bias."""
+    return torch.cat([x, torch.ones(len(x), 1)], 1).double()
+
+
 def ridge_recall(train: EmbeddingSet, val: EmbeddingSet, test: EmbeddingSet, lams=(1e-2, 1, 1e2, 1e4)) -> float:
     """Closed-form ridge (with bias) from inputs to targets; λ picked on validation, recall@1 on test."""
     x, y, _ = train.all()
-    xa = torch.cat([x, torch.ones(len(x), 1)], 1).double()
+    xa = _with_bias(x)
     gram, rhs = xa.T @ xa, xa.T @ y.double()
 
     def predict(w, data):
         xv, _, _ = data.all()
-        return F.normalize((torch.cat([xv, torch.ones(len(xv), 1)], 1).double() @ w).float(), dim=-1)
+        return F.normalize((_with_bias(xv) @ w).float(), dim=-1)
 
     def solve(lam):
         return torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype), rhs)
@@ -66,7 +71,7 @@ def linear_ceiling(n_train: int, n_eval: int, in_dim: int, out_dim: int, target_
     def draw(n, sigma=0.0):
         x = torch.randn(n, in_dim, generator=gen)
         clean = F.normalize(x @ weight + bias, dim=-1)
-        return x, clean, F.normalize(clean + sigma * torch.randn(n, out_dim, generator=gen) / out_dim ** 0.5, dim=-1)
+        return x, clean, add_noise(clean, sigma, gen)
 
     _, cal, _ = draw(n_eval)
     noise = torch.randn(cal.shape, generator=gen) / out_dim ** 0.5
@@ -75,12 +80,12 @@ def linear_ceiling(n_train: int, n_eval: int, in_dim: int, out_dim: int, target_
     rhs = torch.zeros(in_dim + 1, out_dim, dtype=torch.float64)
     for start in range(0, n_train, chunk):
         x, _, y = draw(min(chunk, n_train - start), sigma)
-        xa = torch.cat([x, torch.ones(len(x), 1)], 1).double()
+        xa = _with_bias(x)
         gram += xa.T @ xa
         rhs += xa.T @ y.double()
     fitted = torch.linalg.solve(gram, rhs)
     x, clean, y = draw(n_eval, sigma)
-    pred = F.normalize((torch.cat([x, torch.ones(len(x), 1)], 1).double() @ fitted).float(), dim=-1)
+    pred = F.normalize((_with_bias(x) @ fitted).float(), dim=-1)
     return 100 * recall_at_1(pred, y) / recall_at_1(clean, y)
 
 

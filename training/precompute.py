@@ -228,7 +228,7 @@ def precompute_shard(enc: Encoders, url: str, out_dir, batch_size: int = 64, wor
         samples = read_samples(url)
         with ThreadPoolExecutor(max(1, workers)) as pool:
             pending: list = []  # decoded pixels waiting for a full batch
-            decoding = None  # the chunk the threads decode while the model runs on the one before
+            decoding = None  # the full chunk the threads decode while the model runs on the one before
             chunk: list = []
 
             def collect(chunk_results, size):
@@ -244,10 +244,10 @@ def precompute_shard(enc: Encoders, url: str, out_dir, batch_size: int = 64, wor
                 if len(chunk) == batch_size:
                     submitted = pool.map(decode, chunk)  # starts decoding now
                     if decoding is not None:
-                        collect(*decoding)
-                    decoding, chunk = (submitted, batch_size), []
+                        collect(decoding, batch_size)
+                    decoding, chunk = submitted, []
             if decoding is not None:
-                collect(*decoding)
+                collect(decoding, batch_size)
             collect(pool.map(decode, chunk), len(chunk))
             for i in range(0, len(pending), batch_size):
                 flush(pending[i:i + batch_size])

@@ -89,7 +89,8 @@ class PlantedMap(nn.Module):
         return F.normalize(self.net(x), dim=-1)
 
 
-def _noisy(clean: torch.Tensor, sigma: float, gen: torch.Generator) -> torch.Tensor:
+def add_noise(clean: torch.Tensor, sigma: float, gen: torch.Generator) -> torch.Tensor:
+    """Unit-norm `clean` + isotropic Gaussian noise of norm ~`sigma`, renormalised."""
     noise = torch.randn(clean.shape, generator=gen) / math.sqrt(clean.shape[1])
     return F.normalize(clean + sigma * noise, dim=-1)
 
@@ -147,8 +148,8 @@ def planted_alignment(out_dir, n_train: int = 200_000, n_val: int = 5_000, n_tes
         for s, start in enumerate(range(0, n, per_shard)):
             m = min(per_shard, n - start)
             x, clean = draw(m)
-            target = _noisy(clean, sigma, gen)
-            text = _noisy(target, text_sigma, gen)
+            target = add_noise(clean, sigma, gen)
+            text = add_noise(target, text_sigma, gen)
             keys = [f"{split}{start + i:08d}" for i in range(m)]
             write_shard(out / split, f"{split}-{s:05d}",
                         {"dinov2_cls": x.numpy(), "dinov2_patch_mean": x.numpy(), "clip_image": target.numpy(),

@@ -190,15 +190,15 @@ def evaluate_split(projector, data: EmbeddingSet, ks, batch: int = 8192) -> dict
 
     was = projector.training
     projector.eval()
-    preds, mse, n = [], 0.0, len(data)
+    preds, texts, mse, n = [], [], 0.0, len(data)
     for i in range(0, n, batch):
-        x, img, _ = data.batch(np.arange(i, min(i + batch, n)))
+        x, img, txt = data.batch(np.arange(i, min(i + batch, n)))
         p = projector(x).float()
         mse += unit_mse(p, img).item() * len(x)
         preds.append(torch.nn.functional.normalize(p, dim=-1).cpu())
+        texts.append(txt.cpu())
     projector.train(was)
-    _, _, text = data.all()
-    return {**recalls_with_mean(torch.cat(preds), text.cpu(), list(range(n)), ks), "mse": mse / n, "pairs": n}
+    return {**recalls_with_mean(torch.cat(preds), torch.cat(texts), list(range(n)), ks), "mse": mse / n, "pairs": n}
 
 
 def recalls_with_mean(pred, text, text_image_ids, ks) -> dict:
@@ -404,7 +404,7 @@ def _train(cfg: TrainConfig) -> dict:
                                    "rng": rng_state(device), "epoch": epoch, "config": json.dumps(cfg.to_dict()),
                                    "history": json.dumps(history), "best": json.dumps(best)})
             write_metrics(out, history, cfg)
-            judge = f" (Karpathy {cfg.val_split})" if "val_karpathy" in row and cfg.selects_on_karpathy else ""
+            judge = f" (Karpathy {cfg.val_split})" if judged_on_karpathy(row, cfg) else ""
             print(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['train']['loss']:.4f}  val "
                   f"R@{cfg.ks[0]} {row['val'][f'image_retrieval_recall@{cfg.ks[0]}']:.3f}  "
                   f"{cfg.select_metric} {score:.4f}{judge}  ({row['seconds']:.1f}s)", flush=True)
@@ -416,10 +416,15 @@ def _train(cfg: TrainConfig) -> dict:
     return summary
 
 
+def judged_on_karpathy(row: dict, cfg: TrainConfig) -> bool:
+    """Whether this epoch's row is judged on the Karpathy sets (only rank 0 evaluates those)."""
+    return cfg.selects_on_karpathy and "val_karpathy" in row
+
+
 def selection_score(row: dict, cfg: TrainConfig) -> float:
     """The validation figure that picks the epoch: on the held-out pairs, or the mean over the Karpathy sets
-    (only rank 0 evaluates those; other ranks never export, so their choice is not used)."""
-    if cfg.selects_on_karpathy and "val_karpathy" in row:
+    (other ranks never export, so their choice is not used)."""
+    if judged_on_karpathy(row, cfg):
         return float(np.mean([v[cfg.select_metric] for v in row["val_karpathy"].values()]))
     return row["val"][cfg.select_metric]
 
@@ -474,7 +479,7 @@ def finish(cfg: TrainConfig, projector, train_data, val_data, history, best, out
     if "val_karpathy" in selected:
         metrics["val_karpathy"] = {"split": cfg.val_split, "ks": list(cfg.ks), "epoch": best["epoch"],
                                    "recalls": selected["val_karpathy"]}
-    selected_on = f"karpathy-{cfg.val_split}" if cfg.selects_on_karpathy and "val_karpathy" in selected else "val"
+    selected_on = f"karpathy-{cfg.val_split}" if judged_on_karpathy(selected, cfg) else "val"
     if cfg.test:
         test_data = _load(cfg.test, cfg, device)
         metrics["test"] = {"split": "test", "ks": list(cfg.ks), "epoch": best["epoch"],

@@ -78,12 +78,6 @@ def read_config(model_dir: Path) -> ModelConfig:
     return ModelConfig.from_dict(raw, where=str(path))
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
-
-
 def check_relative(rel: str, where: str) -> str:
     """Model directories may only point inside themselves."""
     p = PurePosixPath(rel)

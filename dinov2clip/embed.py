@@ -10,6 +10,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from .atomic import atomic_path
 from .errors import ImageError, UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".jfif", ".ppm"}
@@ -78,11 +79,10 @@ def save_embeddings(path: Path, embeddings: np.ndarray, items: list[str], meta: 
     """npz (no pickles) written to a temporary name, then renamed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
     meta = {"format": FILE_FORMAT, **meta}
-    np.savez(tmp, embeddings=embeddings.astype(np.float32), items=np.array(items, dtype=str),
-             meta=np.array(json.dumps(meta)))
-    tmp.replace(path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez adds no ".npz"
+        np.savez(f, embeddings=embeddings.astype(np.float32), items=np.array(items, dtype=str),
+                 meta=np.array(json.dumps(meta)))
 
 
 def load_embeddings(path: Path) -> tuple[np.ndarray, list[str], dict]:

@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from .atomic import AtomicDir, write_json_atomic
 from .clip_text import CLIP_CONFIG_FILE, check_quickgelu, resolve_teacher, save_clip
-from .config import CONFIG_FILE, PROJECTOR_FILE, ModelConfig, file_sha256, tensor_sha256, write_json_atomic
+from .config import CONFIG_FILE, PROJECTOR_FILE, ModelConfig, file_sha256, read_config, tensor_sha256
 from .dinov2 import check_pooling, pooled_dim, resolve_dinov2_source
 from .errors import UserError
 from .projector import ProjectorWithResiduals, load_projector
@@ -18,28 +17,16 @@ from .projector import ProjectorWithResiduals, load_projector
 TINY_LICENSE = "Apache-2.0 (random weights, for tests and demos only)"
 
 
-class _AtomicDir:
-    """Write into a temporary sibling directory; rename over the target only when complete."""
+MODEL_DIR_ENTRIES = {CONFIG_FILE, PROJECTOR_FILE, "dinov2", "clip", "README.md"}
 
-    def __init__(self, out_dir: Path, overwrite: bool = False):
-        self.out_dir = Path(out_dir)
-        self.overwrite = overwrite
 
-    def __enter__(self) -> Path:
-        if self.out_dir.exists() and any(self.out_dir.iterdir()) and not self.overwrite:
-            raise UserError(f"output directory exists and is not empty: {self.out_dir}")
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", dir=self.out_dir.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if self.out_dir.exists():
-            shutil.rmtree(self.out_dir)
-        self.tmp.rename(self.out_dir)
+def is_model_dir(path: Path) -> bool:
+    """A directory dinov2clip wrote: a readable config.json and nothing but a model directory's parts."""
+    try:
+        read_config(path)
+    except UserError:
         return False
+    return all(p.name in MODEL_DIR_ENTRIES or p.name.startswith("LICENSE") for p in path.iterdir())
 
 
 def write_projector(projector: ProjectorWithResiduals, path: Path) -> str:
@@ -64,7 +51,7 @@ def save_model_dir(config: ModelConfig, projector: ProjectorWithResiduals, out_d
     """A model directory that references its DINOv2/CLIP sources and ships its own projector.
     `extra(tmp_dir, config)` may add bundled parts before hashes are recorded."""
     config = replace(config)
-    with _AtomicDir(out_dir, overwrite) as tmp:
+    with AtomicDir(out_dir, overwrite, is_ours=is_model_dir, what="model directory") as tmp:
         digest = write_projector(projector, tmp / PROJECTOR_FILE)
         config.projector = {**{k: v for k, v in config.projector.items() if k != "source"},
                             **projector.config.to_dict(), "path": PROJECTOR_FILE, "tensor_sha256": digest}

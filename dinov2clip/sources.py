@@ -6,6 +6,7 @@ import os
 import urllib.request
 from pathlib import Path
 
+from .atomic import atomic_path
 from .errors import UserError
 
 HF_PREFIX = "hf-hub:"
@@ -41,19 +42,17 @@ def fetch_url(url: str, timeout: float = 60.0) -> Path:
         raise UserError(f"projector {url} is not in the cache ({target}) and downloads are off "
                         f"(HF_HUB_OFFLINE/DINOV2CLIP_OFFLINE): {_BRING_YOUR_OWN}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + f".part{os.getpid()}")
     try:
         from tqdm.auto import tqdm
 
-        with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
+        with atomic_path(target) as tmp, urllib.request.urlopen(url, timeout=timeout) as resp, \
+                open(tmp, "wb") as out:
             total = int(resp.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {target.name}") as bar:
                 while block := resp.read(1 << 20):
                     out.write(block)
                     bar.update(len(block))
-        tmp.replace(target)
     except Exception as e:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"cannot download projector from {url} (unverified URL; {type(e).__name__}: "
                         f"{e}): {_BRING_YOUR_OWN}") from None
     return target

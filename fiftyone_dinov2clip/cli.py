@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import sys
 from pathlib import Path
 
+from dinov2clip.atomic import AtomicDir
 from dinov2clip.cli import run
 from dinov2clip.errors import UserError
 from dinov2clip.presets import PRESETS
@@ -43,23 +43,37 @@ def cmd_list(args):
         print(f"no dinov2clip models registered in {folder}; run `{PROG} register-presets`", file=sys.stderr)
 
 
+def is_exported_source(folder: Path) -> bool:
+    """What export-source writes, and nothing else: a manifest naming our remote source, the loader
+    `__init__.py` and one `<name>-v<N>.json` per model."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    expected = {"manifest.json", "__init__.py"} | {f"{m['base_name']}-v{m['version']}.json"
+                                                   for m in manifest.get("models", [])}
+    return manifest.get("name") == REMOTE_SOURCE_NAME and all(
+        p.is_file() and p.name in expected for p in folder.iterdir())
+
+
 def export_source(out: Path, url: str | None) -> list[str]:
     """The folder `foz.register_zoo_model_source(<repo URL>)` finds: the presets, as register-presets
-    writes them, plus the source URL. Regenerate the repository's `fiftyone_zoo/` with this."""
-    if out.exists():
-        shutil.rmtree(out)
-    names = registry.register_presets(root=out.parent / ".export-tmp")
-    tmp = registry.source_dir(out.parent / ".export-tmp")
-    manifest = json.loads((tmp / "manifest.json").read_text())
-    manifest["url"] = url
-    # Its own folder name under the zoo dir, so it coexists with `register-presets`' folder (never
-    # "dinov2clip": FiftyOne imports the folder under its name, which would shadow the core package).
-    manifest["name"] = REMOTE_SOURCE_NAME
-    for m in manifest["models"]:
-        m["date_added"] = None  # reproducible bytes: the committed folder must equal a fresh export
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=4) + "\n")
-    shutil.move(str(tmp), out)
-    shutil.rmtree(out.parent / ".export-tmp")
+    writes them, plus the source URL. Regenerate the repository's `fiftyone_zoo/` with this: it replaces
+    an earlier export, and refuses any other non-empty folder (and a file)."""
+    with AtomicDir(out, overwrite=True, is_ours=is_exported_source, what="export-source folder") as tmp:
+        names = registry.register_presets(root=tmp)
+        written = registry.source_dir(tmp)
+        manifest = json.loads((written / "manifest.json").read_text())
+        manifest["url"] = url
+        # Its own folder name under the zoo dir, so it coexists with `register-presets`' folder (never
+        # "dinov2clip": FiftyOne imports the folder under its name, which would shadow the core package).
+        manifest["name"] = REMOTE_SOURCE_NAME
+        for m in manifest["models"]:
+            m["date_added"] = None  # reproducible bytes: the committed folder must equal a fresh export
+        (written / "manifest.json").write_text(json.dumps(manifest, indent=4) + "\n")
+        for path in written.iterdir():
+            path.rename(tmp / path.name)
+        written.rmdir()
     return names
 
 
@@ -227,9 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="registered models: name@version, source, fingerprint", allow_abbrev=False)
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("export-source", help="write the remote zoo source folder (the repo's fiftyone_zoo/)",
-                       allow_abbrev=False)
-    p.add_argument("out")
+    p = sub.add_parser("export-source", help="write the remote zoo source folder (the repo's fiftyone_zoo/); "
+                       "replaces an earlier export there, refuses any other non-empty folder", allow_abbrev=False)
+    p.add_argument("out", help="a new or empty folder, or an earlier export")
     p.add_argument("--url", default="https://github.com/dinov2clip/dinov2clip")
     p.set_defaults(func=cmd_export_source)
 

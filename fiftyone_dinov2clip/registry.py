@@ -21,6 +21,7 @@ import os
 import re
 from pathlib import Path
 
+from dinov2clip.atomic import write_json_atomic, write_text_atomic
 from dinov2clip.errors import UserError
 from dinov2clip.presets import PRESETS
 
@@ -102,20 +103,12 @@ def _entry(name: str, version: int, source: str, config, description: str) -> di
     }
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    from dinov2clip.config import write_json_atomic as write  # imports torch: only when writing
-
-    write(path, obj)
-
-
 def _write_source(manifest: dict, root: Path | None = None) -> None:
     folder = source_dir(root)
     folder.mkdir(parents=True, exist_ok=True)
     init = folder / "__init__.py"
     if not init.is_file() or init.read_text() != INIT_PY:
-        tmp = init.with_suffix(".tmp")
-        tmp.write_text(INIT_PY)
-        os.replace(tmp, init)
+        write_text_atomic(init, INIT_PY)
     write_json_atomic(_manifest_path(root), manifest)
 
 

@@ -54,6 +54,25 @@ def test_make_tiny_refuses_non_empty_dir(tiny_dir):
         dinov2clip.make_tiny(str(tiny_dir))
 
 
+def test_overwrite_replaces_only_a_model_directory(tmp_path):
+    """--overwrite replaces a model directory dinov2clip wrote; a folder holding anything else survives."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("irreplaceable")
+    with pytest.raises(UserError, match="did not write"):
+        dinov2clip.make_tiny(str(mine), overwrite=True)
+    assert (mine / "thesis.tex").read_text() == "irreplaceable"
+    ours = dinov2clip.make_tiny(str(tmp_path / "ours"), seed=1)
+    first = dinov2clip.load(str(ours), image=False, text=False).fingerprint
+    dinov2clip.make_tiny(str(ours), seed=2, overwrite=True)
+    assert dinov2clip.load(str(ours), image=False, text=False).fingerprint != first
+    (ours / "notes.txt").write_text("the user's")
+    with pytest.raises(UserError, match="did not write"):
+        dinov2clip.make_tiny(str(ours), seed=3, overwrite=True)
+    assert (ours / "notes.txt").read_text() == "the user's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "ours"], "temporaries left behind"
+
+
 def test_bundle_round_trip(tiny_dir, tiny_model, tmp_path):
     out = dinov2clip.bundle(str(tiny_dir), str(tmp_path / "bundle"))
     again = dinov2clip.load(str(out), dtype="fp32")

@@ -8,10 +8,9 @@ teacher's own recall, checked against CLIP_benchmark's published figures, is wha
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from dinov2clip.config import write_json_atomic
+from dinov2clip.atomic import atomic_path, write_json_atomic, write_text_atomic
 
 from .metrics import DIRECTIONS
 
@@ -70,15 +69,9 @@ def write_report(report: dict, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / JSON_FILE, "table": out_dir / TABLE_FILE, "plot": out_dir / PLOT_FILE}
     write_json_atomic(paths["json"], report)
-    _write_text_atomic(paths["table"], markdown(report))
+    write_text_atomic(paths["table"], markdown(report))
     plot(report, paths["plot"])
     return paths
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def _pct(x: float | None) -> str:
@@ -168,10 +161,9 @@ def plot(report: dict, path: Path) -> None:
         if nrows == 2:
             _plot_curves(axes[1][col], ds, curves, report)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, format="png", dpi=100, metadata={"Description": json.dumps(plot_values(report))})
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Description": json.dumps(plot_values(report))})
     plt.close(fig)
-    tmp.replace(path)
 
 
 def _plot_curves(ax, ds, curves, report) -> None:

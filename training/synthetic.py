@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinov2clip.atomic import atomic_path
+
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (235, 220, 40),
            "purple": (150, 40, 190), "white": (245, 245, 245)}
 SHAPES = ("circle", "square", "triangle")
@@ -53,8 +55,7 @@ def write_shapes_shards(out_dir, n: int, per_shard: int = 500, seed: int = 0, si
     bad = set(rng.choice(n, size=min(corrupt, n), replace=False).tolist()) if corrupt else set()
     for s, start in enumerate(range(0, n, per_shard)):
         path = out / f"{prefix}-{s:05d}.tar"
-        tmp = path.with_name(path.name + ".tmp")
-        with tarfile.open(tmp, "w") as tar:
+        with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:
             for i in range(start, min(start + per_shard, n)):
                 colour, shape = colours[rng.integers(len(colours))], SHAPES[rng.integers(len(SHAPES))]
                 buf = io.BytesIO()
@@ -67,7 +68,6 @@ def write_shapes_shards(out_dir, n: int, per_shard: int = 500, seed: int = 0, si
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size, info.mtime = len(payload), 0
                     tar.addfile(info, io.BytesIO(payload))
-        tmp.replace(path)
         paths.append(path)
     return paths
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dinov2clip.atomic import atomic_path, write_json_atomic
 from dinov2clip.errors import UserError
 from dinov2clip.projector import ProjectorWithResiduals
 
@@ -161,9 +162,8 @@ def _param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Atomic: a temporary file renamed over the target."""
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def rng_state(device: torch.device) -> dict:
@@ -442,8 +442,6 @@ def _load(dirs, cfg: TrainConfig, device) -> EmbeddingSet:
 
 
 def write_metrics(out: Path, history: list, cfg: TrainConfig) -> None:
-    from dinov2clip.config import write_json_atomic
-
     write_json_atomic(out / "metrics.json", {"split": "val", "ks": list(cfg.ks), "select_metric": cfg.select_metric,
                                              "epochs": history})
     try:
@@ -462,10 +460,9 @@ def write_metrics(out: Path, history: list, cfg: TrainConfig) -> None:
         b.plot(epochs, [r["val"][f"image_retrieval_recall@{k}"] for r in history], "o-", label=f"text→image R@{k}")
     b.set_xlabel("epoch"), b.set_ylabel("validation recall"), b.set_ylim(0, 1), b.legend()
     fig.tight_layout()
-    tmp = out / "metrics.tmp.png"
-    fig.savefig(tmp, dpi=80)
+    with atomic_path(out / "metrics.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
     plt.close(fig)
-    os.replace(tmp, out / "metrics.png")
 
 
 def finish(cfg: TrainConfig, projector, train_data, val_data, history, best, out: Path, device) -> dict:
@@ -488,8 +485,6 @@ def finish(cfg: TrainConfig, projector, train_data, val_data, history, best, out
     model_dir = export_model(cfg, final.cpu(), train_data, metrics, best, out / "model", selected_on)
     summary = {"model": str(model_dir) if model_dir else None, "selected_epoch": best["epoch"],
                "selected_on": selected_on, "metrics": metrics, "history": history}
-    from dinov2clip.config import write_json_atomic
-
     write_json_atomic(out / "summary.json", summary)
     return summary
 

@@ -23,9 +23,9 @@ from fiftyone_dinov2clip.zoo import DinoV2ClipModel
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run(*args, timeout=600):
+def run(*args, timeout=600, cwd=REPO):
     return subprocess.run([sys.executable, "-m", "fiftyone_dinov2clip", *args], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=timeout, cwd=REPO)
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=timeout, cwd=cwd)
 
 
 def test_register_index_quickstart(tiny_dir, tmp_path, zoo_tiny):
@@ -75,6 +75,42 @@ def test_committed_zoo_source_is_a_fresh_export(tmp_path):
     for n in names:
         assert (committed / n).read_bytes() == (tmp_path / "fiftyone_zoo" / n).read_bytes(), \
             f"fiftyone_zoo/{n} is stale: python -m fiftyone_dinov2clip export-source fiftyone_zoo"
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_export_source_never_deletes_what_it_did_not_write(tmp_path):
+    """A folder of the user's, the working directory, a file and a sibling named like our old scratch
+    folder all survive, each refused in one line; an earlier export is replaced, and re-exporting gives
+    the same bytes."""
+    work = tmp_path / "work"
+    (work / "mine").mkdir(parents=True)
+    (work / "mine" / "notes.txt").write_text("keep me")
+    (work / ".export-tmp").mkdir()
+    (work / ".export-tmp" / "keep.txt").write_text("keep me too")
+    (work / "file.txt").write_text("a file")
+    before = _tree(work)
+    for target, message in (("mine", "holds files dinov2clip did not write"),
+                            (".", "holds files dinov2clip did not write"),
+                            ("file.txt", "is not a directory")):
+        out = run("export-source", target, cwd=work)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
+        assert _tree(work) == before, f"export-source {target} changed the user's files"
+    assert sorted(p.name for p in work.iterdir()) == [".export-tmp", "file.txt", "mine"], "temporaries left behind"
+
+    out = run("export-source", "zoo", cwd=work)
+    assert out.returncode == 0 and out.stdout.split() == ["dinov2clip-reference@1"], out.stderr
+    first = _tree(work / "zoo")
+    assert set(first) == {"manifest.json", "__init__.py", "dinov2clip-reference-v1.json"}
+    out = run("export-source", "zoo", cwd=work)  # an earlier export is ours to replace
+    assert out.returncode == 0 and _tree(work / "zoo") == first, out.stderr
+    (work / "zoo" / "extra.txt").write_text("added by the user")
+    out = run("export-source", "zoo", cwd=work)
+    assert out.returncode == 2 and "did not write" in out.stderr
+    assert (work / "zoo" / "extra.txt").read_text() == "added by the user"
+    assert {k: v for k, v in _tree(work).items() if not k.startswith("zoo/")} == before
 
 
 def test_repository_registers_as_a_remote_zoo_source(tmp_path, monkeypatch):

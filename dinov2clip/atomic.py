@@ -1,0 +1,101 @@
+"""Files and folders that appear whole or not at all, and that replace only what this project wrote.
+
+Every temporary name is unique to its writer (process id + random suffix), so two processes writing the
+same file never share one, and a cleanup can recognise its own leftovers. Light module: no torch."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import UserError
+
+TMP_MARK = ".tmp-"  # every temporary name holds it: ".<name>.tmp-<pid>-<random>"
+
+
+def temp_name(path: Path) -> Path:
+    """A unique sibling name for `path`, hidden, holding the writer's pid."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def is_temp_of(name: str, pid: int | None = None) -> bool:
+    """Whether `name` is one of our temporary names (of process `pid`, when given)."""
+    if not (name.startswith(".") and TMP_MARK in name):
+        return False
+    return pid is None or name.rsplit(TMP_MARK, 1)[1].split("-", 1)[0] == str(pid)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it is renamed over `path`, on failure removed."""
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: Path, obj, indent: int = 2) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
+
+
+class AtomicDir:
+    """Write a directory under a temporary sibling name; rename it over the target when complete.
+
+    An existing target is replaced only if it is empty, or if `overwrite` is set and `is_ours(target)`
+    recognises it as something this project wrote; anything else is refused with one line naming it."""
+
+    def __init__(self, out_dir: Path, overwrite: bool = False, is_ours: Callable[[Path], bool] | None = None,
+                 what: str = "output directory"):
+        self.out_dir = Path(out_dir).expanduser().absolute()
+        self.overwrite = overwrite
+        self.is_ours = is_ours
+        self.what = what
+
+    def check(self) -> None:
+        """Refuse before any work is done (also called on entry)."""
+        out = self.out_dir
+        if out.is_symlink() or (out.exists() and not out.is_dir()):
+            raise UserError(f"{self.what} {out} exists and is not a directory: choose another path")
+        if not out.is_dir() or not any(out.iterdir()):
+            return
+        if not self.overwrite:
+            raise UserError(f"{self.what} exists and is not empty: {out} (choose a new path"
+                            + (", or pass --overwrite to replace it)" if self.is_ours else ")"))
+        if self.is_ours is None or not self.is_ours(out):
+            raise UserError(f"{self.what} {out} holds files dinov2clip did not write: refusing to replace it; "
+                            "choose a new or empty path")
+
+    def __enter__(self) -> Path:
+        self.check()
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = temp_name(self.out_dir)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        old = None
+        if self.out_dir.exists():  # checked again: it may have changed while we worked
+            self.check()
+            old = temp_name(self.out_dir)
+            self.out_dir.rename(old)
+        self.tmp.rename(self.out_dir)
+        if old is not None:
+            shutil.rmtree(old)
+        return False

@@ -150,7 +150,7 @@ def time_decode(enc, shards: list[str], workers: int, limit: int) -> float:
 
     def one(b):
         image = load_rgb(b)
-        return enc.model.preprocess(image), enc.teacher_transform(image)
+        return enc.preprocess(image), enc.teacher_transform(image)
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         list(pool.map(one, data[:64]))  # warm-up
@@ -162,16 +162,18 @@ def time_decode(enc, shards: list[str], workers: int, limit: int) -> float:
 def time_model(enc, batch: int, batches: int) -> float:
     import torch
 
-    dev = enc.model.device
+    from training.precompute import encode_images
+
+    dev = enc.device
     dino = torch.randn(batch, 3, 224, 224, device=dev)
     clip = torch.randn(batch, 3, 224, 224, device=dev)
     for _ in range(2):
-        enc.encode_images(dino, clip)
+        encode_images(enc, dino, clip)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     start = time.perf_counter()
     for _ in range(batches):
-        enc.encode_images(dino, clip)
+        encode_images(enc, dino, clip)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return batch * batches / (time.perf_counter() - start)

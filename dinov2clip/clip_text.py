@@ -102,6 +102,19 @@ def teacher_preprocess_cfg(model: nn.Module) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
 
 
+def teacher_transform(model: nn.Module) -> tuple[object, dict]:
+    """open_clip's own evaluation transform for this CLIP's image tower, and the settings that define it."""
+    import open_clip
+    import torchvision
+
+    cfg = teacher_preprocess_cfg(model)
+    cfg.setdefault("size", model.visual.image_size)
+    keys = ("mean", "std", "resize_mode", "interpolation", "fill_color")
+    transform = open_clip.image_transform(cfg["size"], is_train=False, **{k: cfg[k] for k in keys if k in cfg})
+    settings = {**cfg, "versions": {"open_clip": open_clip.__version__, "torchvision": torchvision.__version__}}
+    return transform, settings
+
+
 def save_clip(model: nn.Module, model_cfg: dict, out_dir: Path) -> None:
     """open_clip's hub layout: open_clip_config.json (model_cfg + preprocess_cfg) + safetensors weights."""
     from safetensors.torch import save_file

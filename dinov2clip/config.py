@@ -54,17 +54,34 @@ class ModelConfig:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
 
-    def fingerprint(self) -> str:
-        """Identity of the embedding space: same fingerprint ⇒ comparable embeddings."""
+    def encoder_identity(self, pooling: bool = True) -> dict:
+        """What the encoders are: DINOv2 id + revision (+ pooling), CLIP name/pretrained (the name says
+        QuickGELU), preprocessing version. `pooling=False`: the towers alone (precomputed shards hold
+        every pooling)."""
         ident = {
             "dinov2": self.dinov2.get("origin") or self.dinov2["source"],
             "dinov2_revision": self.dinov2.get("revision"),
-            "pooling": self.dinov2["pooling"],
             "clip": self.clip.get("origin") or f"{self.clip['model_name']}/{self.clip.get('pretrained')}",
-            "projector": self.projector.get("tensor_sha256"),
             "preprocess_version": self.preprocess.get("version"),
         }
-        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+        return {**ident, "pooling": self.dinov2["pooling"]} if pooling else ident
+
+    def encoder_fingerprint(self, pooling: bool = True) -> str:
+        """Identity of the encoders: same encoder fingerprint ⇒ the same DINOv2 inputs and text embeddings,
+        so one projector fits both. `pooling=False`: of the towers alone."""
+        return _digest(self.encoder_identity(pooling))
+
+    def encoders_label(self) -> str:
+        d, c = self.dinov2, self.clip
+        return f"{d.get('origin') or d['source']} {d['pooling']} + {c.get('origin') or c['model_name']}"
+
+    def fingerprint(self) -> str:
+        """Identity of the embedding space — encoders and projector: same fingerprint ⇒ comparable embeddings."""
+        return _digest({**self.encoder_identity(), "projector": self.projector.get("tensor_sha256")})
+
+
+def _digest(ident: dict) -> str:
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
 def read_config(model_dir: Path) -> ModelConfig:

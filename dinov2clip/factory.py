@@ -1,4 +1,9 @@
-"""One factory: a name, directory or hub repo → a ready `DinoV2Clip`."""
+"""One factory: a name, directory or hub repo → a ready `DinoV2Clip`, or its `Encoders` alone.
+
+Two units (DESIGN §2a): the encoders (DINOv2 + pooling, CLIP towers, preprocessing; identity: the encoder
+fingerprint) and the projector (weights + dims + the encoder fingerprint it was trained for). `load` pairs
+them and refuses a projector trained for other encoders; `load_encoders` never touches a projector, so it
+works before one exists (precompute, the evaluation teacher) and on a model directory without one."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -10,8 +15,8 @@ from .clip_text import ClipTextEncoder, check_quickgelu, load_clip, resolve_teac
 from .config import ModelConfig, file_sha256, read_config, tensor_sha256, check_relative
 from .dinov2 import DinoV2Encoder, check_pooling, load_dinov2_backbone, resolve_dinov2_source
 from .errors import UserError
-from .model import DinoV2Clip
-from .presets import DEFAULT_PRESET, Preset, get_preset
+from .model import DinoV2Clip, Encoders
+from .presets import DEFAULT_PRESET, PRESETS, Preset, get_preset
 from .projector import ProjectorWithResiduals, load_projector
 from .sources import HF_PREFIX, LOCAL_PREFIX, hub_snapshot, resolve_projector_file
 
@@ -40,14 +45,24 @@ def config_from_preset(name: str, preset: Preset) -> ModelConfig:
                              input_dim=preset.input_dim, output_dim=preset.output_dim)
 
 
+def is_path_spec(source: str) -> bool:
+    """Spelled as a path (`./x`, `a/b`, `local-dir:x`, `~/x`), so never a preset name."""
+    return source.startswith((LOCAL_PREFIX, ".", "~", "/")) or "/" in source or "\\" in source
+
+
 def resolve_source(source: str) -> tuple[ModelConfig, Path | None]:
-    """Model directory, `hf-hub:org/repo`, or preset name → (config, directory or None)."""
+    """Model directory, `hf-hub:org/repo`, or preset name → (config, directory or None).
+
+    A bare name that is both a preset and an existing path is refused: which one was meant is not ours
+    to guess (a folder named `reference` must not silently replace the preset)."""
     source = str(source)
     if source.startswith(HF_PREFIX):
         root = hub_snapshot(source[len(HF_PREFIX):])
         return read_config(root), root
-    if source.startswith(LOCAL_PREFIX) or "/" in source or "\\" in source or source.startswith(".") \
-            or Path(source).is_dir():
+    if not is_path_spec(source) and source in PRESETS and Path(source).exists():
+        raise UserError(f"{source!r} is both a preset and a path in {Path.cwd()}: write ./{source} or "
+                        f"local-dir:{source} for the folder, or run from another directory for the preset")
+    if is_path_spec(source) or Path(source).is_dir():
         root = Path(source.removeprefix(LOCAL_PREFIX)).expanduser()
         if not root.is_dir():
             raise UserError(f"model directory not found: {root}")
@@ -91,6 +106,11 @@ def build_projector(config: ModelConfig, root: Path | None) -> ProjectorWithResi
     digest = tensor_sha256(projector.state_dict())
     if p.get("tensor_sha256") and p["tensor_sha256"] != digest:
         raise UserError("projector weights differ from the tensor_sha256 in the model config")
+    trained_for, these = p.get("encoder_fingerprint"), config.encoder_fingerprint()
+    if trained_for and trained_for != these:
+        raise UserError(f"projector {p.get('source') or p.get('path')} was trained for encoders "
+                        f"{trained_for[:12]}, these are {these[:12]} ({config.encoders_label()}): "
+                        "their embeddings would not be comparable")
     config.projector = {**p, **got.to_dict(), "tensor_sha256": digest}
     return projector
 
@@ -102,7 +122,7 @@ def build_image_encoder(config: ModelConfig, root: Path | None) -> DinoV2Encoder
         _verify_files(root, config, d["path"])
     backbone = load_dinov2_backbone(str(local or d["source"]), revision=None if local else d.get("revision"))
     encoder = DinoV2Encoder(backbone, d["pooling"])
-    if encoder.output_dim != config.projector["input_dim"]:
+    if config.projector.get("input_dim") not in (None, encoder.output_dim):
         raise UserError(f"DINOv2 {d['source']} with {d['pooling']} pooling gives {encoder.output_dim}-d "
                         f"embeddings; the projector takes {config.projector['input_dim']}-d")
     config.dinov2 = {**d, "class": type(backbone).__name__, "hidden_size": backbone.config.hidden_size}
@@ -116,7 +136,7 @@ def build_clip(config: ModelConfig, root: Path | None, keep_visual: bool = False
         _verify_files(root, config, c["path"])
     clip_model, tokenizer = load_clip(c["model_name"], c.get("pretrained"), root=local)
     embed_dim = _clip_embed_dim(clip_model)
-    if embed_dim != config.projector["output_dim"]:
+    if config.projector.get("output_dim") not in (None, embed_dim):
         raise UserError(f"CLIP {c['model_name']} embeds in {embed_dim}-d; the projector outputs "
                         f"{config.projector['output_dim']}-d")
     if not keep_visual:
@@ -135,16 +155,31 @@ def _clip_embed_dim(clip_model) -> int:
     return clip_model.text.output_dim
 
 
-def build(config: ModelConfig, root: Path | None = None, device: str | None = None, dtype="auto",
-          batch_size: int = 32, image: bool = True, text: bool = True, keep_clip_visual: bool = False) -> DinoV2Clip:
-    config = replace(config)  # the build fills in dims and hashes; never mutate the caller's copy
-    projector = build_projector(config, root)
+def _towers(config: ModelConfig, root: Path | None, image: bool, text: bool, teacher: bool):
     image_encoder = build_image_encoder(config, root) if image else None
     text_encoder = tokenizer = None
-    if text:
-        clip_model, tokenizer = build_clip(config, root, keep_visual=keep_clip_visual)
+    if text or teacher:
+        clip_model, tokenizer = build_clip(config, root, keep_visual=teacher)
         text_encoder = ClipTextEncoder(clip_model)
-    model = DinoV2Clip(config, projector, image_encoder, text_encoder, tokenizer,
+    return image_encoder, text_encoder, tokenizer
+
+
+def build_encoders(config: ModelConfig, root: Path | None = None, device: str | None = None, dtype="auto",
+                   batch_size: int = 32, image: bool = True, text: bool = True, teacher: bool = False) -> Encoders:
+    """The encoders of `config`, without its projector (none is read, fetched or checked)."""
+    config = replace(config, projector={})  # what the encoders are does not depend on any projector
+    encoders = Encoders(config, *_towers(config, root, image, text, teacher), device=device, dtype=dtype,
+                        batch_size=batch_size)
+    encoders.root = root
+    return encoders
+
+
+def build(config: ModelConfig, root: Path | None = None, device: str | None = None, dtype="auto",
+          batch_size: int = 32, image: bool = True, text: bool = True, keep_clip_visual: bool = False,
+          teacher: bool = False) -> DinoV2Clip:
+    config = replace(config)  # the build fills in dims and hashes; never mutate the caller's copy
+    projector = build_projector(config, root)
+    model = DinoV2Clip(config, projector, *_towers(config, root, image, text, teacher or keep_clip_visual),
                        device=device, dtype=dtype, batch_size=batch_size)
     model.root = root  # where `attach` finds bundled parts later
     return model
@@ -165,17 +200,38 @@ def attach(model: DinoV2Clip, image: bool = False, text: bool = False) -> DinoV2
 
 def load(source: str = DEFAULT_PRESET, device: str | None = None, dtype="auto", batch_size: int = 32,
          image: bool = True, text: bool = True, projector: str | None = None,
-         keep_clip_visual: bool = False) -> DinoV2Clip:
-    """Load a model directory, a named preset or `hf-hub:org/repo`.
+         keep_clip_visual: bool = False, teacher: bool = False) -> DinoV2Clip:
+    """Load a model directory, a named preset or `hf-hub:org/repo`: its encoders and its projector.
 
     `image=False` keeps only the text tower (query-only processes); `projector` overrides the
-    projector source (a path, URL or `hf-hub:` spec) of a preset; `keep_clip_visual=True` keeps the
-    CLIP teacher's image tower at `model.text_encoder.clip.visual` (evaluation, training)."""
+    projector source (a path, URL or `hf-hub:` spec; a model directory's projector must have been trained
+    for these encoders); `teacher=True` (alias `keep_clip_visual`) keeps the CLIP teacher's image tower
+    (`model.teacher`, `model.encode_teacher`: evaluation)."""
     config, root = resolve_source(source)
     if projector is not None:
-        config.projector = {"source": projector}
+        config.projector = {"source": projector, **_trained_for(projector)}
     return build(config, root, device=device, dtype=dtype, batch_size=batch_size, image=image, text=text,
-                 keep_clip_visual=keep_clip_visual)
+                 teacher=teacher or keep_clip_visual)
+
+
+def _trained_for(projector: str) -> dict:
+    """The encoder fingerprint a projector source records (a model directory's config), if any."""
+    path = Path(str(projector).removeprefix(LOCAL_PREFIX)).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        trained_for = read_config(path).projector.get("encoder_fingerprint")
+        return {"encoder_fingerprint": trained_for} if trained_for else {}
+    return {}
+
+
+def load_encoders(source: str = DEFAULT_PRESET, device: str | None = None, dtype="auto", batch_size: int = 32,
+                  image: bool = True, text: bool = True, teacher: bool = False) -> Encoders:
+    """The encoders of a model directory, preset or `hf-hub:org/repo`, with no projector: what precompute,
+    the evaluation teacher (`teacher=True` keeps CLIP's image tower) and text-only processes load. Works
+    before any projector exists (a preset whose projector cannot be fetched, a directory without
+    `projector.safetensors`)."""
+    config, root = resolve_source(source)
+    return build_encoders(config, root, device=device, dtype=dtype, batch_size=batch_size, image=image,
+                          text=text, teacher=teacher)
 
 
 def from_parts(dinov2: str = "base", pooling: str = "mean", clip: str = "B/16", pretrained: str | None = None,

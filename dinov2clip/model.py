@@ -48,17 +48,19 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return torch.float32
 
 
-class DinoV2Clip(nn.Module):
-    """Encode images with DINOv2 + projector and texts with CLIP, into one L2-normalised space.
+class Encoders(nn.Module):
+    """A model's towers without its projector: DINOv2 + pooling, CLIP's text tower (and its image tower,
+    the teacher, when asked for), with both preprocessings. Its identity is the *encoder fingerprint*.
 
-    Build it with `dinov2clip.load(...)`; `__init__` only assembles already-loaded parts."""
+    Precompute, the evaluation teacher, Karpathy validation and text-only processes need nothing more, so
+    they run before any projector exists. Build it with `dinov2clip.load_encoders(...)`; `__init__` only
+    assembles already-loaded parts."""
 
-    def __init__(self, config: ModelConfig, projector: nn.Module, image_encoder: nn.Module | None = None,
+    def __init__(self, config: ModelConfig, image_encoder: nn.Module | None = None,
                  text_encoder: nn.Module | None = None, tokenizer=None, device: str | None = None,
                  dtype: str | torch.dtype | None = "auto", batch_size: int = 32):
         super().__init__()
         self.config = config
-        self.projector = projector
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
@@ -67,33 +69,40 @@ class DinoV2Clip(nn.Module):
         self.dtype = resolve_dtype(dtype, self.device.type)
         self.batch_size = batch_size
         self.root = None  # model directory the parts came from (set by the factory; used by `attach`)
+        self._teacher_transform = None
         self.to(self.device).eval()
 
     # -- identity -------------------------------------------------------------------------
     @property
     def embed_dim(self) -> int:
-        return self.config.embed_dim
+        return self.config.clip.get("embed_dim") or self.config.embed_dim
+
+    @property
+    def encoder_fingerprint(self) -> str:
+        return self.config.encoder_fingerprint()
 
     @property
     def fingerprint(self) -> str:
-        return self.config.fingerprint()
+        """The identity of the space this object embeds into (encoders alone: the encoder fingerprint)."""
+        return self.encoder_fingerprint
 
     @property
     def dinov2_provenance(self) -> dict:
         """What the projector's input is; stored with every DINOv2 embedding."""
         d = self.config.dinov2
         return {"source": d.get("origin") or d["source"], "pooling": d["pooling"],
-                "preprocess_version": self.config.preprocess.get("version")}
+                "preprocess_version": self.config.preprocess.get("version"),
+                "encoder_fingerprint": self.encoder_fingerprint}
 
     # -- encoding -------------------------------------------------------------------------
-    def _autocast(self):
+    def autocast(self):
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def _require(self, part: str):
         if getattr(self, part) is None:
-            raise UserError(f"this DinoV2Clip was loaded without its {part.replace('_', ' ')}: "
+            raise UserError(f"this {type(self).__name__} was loaded without its {part.replace('_', ' ')}: "
                             f"load it with {'image' if 'image' in part else 'text'}=True")
 
     def _pixel_batches(self, images, batch_size: int):
@@ -112,8 +121,94 @@ class DinoV2Clip(nn.Module):
     def encode_dinov2(self, pixels: torch.Tensor) -> torch.Tensor:
         """Preprocessed pixels [B, 3, H, W] → raw pooled DINOv2 embedding, float32."""
         self._require("image_encoder")
-        with self._autocast():
+        with self.autocast():
             return self.image_encoder(pixels.to(self.device, non_blocking=True)).float()
+
+    # -- the CLIP teacher's image side ------------------------------------------------------
+    @property
+    def teacher(self) -> nn.Module:
+        """The open_clip CLIP whose text tower this model uses, with its image tower (`teacher=True`)."""
+        clip = getattr(self.text_encoder, "clip", None)
+        if clip is None or getattr(clip, "visual", None) is None:
+            raise UserError(f"this {type(self).__name__} was loaded without the CLIP teacher's image tower: "
+                            "load it with teacher=True")
+        return clip
+
+    @property
+    def teacher_transform(self):
+        """open_clip's own evaluation transform for the teacher (PIL RGB image → pixels)."""
+        if self._teacher_transform is None:
+            from .clip_text import teacher_transform
+
+            self._teacher_transform = teacher_transform(self.teacher)
+        return self._teacher_transform[0]
+
+    @property
+    def teacher_preprocess(self) -> dict:
+        """The settings that define `teacher_transform` (recorded with everything it embeds)."""
+        self.teacher_transform  # noqa: B018 (builds it once)
+        return self._teacher_transform[1]
+
+    @torch.inference_mode()
+    def encode_teacher(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Teacher-preprocessed pixels → the CLIP image embedding, float32, L2-normalised, on CPU."""
+        with self.autocast():
+            out = self.teacher.encode_image(pixels.to(self.device, non_blocking=True))
+        return F.normalize(out.float(), dim=-1).cpu()
+
+    def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
+        self._require("tokenizer")
+        return self.tokenizer([texts] if isinstance(texts, str) else list(texts))
+
+    def encode_text(self, texts: str | Sequence[str], batch_size: int | None = None,
+                    progress: bool = False) -> torch.Tensor:
+        """Texts → float32 L2-normalised [N, D] on CPU."""
+        return self.encode_tokens(self.tokenize(texts), batch_size, progress)
+
+    @torch.inference_mode()
+    def encode_tokens(self, tokens: torch.Tensor, batch_size: int | None = None,
+                      progress: bool = False) -> torch.Tensor:
+        """Token ids [N, L] (from `tokenizer`) → float32 L2-normalised [N, D] on CPU. Processed in order of
+        token length (each batch stops at its longest caption) and returned in input order."""
+        self._require("text_encoder")
+        tokens = tokens.cpu()
+        if len(tokens) == 0:
+            return torch.empty(0, self.embed_dim)
+        order = torch.argsort(tokens.argmax(dim=-1), stable=True)
+        bs = batch_size or max(self.batch_size, 256)
+        starts = range(0, len(order), bs)
+        if progress:
+            from tqdm.auto import tqdm
+            starts = tqdm(starts, desc="encode texts", unit="batch")
+        out = torch.empty(len(tokens), self.embed_dim)
+        for i in starts:
+            idx = order[i:i + bs]
+            with self.autocast():
+                feats = self.text_encoder(tokens[idx].to(self.device))
+            out[idx] = F.normalize(feats.float(), dim=-1).cpu()
+        return out
+
+
+class DinoV2Clip(Encoders):
+    """Encoders + projector: images through DINOv2 and the projector, texts through CLIP, into one
+    L2-normalised space. Its identity, the model fingerprint, covers both units.
+
+    Build it with `dinov2clip.load(...)`; `__init__` only assembles already-loaded parts."""
+
+    def __init__(self, config: ModelConfig, projector: nn.Module, image_encoder: nn.Module | None = None,
+                 text_encoder: nn.Module | None = None, tokenizer=None, device: str | None = None,
+                 dtype: str | torch.dtype | None = "auto", batch_size: int = 32):
+        super().__init__(config, image_encoder, text_encoder, tokenizer, device, dtype, batch_size)
+        self.projector = projector
+        self.to(self.device).eval()
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    @property
+    def fingerprint(self) -> str:
+        return self.config.fingerprint()
 
     @torch.inference_mode()
     def project(self, dinov2_embedding: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -145,38 +240,6 @@ class DinoV2Clip(nn.Module):
         if return_dinov2:
             return emb, (torch.cat(dinos) if dinos else torch.empty(0, self.config.projector["input_dim"]))
         return emb
-
-    def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
-        self._require("tokenizer")
-        return self.tokenizer([texts] if isinstance(texts, str) else list(texts))
-
-    def encode_text(self, texts: str | Sequence[str], batch_size: int | None = None,
-                    progress: bool = False) -> torch.Tensor:
-        """Texts → float32 L2-normalised [N, D] on CPU."""
-        return self.encode_tokens(self.tokenize(texts), batch_size, progress)
-
-    @torch.inference_mode()
-    def encode_tokens(self, tokens: torch.Tensor, batch_size: int | None = None,
-                      progress: bool = False) -> torch.Tensor:
-        """Token ids [N, L] (from `tokenizer`) → float32 L2-normalised [N, D] on CPU. Processed in order of
-        token length (each batch stops at its longest caption) and returned in input order."""
-        self._require("text_encoder")
-        tokens = tokens.cpu()
-        if len(tokens) == 0:
-            return torch.empty(0, self.embed_dim)
-        order = torch.argsort(tokens.argmax(dim=-1), stable=True)
-        bs = batch_size or max(self.batch_size, 256)
-        starts = range(0, len(order), bs)
-        if progress:
-            from tqdm.auto import tqdm
-            starts = tqdm(starts, desc="encode texts", unit="batch")
-        out = torch.empty(len(tokens), self.embed_dim)
-        for i in starts:
-            idx = order[i:i + bs]
-            with self._autocast():
-                feats = self.text_encoder(tokens[idx].to(self.device))
-            out[idx] = F.normalize(feats.float(), dim=-1).cpu()
-        return out
 
     def extra_repr(self) -> str:
         d, c = self.config.dinov2, self.config.clip

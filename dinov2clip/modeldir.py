@@ -57,6 +57,7 @@ def save_model_dir(config: ModelConfig, projector: ProjectorWithResiduals, out_d
                             **projector.config.to_dict(), "path": PROJECTOR_FILE, "tensor_sha256": digest}
         if extra is not None:
             extra(tmp, config)
+        config.projector["encoder_fingerprint"] = config.encoder_fingerprint()  # the encoders it is trained for
         finish_config(config, tmp)
     return Path(out_dir)
 

@@ -97,6 +97,7 @@ def compute_embeddings(samples, model="dinov2clip-reference", embeddings_field: 
     core = model.core(image=True)
     zoo_name = _zoo_name(model)
     clip_info = {"space": "clip", "model": zoo_name, "fingerprint": core.fingerprint,
+                 "encoder_fingerprint": core.encoder_fingerprint,
                  "clip": f"{core.config.clip['model_name']}/{core.config.clip.get('pretrained')}"}
     dino_info = {"space": "dinov2", "model": zoo_name, "fingerprint": core.fingerprint, **core.dinov2_provenance}
     _check_field(samples, embeddings_field, clip_info)
@@ -199,6 +200,10 @@ def project_field(samples, dinov2_field: str, model="dinov2clip-reference",
             f"DINOv2 zoo models store CLS tokens; this projector takes {want['pooling']}-pooled "
             f"{want['source']} tokens): recompute it with compute_embeddings(dinov2_field=...), or pass "
             "provenance={'source': ..., 'pooling': ...} if you know it")
+    if have.get("encoder_fingerprint") not in (None, want["encoder_fingerprint"]):
+        raise UserError(f"field {dinov2_field!r} holds embeddings of encoders {have['encoder_fingerprint'][:12]}; "
+                        f"{_zoo_name(model)} projects those of {want['encoder_fingerprint'][:12]}: recompute the "
+                        "field with this model")
     for key in ("source", "pooling"):
         if have.get(key) != want[key]:
             raise UserError(f"field {dinov2_field!r} holds {have.get('pooling')}-pooled {have.get('source')} "
@@ -207,7 +212,7 @@ def project_field(samples, dinov2_field: str, model="dinov2clip-reference",
     view = samples.exists(dinov2_field)
     ids, values = view.values(["id", dinov2_field])
     info = {"space": "clip", "model": _zoo_name(model), "fingerprint": core.fingerprint,
-            "clip": f"{core.config.clip['model_name']}/{core.config.clip.get('pretrained')}"}
+            "encoder_fingerprint": core.encoder_fingerprint, "clip": f"{core.config.clip['model_name']}/{core.config.clip.get('pretrained')}"}
     _check_field(samples, embeddings_field, info)
     for start in range(0, len(ids), batch_size):
         x = np.stack(values[start:start + batch_size]).astype(np.float32)

@@ -91,13 +91,26 @@ def ensure_model(spec: str) -> str:
         pass
     preset = spec.removeprefix(registry.PRESET_PREFIX)
     if preset in PRESETS:
+        if preset == spec:
+            registry.describe_source(spec)  # refuses a bare name that is also a path here
         return registry.register(registry.preset_zoo_name(preset), preset)
-    if spec.startswith("hf-hub:") or Path(spec).expanduser().is_dir():
-        parts = [p for p in Path(spec.removeprefix("hf-hub:")).parts if p not in ("/", ".", "..")]
-        base = "-".join(parts[-2:] if parts and parts[-1] == "model" else parts[-1:]) or "model"
-        base = "".join(c if c.isalnum() or c in "_-" else "-" for c in base)
-        return registry.register(registry.PRESET_PREFIX + base, spec)
+    if spec.startswith("hf-hub:") or Path(spec.removeprefix("local-dir:")).expanduser().is_dir():
+        return registry.register(derived_name(spec), spec)
     return registry.resolve(spec)  # raises: unknown name, listing the registered ones
+
+
+def derived_name(spec: str) -> str:
+    """The zoo name a model directory or hub repo is registered under on first use: readable (its folder)
+    and unique to its content (its fingerprint), so `./reference` never becomes the `reference` preset's
+    name and two `.../train/model` folders never share one."""
+    _, config = registry.describe_source(spec)
+    parts = [p for p in Path(spec.removeprefix("hf-hub:").removeprefix("local-dir:")).parts
+             if p not in ("/", ".", "..")]
+    base = "-".join(parts[-2:] if parts and parts[-1] == "model" else parts[-1:]) or "model"
+    base = "".join(c if c.isalnum() or c in "_-" else "-" for c in base)
+    content = config.fingerprint() if config.projector.get("tensor_sha256") else \
+        hashlib.sha256(spec.encode()).hexdigest()
+    return f"{registry.PRESET_PREFIX}{base}-{content[:10]}"
 
 
 def images_in(folder: Path) -> list[str]:

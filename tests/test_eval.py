@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from dinov2clip import UserError
-from dinov2clip.config import read_config, write_json_atomic
+from dinov2clip.atomic import write_json_atomic
+from dinov2clip.config import read_config
 from dinov2clip.modeldir import save_model_dir
 from dinov2clip.preprocess import load_rgb
 from dinov2clip.projector import ProjectorWithResiduals
@@ -313,12 +314,11 @@ def test_parity_with_clip_benchmark_end_to_end(tiny_dir, karpathy, tmp_path):
 
     ds = load_karpathy(*karpathy, split="test+val")
     report = evaluate(str(tiny_dir), [ds], tmp_path, dtype="fp32", device="cpu", cache_dir=False, progress=False)
-    models = load_models(str(tiny_dir), device="cpu", dtype="fp32")
-    model = models.model
+    model = load_models(str(tiny_dir), device="cpu", dtype="fp32")
     ours = _Wrapped(lambda x: model.project(model.encode_dinov2(x)), model.text_encoder)
-    teacher = _Wrapped(models.clip.encode_image, models.clip.encode_text)  # open_clip's stock towers
+    teacher = _Wrapped(model.teacher.encode_image, model.teacher.encode_text)  # open_clip's stock towers
     for row, wrapped, transform in ((report["rows"][0], ours, model.preprocess),
-                                    (report["rows"][1], teacher, models.teacher_transform)):
+                                    (report["rows"][1], teacher, model.teacher_transform)):
         loader = torch.utils.data.DataLoader(_Pairs(ds, transform), batch_size=4, collate_fn=_collate)
         theirs = zr.evaluate(wrapped, loader, model.tokenizer, "cpu", amp=False, recall_k_list=[1, 5, 10])
         assert theirs.keys() == row["recalls"]["coco"].keys()
@@ -394,12 +394,12 @@ def test_checkpoints_weight_averages_and_ensembles(tiny_dir, karpathy, tmp_path,
     from training.encode import load_models
     models = load_models(str(tiny_dir), device="cpu", dtype="fp32")
     ds = load_karpathy(*karpathy)
-    ours = models.model.encode_image([str(p) for p in ds.images])
+    ours = models.encode_image([str(p) for p in ds.images])
     theirs = torch.cat([models.encode_teacher(torch.stack([models.teacher_transform(load_rgb(p))]))
                         for p in ds.images])
     mixed = torch.nn.functional.normalize(ours + theirs, dim=-1)
     assert rows["ens(model, clip)"]["recalls"]["coco"] == retrieval_recall(
-        mixed, models.model.encode_text(ds.captions), ds.text_image_ids)
+        mixed, models.encode_text(ds.captions), ds.text_image_ids)
     assert r["selection"]["best"] in ("run_epoch_1", "run_epoch_2") and r["selection"]["split"] == "test"
     table = Path(r["files"]["table"]).read_text()
     assert "## All rows" in table and "| ens(model, clip) |" in table and "select on `--split val`" in table

@@ -61,11 +61,8 @@ def test_values_match_the_model_and_teacher(done, shards, tiny_dir):
     from PIL import Image
 
     from dinov2clip.dinov2 import pool_tokens
-    from training.encode import load_models
-
     out, _ = done
-    models = load_models(str(tiny_dir), device="cpu", dtype="fp32")
-    m = models.model
+    models = m = pc.load_encoders(str(tiny_dir), device="cpu", dtype="fp32")
     d = out / "shards" / shards[0].stem
     text = json.loads((d / pc.TEXT).read_text())
     samples = {s["__key__"]: s for s in pc.read_samples(str(shards[0]))}
@@ -85,11 +82,15 @@ def test_values_match_the_model_and_teacher(done, shards, tiny_dir):
 
 def test_resume_skips_finished_and_cleans_partial(done, shards, tiny_dir):
     out, _ = done
-    junk = out / "shards" / ".shards-00001.tmp-999"
+    junk = out / "shards" / f".{shards[1].stem}.tmp-999-0a1b2c3d"  # a killed run's half-written shard
     junk.mkdir()
+    # another node's shard in progress on a shared filesystem: not one of ours, never touched
+    theirs = out / "shards" / ".other-00007.tmp-4242-deadbeef"
+    theirs.mkdir()
     again = pc.precompute(str(tiny_dir), [str(p) for p in shards], out, progress=False)
     assert again == {"shards": 3, "done_before": 3, "written": 0, "samples": 0, "skipped": 0}
-    assert not junk.exists()
+    assert not junk.exists() and theirs.is_dir()
+    theirs.rmdir()
 
 
 def test_rank_split_is_identical_to_one_process(done, shards, tiny_dir, tmp_path):

@@ -16,7 +16,7 @@ import torch
 from dinov2clip.dinov2 import check_pooling
 from dinov2clip.errors import UserError
 
-from .precompute import ARRAYS, META, TEXT, manifest
+from .precompute import ARRAYS, META, TEXT, check_one_encoder, manifest, shard_fingerprint
 
 
 def pool(cls: torch.Tensor, patch_mean: torch.Tensor, pooling: str, num_patches: int) -> torch.Tensor:
@@ -34,6 +34,11 @@ class EmbeddingSet:
         check_pooling(pooling)
         self.pooling = pooling
         self.manifests = [manifest(d) for d in dirs]
+        found: dict[str, list[str]] = {}
+        for man in self.manifests:
+            for meta in man["shards"]:
+                found.setdefault(str(shard_fingerprint(meta)), []).append(meta["name"])
+        self.encoder_fingerprint = check_one_encoder(found, ", ".join(map(str, dirs)))
         self.shards = []
         for d, man in zip(dirs, self.manifests):
             for meta in man["shards"]:

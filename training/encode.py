@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dinov2clip.embed import load_embeddings, save_embeddings
 from dinov2clip.errors import ImageError, UserError
@@ -32,58 +31,28 @@ from .datasets import RetrievalSet
 PIPELINE_VERSION = 1  # bump when this module changes the numbers it produces
 
 
-@dataclass
-class EvalModels:
-    """A dinov2clip model and its CLIP teacher sharing one CLIP (text tower and image tower)."""
-    model: object  # DinoV2Clip
-    clip: torch.nn.Module  # open_clip CLIP with its image tower
-    teacher_transform: object
-    teacher_preprocess: dict
-
-    @property
-    def dinov2_identity(self) -> dict:
-        d = self.model.config.dinov2
-        return {"origin": d.get("origin") or d["source"], "revision": d.get("revision"), "class": d.get("class"),
-                "pooling": d["pooling"], "files": _bundled_hashes(self.model.config, d)}
-
-    @property
-    def clip_identity(self) -> dict:
-        c = self.model.config.clip
-        return {"origin": c.get("origin") or f"{c['model_name']}/{c.get('pretrained')}",
-                "model_name": c["model_name"], "pretrained": c.get("pretrained"),
-                "files": _bundled_hashes(self.model.config, c)}
-
-    def encode_teacher(self, pixels: torch.Tensor) -> torch.Tensor:
-        model = self.model
-        with torch.inference_mode(), torch.autocast(model.device.type, dtype=model.dtype,
-                                                    enabled=model.dtype != torch.float32):
-            out = self.clip.encode_image(pixels.to(model.device))
-        return F.normalize(out.float(), dim=-1).cpu()
-
-
-def load_models(source: str, device: str | None = None, dtype="auto", batch_size: int = 32) -> EvalModels:
-    """`dinov2clip.load` with the CLIP image tower kept, so the teacher shares every weight file."""
+def load_models(source: str, device: str | None = None, dtype="auto", batch_size: int = 32):
+    """The model to evaluate with its CLIP teacher's image tower kept: one CLIP serves the teacher and the
+    text side. (Features alone — Karpathy validation — need only `dinov2clip.load_encoders(teacher=True)`.)"""
     from dinov2clip import load
 
-    model = load(source, device=device, dtype=dtype, batch_size=batch_size, keep_clip_visual=True)
-    clip_model = model.text_encoder.clip
-    transform, preprocess = teacher_transform(clip_model)
-    return EvalModels(model, clip_model, transform, preprocess)
+    return load(source, device=device, dtype=dtype, batch_size=batch_size, teacher=True)
 
 
-def teacher_transform(clip_model) -> tuple[object, dict]:
-    """open_clip's own evaluation transform for this CLIP, and the settings that define it."""
-    import open_clip
-    import torchvision
+def dinov2_identity(enc) -> dict:
+    """What the pooled DINOv2 features depend on (an eval-cache key)."""
+    d = enc.config.dinov2
+    return {"origin": d.get("origin") or d["source"], "revision": d.get("revision"), "class": d.get("class"),
+            "pooling": d["pooling"], "files": _bundled_hashes(enc.config, d),
+            "encoder_fingerprint": enc.encoder_fingerprint}
 
-    cfg = dict(open_clip.get_model_preprocess_cfg(clip_model)) if hasattr(open_clip, "get_model_preprocess_cfg") \
-        else {}
-    cfg.setdefault("size", clip_model.visual.image_size)
-    keys = ("mean", "std", "resize_mode", "interpolation", "fill_color")
-    transform = open_clip.image_transform(cfg["size"], is_train=False, **{k: cfg[k] for k in keys if k in cfg})
-    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
-    settings["versions"] = {"open_clip": open_clip.__version__, "torchvision": torchvision.__version__}
-    return transform, settings
+
+def clip_identity(enc) -> dict:
+    """What the teacher's image and caption embeddings depend on (an eval-cache key)."""
+    c = enc.config.clip
+    return {"origin": c.get("origin") or f"{c['model_name']}/{c.get('pretrained')}",
+            "model_name": c["model_name"], "pretrained": c.get("pretrained"),
+            "files": _bundled_hashes(enc.config, c)}
 
 
 def _bundled_hashes(config, section: dict) -> dict:
@@ -130,19 +99,19 @@ class Embedded:
     cache: dict  # part → "hit" / "miss" / "off"
 
 
-def embed_set(models: EvalModels, ds: RetrievalSet, cache: EmbeddingCache, skip_unreadable: bool = False,
+def embed_set(models, ds: RetrievalSet, cache: EmbeddingCache, skip_unreadable: bool = False,
               workers: int | None = None, progress: bool = True) -> Embedded:
-    model = models.model
+    model = models  # `dinov2clip.Encoders` (or a model) with the teacher
     common = {"dtype": str(model.dtype).removeprefix("torch."), "device": model.device.type,
               "pipeline": PIPELINE_VERSION}
     images = {**common, "annotation_sha256": ds.annotation_sha256, "split": ds.split,
               "image_root": str(ds.image_root.resolve()), "images": ds.images_digest()}
     keys = {
-        "dinov2": {**images, "kind": "dinov2", "encoder": models.dinov2_identity,
+        "dinov2": {**images, "kind": "dinov2", "encoder": dinov2_identity(models),
                    "preprocess": model.config.preprocess},
-        "teacher": {**images, "kind": "clip-image", "encoder": models.clip_identity,
+        "teacher": {**images, "kind": "clip-image", "encoder": clip_identity(models),
                     "preprocess": models.teacher_preprocess},
-        "text": {**common, "kind": "clip-text", "encoder": models.clip_identity,
+        "text": {**common, "kind": "clip-text", "encoder": clip_identity(models),
                  "captions": hashlib.sha256("\n".join(ds.captions).encode()).hexdigest()},
     }
     found = {part: cache.get(key) for part, key in keys.items()}
@@ -172,11 +141,9 @@ def embed_set(models: EvalModels, ds: RetrievalSet, cache: EmbeddingCache, skip_
     return Embedded(reduced, arrays["dinov2"][kept], arrays["teacher"][kept], arrays["text"][caption_kept], status)
 
 
-def _image_towers(models: EvalModels) -> dict:
+def _image_towers(enc) -> dict:
     """part → (transform of an RGB PIL image, batch encoder)."""
-    model = models.model
-    return {"dinov2": (model.preprocess, model.encode_dinov2), "teacher": (models.teacher_transform,
-                                                                          models.encode_teacher)}
+    return {"dinov2": (enc.preprocess, enc.encode_dinov2), "teacher": (enc.teacher_transform, enc.encode_teacher)}
 
 
 def _image_pass(ds: RetrievalSet, towers: dict, batch_size: int, skip: bool, workers: int | None, progress: bool):

@@ -21,7 +21,7 @@ import torch
 from dinov2clip.errors import UserError
 
 from .datasets import RetrievalSet
-from .encode import PIPELINE_VERSION, EmbeddingCache, embed_set, load_models
+from .encode import PIPELINE_VERSION, EmbeddingCache, clip_identity, dinov2_identity, embed_set, load_models
 from .metrics import DEFAULT_KS, check_ks, recall_from_ranks, retrieval_ranks
 from .report import check_teacher, teacher_warning, write_report
 from .variants import load_variants
@@ -64,7 +64,7 @@ def evaluate(model: str, datasets: Sequence[RetrievalSet], out_dir, *, ks: Seque
     variants = load_variants(models, checkpoints, weight_averages, ensembles)  # fail before any embedding
     cache = EmbeddingCache(None if cache_dir is False else (cache_dir or default_cache_dir()))
     rows = [{"name": MODEL_ROW, "kind": "model", "sources": [str(model)], "epoch": None},
-            {"name": TEACHER_ROW, "kind": "teacher", "sources": [models.clip_identity["origin"]], "epoch": None}]
+            {"name": TEACHER_ROW, "kind": "teacher", "sources": [clip_identity(models)["origin"]], "epoch": None}]
     rows += [{"name": v.name, "kind": v.kind, "sources": v.sources, "epoch": v.epoch} for v in variants]
     for row in rows:
         row["recalls"] = {}
@@ -84,9 +84,9 @@ def evaluate(model: str, datasets: Sequence[RetrievalSet], out_dir, *, ks: Seque
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "code_version": code_version(),
         "model": _model_info(model, models),
-        "teacher": {**models.clip_identity, "preprocess": models.teacher_preprocess},
-        "settings": {"ks": list(ks), "split": split, "dtype": str(models.model.dtype).removeprefix("torch."),
-                     "device": str(models.model.device), "batch_size": batch_size, "skip_missing": skip_missing,
+        "teacher": {**clip_identity(models), "preprocess": models.teacher_preprocess},
+        "settings": {"ks": list(ks), "split": split, "dtype": str(models.dtype).removeprefix("torch."),
+                     "device": str(models.device), "batch_size": batch_size, "skip_missing": skip_missing,
                      "tie_policy": "pessimistic: a positive ranks behind every negative scoring at least as high",
                      "metric": "CLIP_benchmark zeroshot_retrieval recall@K (fractions)",
                      "cache_dir": None if cache.root is None else str(cache.root)},
@@ -104,7 +104,7 @@ def _score_set(models, variants, emb, rows: list[dict], ks) -> list[dict]:
     """Every row's recalls on one embedded set, in place; returns the teacher's published-figure checks."""
     ds = emb.dataset
     text = torch.from_numpy(emb.text)
-    image_sets = [models.model.project(emb.dinov2).cpu(), torch.from_numpy(emb.teacher)]
+    image_sets = [models.project(emb.dinov2).cpu(), torch.from_numpy(emb.teacher)]
     image_sets += [v.embed(emb.dinov2, emb.teacher) for v in variants]
     checks = []
     for row, images in zip(rows, image_sets):
@@ -112,7 +112,7 @@ def _score_set(models, variants, emb, rows: list[dict], ks) -> list[dict]:
         row["recalls"][ds.name] = recall_from_ranks(text_rank, image_rank, ks)
         if row["kind"] == "teacher":
             r5 = recall_from_ranks(text_rank, image_rank, (5,))  # whatever K the user asked for
-            checks = [dict(c, skipped=len(ds.skipped)) for c in check_teacher(models.model.config.clip, ds, r5)]
+            checks = [dict(c, skipped=len(ds.skipped)) for c in check_teacher(models.config.clip, ds, r5)]
     return checks
 
 
@@ -144,11 +144,11 @@ def _selection(rows: list[dict], split: str | None) -> dict | None:
 
 
 def _model_info(source: str, models) -> dict:
-    config = models.model.config
+    config = models.config
     local = Path(source)
-    return {"source": str(local.resolve()) if local.is_dir() else source, "fingerprint": models.model.fingerprint,
+    return {"source": str(local.resolve()) if local.is_dir() else source, "fingerprint": models.fingerprint,
             "projector_sha256": config.projector.get("tensor_sha256"), "weights_sha256": config.weights_sha256,
-            "dinov2": models.dinov2_identity, "clip": models.clip_identity, "preprocess": config.preprocess}
+            "dinov2": dinov2_identity(models), "clip": clip_identity(models), "preprocess": config.preprocess}
 
 
 def code_version() -> dict:

@@ -20,7 +20,11 @@ from pathlib import Path
 
 from dinov2clip.errors import UserError
 
+from .rerun import record_or_check
+
 SECTIONS = ("name", "data", "model", "precompute", "train")
+CONFIG_RECORD = "pipeline-config.json"  # the config a --output was made with: a changed one is refused
+OUTPUTS = ("data", "base_model", "precomputed", "train")
 SPLITS = ("train", "val", "test")
 
 
@@ -57,6 +61,8 @@ def run_pipeline(cfg: dict, output, progress: bool = True) -> dict:
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     cfg = copy.deepcopy(cfg)
+    record_or_check(out / CONFIG_RECORD, cfg, f"--output {out}", "use a new --output to start over",
+                    made=any((out / part).exists() for part in OUTPUTS))
     shards = prepare_data(cfg.get("data") or {}, out)
     model = prepare_model(cfg.get("model") or {}, out)
     pre = dict(cfg.get("precompute") or {})

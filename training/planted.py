@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import EmbeddingSet
+from .rerun import record_or_check
 from .synthetic import add_noise, calibrate_noise, planted_alignment, recall_at_1
 
 # loss name → (mse_weight, contrastive_weight, contrastive_directions)
@@ -111,6 +112,10 @@ def run_planted(out, n_train: int = 200_000, n_eval: int = 5_000, in_dim: int = 
     from .train import TrainConfig, train
 
     out = Path(out)
+    data_config = {"n_train": n_train, "n_eval": n_eval, "in_dim": in_dim, "out_dim": out_dim, "hidden": hidden,
+                   "seed": seed}
+    record_or_check(out / "planted-config.json", data_config, f"the planted data in {out}",
+                    "use a new --out", made=(out / "data").exists())
     if not (out / "data" / "planted.json").is_file():
         planted_alignment(out / "data", n_train=n_train, n_val=n_eval, n_test=n_eval, in_dim=in_dim,
                           out_dim=out_dim, hidden=hidden, per_shard=max(n_eval, 50_000), seed=seed)

@@ -24,14 +24,13 @@ import shutil
 import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from dinov2clip.atomic import TMP_MARK, temp_name
 from dinov2clip.errors import ImageError, UserError
 
 FORMAT = "dinov2clip-precompute/1"
@@ -117,41 +116,30 @@ def caption_of(sample: dict) -> str | None:
 
 # -- mapper --------------------------------------------------------------------------------------
 
-@dataclass
-class Encoders:
-    """The model's DINOv2 backbone and its CLIP teacher (image and text towers), on one device."""
-    model: object  # DinoV2Clip loaded with keep_clip_visual=True
-    teacher_transform: object
-    teacher_preprocess: dict
-    source: str
-
-    @property
-    def identity(self) -> dict:
-        cfg = self.model.config
-        return {"source": self.source, "config": cfg.to_dict(), "teacher_preprocess": self.teacher_preprocess,
-                "dtype": str(self.model.dtype).removeprefix("torch.")}
-
-    def _autocast(self):
-        m = self.model
-        return torch.autocast(m.device.type, dtype=m.dtype, enabled=m.dtype != torch.float32)
-
-    @torch.inference_mode()
-    def encode_images(self, dino_pixels: torch.Tensor, clip_pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        m = self.model
-        enc = m.image_encoder
-        with self._autocast():
-            tokens = enc.backbone(pixel_values=dino_pixels.to(m.device)).last_hidden_state.float()
-            teacher = m.text_encoder.clip.encode_image(clip_pixels.to(m.device)).float()
-        patches = tokens[:, 1 + enc.num_register_tokens:]
-        return {"dinov2_cls": tokens[:, 0].cpu(), "dinov2_patch_mean": patches.mean(dim=1).cpu(),
-                "clip_image": F.normalize(teacher, dim=-1).cpu(), "num_patches": patches.shape[1]}
+def encode_images(enc, dino_pixels: torch.Tensor, clip_pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One batch through the encoders: DINOv2's CLS and patch mean (every pooling can be rebuilt from them)
+    and the teacher's image embedding."""
+    tower = enc.image_encoder
+    with torch.inference_mode(), enc.autocast():
+        tokens = tower.backbone(pixel_values=dino_pixels.to(enc.device)).last_hidden_state.float()
+    patches = tokens[:, 1 + tower.num_register_tokens:]
+    return {"dinov2_cls": tokens[:, 0].cpu(), "dinov2_patch_mean": patches.mean(dim=1).cpu(),
+            "clip_image": enc.encode_teacher(clip_pixels), "num_patches": patches.shape[1]}
 
 
-def load_encoders(source: str, device: str | None = None, dtype="auto", batch_size: int = 64) -> Encoders:
-    from .encode import load_models
+def encoders_identity(enc, source: str) -> dict:
+    """What a shard's numbers depend on, recorded in its meta. `fingerprint` is of the towers alone (no
+    pooling: a shard holds every pooling); shards with different fingerprints never mix."""
+    cfg = enc.config
+    return {"fingerprint": cfg.encoder_fingerprint(pooling=False), "source": source, "config": cfg.to_dict(),
+            "teacher_preprocess": enc.teacher_preprocess, "dtype": str(enc.dtype).removeprefix("torch.")}
 
-    models = load_models(source, device=device, dtype=dtype, batch_size=batch_size)
-    return Encoders(models.model, models.teacher_transform, models.teacher_preprocess, str(source))
+
+def load_encoders(source: str, device: str | None = None, dtype="auto", batch_size: int = 64):
+    """The source's encoders with the CLIP teacher's image tower, and no projector (none need exist)."""
+    from dinov2clip import load_encoders as load
+
+    return load(source, device=device, dtype=dtype, batch_size=batch_size, teacher=True)
 
 
 # -- writer --------------------------------------------------------------------------------------
@@ -161,8 +149,7 @@ def write_shard(out_dir, name: str, arrays: dict[str, np.ndarray], keys: list[st
     """Write one shard directory atomically: a temporary sibling, renamed when complete."""
     final = Path(out_dir) / "shards" / name
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_name(final)
     tmp.mkdir()
     hashes = {}
     for key in ARRAYS:
@@ -183,21 +170,53 @@ def is_done(out_dir, name: str) -> bool:
     return (Path(out_dir) / "shards" / name / META).is_file()
 
 
-def clean_partial(out_dir) -> None:
-    """Remove temporary shard directories a killed run left behind."""
+def clean_partial(out_dir, names: Sequence[str]) -> None:
+    """Remove the temporary directories a killed run left for these shards. Only this rank writes them, so
+    on a shared filesystem no other rank's shard in progress is touched."""
     root = Path(out_dir) / "shards"
-    if root.is_dir():
-        for p in root.glob(".*.tmp-*"):
+    for name in names:
+        for p in root.glob(f".{name}{TMP_MARK}*"):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def shard_fingerprint(meta: dict) -> str | None:
+    """The encoder fingerprint (towers alone) a shard was computed with; older shards: from their config."""
+    enc = meta.get("encoders") or {}
+    if enc.get("fingerprint"):
+        return enc["fingerprint"]
+    if enc.get("config"):
+        from dinov2clip.config import ModelConfig
+
+        return ModelConfig.from_dict(enc["config"]).encoder_fingerprint(pooling=False)
+    return None
+
+
+def fingerprints(out_dir) -> dict[str, list[str]]:
+    """Encoder fingerprint → names of the finished shards under `out_dir` computed with it."""
+    root = Path(out_dir) / "shards"
+    found: dict[str, list[str]] = {}
+    for path in sorted(root.glob(f"*/{META}")) if root.is_dir() else []:
+        found.setdefault(str(shard_fingerprint(json.loads(path.read_text()))), []).append(path.parent.name)
+    return found
+
+
+def check_one_encoder(found: dict[str, list[str]], where: str) -> str:
+    """The single encoder fingerprint of a set of shards; shards of two encoders are refused."""
+    if len(found) > 1:
+        (a, na), (b, nb) = list(found.items())[:2]
+        raise UserError(f"{where} mixes shards of two encoders: {a[:12]} ({na[0]}, ...) and {b[:12]} ({nb[0]}, ...); "
+                        "their embeddings are not comparable: precompute each model into its own --out")
+    return next(iter(found), "")
 
 
 # -- one shard, then the stage -------------------------------------------------------------------
 
-def precompute_shard(enc: Encoders, url: str, out_dir, batch_size: int = 64, workers: int = 4, bar=None) -> dict:
-    """Reader → mapper → writer for one shard; returns its meta."""
+def precompute_shard(enc, url: str, out_dir, batch_size: int = 64, workers: int = 4, bar=None,
+                     source: str | None = None) -> dict:
+    """Reader → mapper → writer for one shard (`enc`: `dinov2clip.Encoders` with the teacher); returns its meta."""
     from dinov2clip.preprocess import load_rgb
 
-    model = enc.model
+    model = enc
     keys, captions, parts, skipped = [], [], {k: [] for k in ("dinov2_cls", "dinov2_patch_mean", "clip_image")}, {}
     num_patches = None
 
@@ -219,7 +238,7 @@ def precompute_shard(enc: Encoders, url: str, out_dir, batch_size: int = 64, wor
 
     def flush(batch):
         nonlocal num_patches
-        out = enc.encode_images(torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch]))
+        out = encode_images(enc, torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch]))
         num_patches = out.pop("num_patches")
         for k, v in out.items():
             parts[k].append(v.numpy())
@@ -261,7 +280,7 @@ def precompute_shard(enc: Encoders, url: str, out_dir, batch_size: int = 64, wor
     if num_patches is None:
         num_patches = 0
     meta = {"source": url, "num_patches": int(num_patches), "num_register_tokens": model.image_encoder.num_register_tokens,
-            "skipped": len(skipped), "skipped_keys": skipped, "encoders": enc.identity}
+            "skipped": len(skipped), "skipped_keys": skipped, "encoders": encoders_identity(enc, source or "")}
     write_shard(out_dir, shard_name(url), arrays, keys, captions, meta)
     return meta
 
@@ -291,7 +310,17 @@ def precompute(model: str, shards: Sequence[str], out_dir, batch_size: int = 64,
     if dupes:
         raise UserError(f"two shards share the name {sorted(dupes)[0]!r}: outputs would collide")
     mine = rank_slice(urls, rank, world)
-    clean_partial(out_dir)
+    ours = source_fingerprint(model)
+    stale = {fp: n for fp, n in fingerprints(out_dir).items() if fp != ours}
+    if stale and not overwrite:
+        fp, names = next(iter(stale.items()))
+        raise UserError(f"{out_dir} holds shards of other encoders ({fp[:12]}: {', '.join(names[:3])}"
+                        f"{', ...' if len(names) > 3 else ''}); {model} is {ours[:12]}: choose another --out, or "
+                        "pass --overwrite to recompute them with this model")
+    if stale and (rank if rank is not None else int(os.environ.get("RANK", 0))) == 0:
+        for gone in sorted({n for names in stale.values() for n in names} - set(names)):  # not recomputed below
+            shutil.rmtree(Path(out_dir) / "shards" / gone)  # our own shard (it has our meta.json)
+    clean_partial(out_dir, [shard_name(u) for u in mine])
     todo = [u for u in mine if overwrite or not is_done(out_dir, shard_name(u))]
     summary = {"shards": len(mine), "done_before": len(mine) - len(todo), "written": 0, "samples": 0, "skipped": 0}
     if not todo:
@@ -302,7 +331,7 @@ def precompute(model: str, shards: Sequence[str], out_dir, batch_size: int = 64,
     start = time.perf_counter()
     with tqdm(desc=f"precompute {len(todo)} shards", unit="img", disable=not progress, smoothing=0.1) as bar:
         for url in todo:
-            meta = precompute_shard(enc, url, out_dir, batch_size, workers, bar)
+            meta = precompute_shard(enc, url, out_dir, batch_size, workers, bar, source=str(model))
             summary["written"] += 1
             summary["samples"] += json.loads((Path(out_dir) / "shards" / shard_name(url) / META).read_text())["count"]
             summary["skipped"] += meta["skipped"]
@@ -310,6 +339,14 @@ def precompute(model: str, shards: Sequence[str], out_dir, batch_size: int = 64,
             bar.set_postfix(samples_per_s=f"{rate:.0f}", skipped=summary["skipped"])
     summary["seconds"] = time.perf_counter() - start
     return summary
+
+
+def source_fingerprint(model: str) -> str:
+    """The encoder fingerprint (towers alone) of a model source, from its config: nothing is loaded."""
+    from dinov2clip.factory import resolve_source
+
+    config, _ = resolve_source(model)
+    return config.encoder_fingerprint(pooling=False)
 
 
 def manifest(out_dir) -> dict:

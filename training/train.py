@@ -40,6 +40,7 @@ from dinov2clip.projector import ProjectorWithResiduals
 from .data import EmbeddingSet
 from .losses import CONTRASTIVE_DIRECTIONS, MAX_LOGIT_SCALE, Trainee, combined_loss
 from .metrics import retrieval_recall
+from .rerun import check_same_config
 
 CKPT_FORMAT = "dinov2clip-train/1"
 
@@ -224,7 +225,9 @@ def load_karpathy_val(cfg: TrainConfig, train_data: EmbeddingSet, device) -> lis
     """Each Karpathy val split embedded once — DINOv2 pooled as trained, captions by the CLIP text tower —
     with the models the training embeddings came from (read from the eval cache when seen before)."""
     from .datasets import load_karpathy, name_uniquely
-    from .encode import EmbeddingCache, embed_set, load_models
+    from dinov2clip import load_encoders
+
+    from .encode import EmbeddingCache, embed_set
     from .evaluate import default_cache_dir
 
     enc = train_data.encoders or {}
@@ -233,15 +236,15 @@ def load_karpathy_val(cfg: TrainConfig, train_data: EmbeddingSet, device) -> lis
         raise UserError("val_karpathy needs the model the training embeddings came from: pass --model-source")
     sets = name_uniquely([load_karpathy(f, root, split=cfg.val_split)
                           for f, root in zip(cfg.val_karpathy, cfg.val_images)])
-    models = load_models(source, device=str(device), dtype=enc.get("dtype", "auto"))
-    model = models.model
-    if model.config.dinov2["pooling"] != cfg.pooling:  # same backbone, pooled as the projector is trained
-        model.config.dinov2 = {**model.config.dinov2, "pooling": cfg.pooling}
-        model.image_encoder.pooling = cfg.pooling
+    # encoders only: no projector exists yet (the one being trained is applied to these features)
+    encoders = load_encoders(source, device=str(device), dtype=enc.get("dtype", "auto"), teacher=True)
+    if encoders.config.dinov2["pooling"] != cfg.pooling:  # same backbone, pooled as the projector is trained
+        encoders.config.dinov2 = {**encoders.config.dinov2, "pooling": cfg.pooling}
+        encoders.image_encoder.pooling = cfg.pooling
     cache = EmbeddingCache(Path(cfg.eval_cache) if cfg.eval_cache else default_cache_dir())
     out = []
     for ds in sets:
-        emb = embed_set(models, ds, cache, skip_unreadable=True, progress=cfg.progress)
+        emb = embed_set(encoders, ds, cache, skip_unreadable=True, progress=cfg.progress)
         out.append({"name": ds.name, "x": torch.from_numpy(emb.dinov2), "text": torch.from_numpy(emb.text),
                     "text_image_ids": list(emb.dataset.text_image_ids), "summary": emb.dataset.summary()})
     return out
@@ -331,6 +334,7 @@ def _train(cfg: TrainConfig) -> dict:
 
     train_data = _load(cfg.train, cfg, device)
     val_data = _load(cfg.val, cfg, device)
+    check_same_encoders(cfg, train_data)
     karpathy = load_karpathy_val(cfg, train_data, device) if master and cfg.val_karpathy else []
     steps_per_epoch = len(train_data) // cfg.batch_size
     if steps_per_epoch == 0:
@@ -344,6 +348,11 @@ def _train(cfg: TrainConfig) -> dict:
     history, best, start_epoch = [], None, 0
     if cfg.resume and last.exists():
         state = torch.load(last, map_location="cpu", weights_only=True)
+        check_same_config(_settings(json.loads(state["config"])), _settings(cfg.to_dict()), f"{last}",
+                          f"choose another --out to train with this config (or remove {out} to start over)")
+        if state.get("encoder_fingerprint", train_data.encoder_fingerprint) != train_data.encoder_fingerprint:
+            raise UserError(f"{last} was trained on encoders {state['encoder_fingerprint'][:12]}, the --train "
+                            f"shards now come from {train_data.encoder_fingerprint[:12]}: choose another --out")
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -402,6 +411,7 @@ def _train(cfg: TrainConfig) -> dict:
             save_checkpoint(last, {"format": CKPT_FORMAT, "model": module.state_dict(),
                                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                    "rng": rng_state(device), "epoch": epoch, "config": json.dumps(cfg.to_dict()),
+                                   "encoder_fingerprint": train_data.encoder_fingerprint,
                                    "history": json.dumps(history), "best": json.dumps(best)})
             write_metrics(out, history, cfg)
             judge = f" (Karpathy {cfg.val_split})" if judged_on_karpathy(row, cfg) else ""
@@ -414,6 +424,34 @@ def _train(cfg: TrainConfig) -> dict:
     if world > 1:
         dist.barrier()
     return summary
+
+
+# What may change between an interrupted run and its resumption: how it runs, not what it computes.
+RUN_ONLY = ("progress", "resume", "device", "cpu_threads", "resident", "resident_max_gb", "eval_cache")
+
+
+def _settings(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in RUN_ONLY}
+
+
+def check_same_encoders(cfg: TrainConfig, train_data: EmbeddingSet) -> None:
+    """train, val and test (and an explicit --model-source) must come from one encoder: a projector trained
+    on one space and judged or exported on another would be meaningless."""
+    from .precompute import source_fingerprint, check_one_encoder, fingerprints
+
+    want = train_data.encoder_fingerprint
+    for split, dirs in (("val", cfg.val), ("test", cfg.test)):
+        found: dict[str, list[str]] = {}
+        for d in dirs:
+            for fp, names in fingerprints(d).items():
+                found.setdefault(fp, []).extend(names)
+        got = check_one_encoder(found, f"--{split} {', '.join(map(str, dirs))}")
+        if got and got != want:
+            raise UserError(f"--{split} shards come from encoders {got[:12]}, --train shards from {want[:12]}: "
+                            "precompute every split with the same model")
+    if cfg.model_source and (got := source_fingerprint(cfg.model_source)) != want:
+        raise UserError(f"--model-source {cfg.model_source} has encoders {got[:12]}, the training shards "
+                        f"{want[:12]}: the exported model would not match its projector")
 
 
 def judged_on_karpathy(row: dict, cfg: TrainConfig) -> bool:

@@ -32,9 +32,8 @@ class Variant:
     epoch: int | None = None
 
 
-def load_variants(models, checkpoints=(), weight_averages=(), ensembles=()) -> list[Variant]:
+def load_variants(model, checkpoints=(), weight_averages=(), ensembles=()) -> list[Variant]:
     """Load and check every projector before any image is embedded: mistakes fail in seconds."""
-    model = models.model
     out = []
     for path in checkpoints:
         projector = _checked_projector(path, model)

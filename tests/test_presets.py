@@ -14,7 +14,7 @@ from dinov2clip import UserError
 from dinov2clip.presets import PRESETS, REFERENCE_URL
 from dinov2clip.sources import url_cache_path
 
-from testsupport import seed_hub_repo, solid
+from testsupport import seed_reference_towers, solid
 
 pytestmark = pytest.mark.slow  # real-size ViT-B/16 and reference projector (random weights)
 PRETRAINED_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's, from open_clip's `openai` tag
@@ -25,24 +25,13 @@ CAPTIONS = ["a dog on a beach", "a red circle", "two people riding bikes down a 
 def seeded(tmp_path_factory):
     """DINOv2 under facebook/dinov2-base (base width, 1 layer), the open_clip `openai` ViT-B/16 file,
     and a reference-format projector in our URL cache."""
-    import open_clip
-    from safetensors.torch import save_file
-    from transformers import Dinov2Config, Dinov2Model
-
     work = tmp_path_factory.mktemp("seed")
-    torch.manual_seed(0)
-    Dinov2Model(Dinov2Config(num_hidden_layers=1)).save_pretrained(work / "dinov2")
-    seed_hub_repo("facebook/dinov2-base", {n: work / "dinov2" / n for n in ("config.json", "model.safetensors")})
-
-    clip_model = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None)
-    save_file({k: v.half().contiguous() for k, v in clip_model.state_dict().items()}, str(work / "clip.safetensors"))
-    seed_hub_repo("timm/vit_base_patch16_clip_224.openai", {"open_clip_model.safetensors": work / "clip.safetensors"})
-
+    towers = seed_reference_towers(work)
     projector = dinov2clip.ProjectorWithResiduals(768, 512, 2048, 6)
     ckpt = url_cache_path(REFERENCE_URL)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.half() for k, v in projector.state_dict().items()}, ckpt)
-    yield {"ckpt": ckpt, "clip_file": work / "clip.safetensors", "dinov2_dir": work / "dinov2"}
+    yield {"ckpt": ckpt, **towers}
     ckpt.unlink()
 
 

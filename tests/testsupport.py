@@ -29,3 +29,22 @@ def seed_hub_repo(repo_id: str, files: dict[str, Path]) -> None:
             shutil.copy(src, snapshot / name)
     (root / "refs").mkdir(exist_ok=True)
     (root / "refs" / "main").write_text(commit)
+
+
+def seed_reference_towers(work: Path) -> dict:
+    """The reference preset's towers with random weights, under their real ids: DINOv2 as
+    facebook/dinov2-base (base width, 1 layer) and the open_clip `openai` ViT-B/16 file (full size, fp16),
+    so `dinov2clip.load_encoders("reference")` resolves them through the real code with HF_HUB_OFFLINE=1.
+    No projector is seeded."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(num_hidden_layers=1)).save_pretrained(work / "dinov2")
+    seed_hub_repo("facebook/dinov2-base", {n: work / "dinov2" / n for n in ("config.json", "model.safetensors")})
+    clip_model = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None)
+    save_file({k: v.half().contiguous() for k, v in clip_model.state_dict().items()}, str(work / "clip.safetensors"))
+    seed_hub_repo("timm/vit_base_patch16_clip_224.openai", {"open_clip_model.safetensors": work / "clip.safetensors"})
+    return {"clip_file": work / "clip.safetensors", "dinov2_dir": work / "dinov2"}

@@ -14,7 +14,7 @@ _LAZY = {
     "load_rgb": "preprocess", "ProjectorWithResiduals": "projector", "load_projector": "projector",
 }
 
-_SUBMODULES = {"atomic", "cli", "clip_text", "config", "dinov2", "embed", "errors", "factory", "hub", "model", "modeldir",
+_SUBMODULES = {"atomic", "cli", "formats", "clip_text", "config", "dinov2", "embed", "errors", "factory", "hub", "model", "modeldir",
                "presets", "preprocess", "projector", "sources"}
 
 __all__ = sorted(_LAZY)

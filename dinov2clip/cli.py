@@ -16,13 +16,16 @@ from .errors import UserError
 from .presets import DEFAULT_PRESET
 
 PROG = "dinov2clip"
+OVERWRITE_HELP = ("replace OUT_DIR if it is a model directory dinov2clip wrote (config.json, weights, bundled "
+                  "parts and nothing else); any other non-empty folder is refused")
 
 
 def cmd_info(args) -> None:
     from .factory import resolve_source
 
     config, root = resolve_source(args.source)
-    info = {"source": args.source, "directory": str(root) if root else None, **config.to_dict()}
+    info = {"source": args.source, "directory": str(root) if root else None, **config.to_dict(),
+            "encoder_fingerprint": config.encoder_fingerprint()}
     if config.projector.get("tensor_sha256"):
         info["fingerprint"] = config.fingerprint()
     if args.json:
@@ -36,6 +39,7 @@ def cmd_info(args) -> None:
     print(f"projector   {dims} ×{p.get('num_blocks') or '?'} blocks  {p.get('path') or p.get('source')}")
     print(f"license     {config.license}")
     print(f"format      {config.format_version}")
+    print(f"encoders    {info['encoder_fingerprint']}")
     if "fingerprint" in info:
         print(f"fingerprint {info['fingerprint']}")
     if config.provenance:
@@ -139,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", default="mean", choices=["mean", "cls", "cls+mean"])
     p.add_argument("--size", default="tiny", choices=["tiny", "reference"],
                    help="reference: real-size architectures (dinov2-base, ViT-B/16, 768→2048×6→512) for benchmarks")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     p = add("convert-reference", cmd_convert_reference, "turn a reference .pt projector into a model directory")
     p.add_argument("checkpoint")
@@ -149,12 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", required=True, help="open_clip model name (e.g. ViT-B-16-quickgelu) or B/32, B/16, L/14")
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag (e.g. openai)")
     p.add_argument("--license", default="unknown")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     p = add("bundle", cmd_bundle, "copy a model and all its weights into one self-contained offline directory")
     p.add_argument("source")
     p.add_argument("out_dir")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     p = add("push", cmd_push, "upload a model directory to the Hugging Face Hub with a generated model card")
     p.add_argument("model_dir")

@@ -12,8 +12,8 @@ import torch
 
 from .atomic import atomic_path
 from .errors import ImageError, UserError
+from .formats import is_image_name
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".jfif", ".ppm"}
 FILE_FORMAT = "dinov2clip-embeddings/1"
 
 
@@ -23,7 +23,7 @@ def expand_images(inputs: Iterable[str]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            out += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            out += sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p.name))
         elif path.is_file():
             out.append(path)
         else:

@@ -10,13 +10,13 @@ from pathlib import Path
 from dinov2clip.atomic import AtomicDir
 from dinov2clip.cli import run
 from dinov2clip.errors import UserError
+from dinov2clip.formats import IMAGE_EXTENSIONS, is_image_name
 from dinov2clip.presets import PRESETS
 
 from . import registry
 
 PROG = "python -m fiftyone_dinov2clip"
 REMOTE_SOURCE_NAME = "dinov2clip-remote"
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 # -- registry -------------------------------------------------------------------------------
@@ -114,7 +114,7 @@ def derived_name(spec: str) -> str:
 
 
 def images_in(folder: Path) -> list[str]:
-    return sorted(str(p.resolve()) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    return sorted(str(p.resolve()) for p in folder.rglob("*") if is_image_name(p.name) and p.is_file())
 
 
 def check_target(target: str) -> list[str] | None:
@@ -125,7 +125,7 @@ def check_target(target: str) -> list[str] | None:
     if folder.is_dir():
         paths = images_in(folder)
         if not paths:
-            raise UserError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) under {folder}")
+            raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
         return paths
     if fo.dataset_exists(target):
         return None

@@ -15,7 +15,7 @@ from PIL import Image
 
 from dinov2clip import UserError
 from dinov2clip.atomic import write_json_atomic
-from dinov2clip.config import read_config
+from dinov2clip.config import ModelConfig, read_config
 from dinov2clip.modeldir import save_model_dir
 from dinov2clip.preprocess import load_rgb
 from dinov2clip.projector import ProjectorWithResiduals
@@ -454,6 +454,8 @@ def test_teacher_off_its_published_figure_warns(tiny_dir, karpathy, tmp_path, ca
     shutil.copytree(tiny_dir, claimed)
     config = json.loads((claimed / "config.json").read_text())
     config["clip"]["origin"] = "ViT-B-16-quickgelu/openai"
+    # the projector, re-declared as trained for the encoders claimed (else the pairing is refused)
+    config["projector"]["encoder_fingerprint"] = ModelConfig.from_dict(config).encoder_fingerprint()
     write_json_atomic(claimed / "config.json", config)
     with pytest.warns(TeacherCheckWarning) as caught:
         r = run_eval(claimed, karpathy, tmp_path / "out")

@@ -32,10 +32,11 @@ import torch
 
 from dinov2clip.atomic import TMP_MARK, temp_name
 from dinov2clip.errors import ImageError, UserError
+from dinov2clip.formats import IMAGE_EXTENSIONS
 
 FORMAT = "dinov2clip-precompute/1"
 ARRAYS = ("dinov2_cls", "dinov2_patch_mean", "clip_image", "clip_text")
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)  # webdataset member extensions
 META, TEXT = "meta.json", "text.json"
 
 

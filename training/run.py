@@ -114,7 +114,8 @@ def add_precompute(sub) -> None:
     p.add_argument("--workers", type=int, default=4, help="image decoding threads")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: best available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--overwrite", action="store_true", help="recompute finished shards too")
+    p.add_argument("--overwrite", action="store_true", help="recompute finished shards too, and replace (delete) "
+                   "shards another model wrote into --out (only precompute's own shard folders are touched)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -18,7 +18,11 @@ One epoch = one seeded permutation of the training rows (drop-last). After each 
 recall@K (and validation loss) on held-out pairs, a checkpoint (`checkpoints/last.pt`: model,
 optimizer, scheduler, RNG state as tensors, history — `torch.load(weights_only=True)` reads it) and
 metrics.json + metrics.png. The best epoch on validation is exported; test is evaluated once, on it.
-Seeded and deterministic on CPU: an interrupted run resumed with `resume=True` ends bitwise equal.
+Seeded and deterministic on CPU: an interrupted run resumed with `resume=True` ends bitwise equal; a
+resume with another config, or on shards of other encoders, is refused.
+
+This module is the loop; validation and epoch selection live in `training/validation.py`, the test
+evaluation and the model-directory export in `training/export.py`.
 """
 from __future__ import annotations
 
@@ -33,14 +37,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dinov2clip.atomic import atomic_path, write_json_atomic
+from dinov2clip.atomic import atomic_path
 from dinov2clip.errors import UserError
 from dinov2clip.projector import ProjectorWithResiduals
 
 from .data import EmbeddingSet
+from .export import finish, write_metrics
 from .losses import CONTRASTIVE_DIRECTIONS, MAX_LOGIT_SCALE, Trainee, combined_loss
-from .metrics import retrieval_recall
 from .rerun import check_same_config
+from .validation import (
+    evaluate_features,
+    evaluate_split,
+    judged_on_karpathy,
+    load_karpathy_val,
+    load_split,
+    selection_score,
+)
 
 CKPT_FORMAT = "dinov2clip-train/1"
 
@@ -182,77 +194,34 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-# -- evaluation -----------------------------------------------------------------------------------
+# -- what a run starts from ----------------------------------------------------------------------
 
-@torch.no_grad()
-def evaluate_split(projector, data: EmbeddingSet, ks, batch: int = 8192) -> dict:
-    """Recall@K of caption → image and image → caption over all pairs of `data`, plus the MSE."""
-    from .losses import unit_mse
-
-    was = projector.training
-    projector.eval()
-    preds, texts, mse, n = [], [], 0.0, len(data)
-    for i in range(0, n, batch):
-        x, img, txt = data.batch(np.arange(i, min(i + batch, n)))
-        p = projector(x).float()
-        mse += unit_mse(p, img).item() * len(x)
-        preds.append(torch.nn.functional.normalize(p, dim=-1).cpu())
-        texts.append(txt.cpu())
-    projector.train(was)
-    return {**recalls_with_mean(torch.cat(preds), torch.cat(texts), list(range(n)), ks), "mse": mse / n, "pairs": n}
+# What may change between an interrupted run and its resumption: how it runs, not what it computes.
+RUN_ONLY = ("progress", "resume", "device", "cpu_threads", "resident", "resident_max_gb", "eval_cache")
 
 
-def recalls_with_mean(pred, text, text_image_ids, ks) -> dict:
-    """Recall@K both ways and their mean (the default selection metric)."""
-    recalls = retrieval_recall(pred, text, text_image_ids, ks=ks)
-    return {**recalls, "mean_recall": float(np.mean(list(recalls.values())))}
+def _settings(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in RUN_ONLY}
 
 
-@torch.no_grad()
-def evaluate_features(projector, val: dict, ks, batch: int = 8192) -> dict:
-    """Recall@K of a Karpathy set from its pooled DINOv2 features and caption embeddings (many captions per image)."""
-    was = projector.training
-    projector.eval()
-    device = next(projector.parameters()).device
-    preds = [torch.nn.functional.normalize(projector(val["x"][i:i + batch].to(device)).float(), dim=-1).cpu()
-             for i in range(0, len(val["x"]), batch)]
-    projector.train(was)
-    return {**recalls_with_mean(torch.cat(preds), val["text"], val["text_image_ids"], ks), "images": len(val["x"]),
-            "captions": len(val["text"])}
+def check_same_encoders(cfg: TrainConfig, train_data: EmbeddingSet) -> None:
+    """train, val and test (and an explicit --model-source) must come from one encoder: a projector trained
+    on one space and judged or exported on another would be meaningless."""
+    from .precompute import check_one_encoder, fingerprints, source_fingerprint
 
-
-def load_karpathy_val(cfg: TrainConfig, train_data: EmbeddingSet, device) -> list[dict]:
-    """Each Karpathy val split embedded once — DINOv2 pooled as trained, captions by the CLIP text tower —
-    with the models the training embeddings came from (read from the eval cache when seen before)."""
-    from .datasets import load_karpathy, name_uniquely
-    from dinov2clip import load_encoders
-
-    from .encode import EmbeddingCache, embed_set
-    from .evaluate import default_cache_dir
-
-    enc = train_data.encoders or {}
-    source = cfg.model_source or enc.get("source")
-    if not source:
-        raise UserError("val_karpathy needs the model the training embeddings came from: pass --model-source")
-    sets = name_uniquely([load_karpathy(f, root, split=cfg.val_split)
-                          for f, root in zip(cfg.val_karpathy, cfg.val_images)])
-    # encoders only: no projector exists yet (the one being trained is applied to these features)
-    encoders = load_encoders(source, device=str(device), dtype=enc.get("dtype", "auto"), teacher=True)
-    if encoders.config.dinov2["pooling"] != cfg.pooling:  # same backbone, pooled as the projector is trained
-        encoders.config.dinov2 = {**encoders.config.dinov2, "pooling": cfg.pooling}
-        encoders.image_encoder.pooling = cfg.pooling
-    cache = EmbeddingCache(Path(cfg.eval_cache) if cfg.eval_cache else default_cache_dir())
-    out = []
-    for ds in sets:
-        emb = embed_set(encoders, ds, cache, skip_unreadable=True, progress=cfg.progress)
-        out.append({"name": ds.name, "x": torch.from_numpy(emb.dinov2), "text": torch.from_numpy(emb.text),
-                    "text_image_ids": list(emb.dataset.text_image_ids), "summary": emb.dataset.summary()})
-    return out
-
-
-def teacher_recall(data: EmbeddingSet, ks) -> dict:
-    _, img, text = data.all()
-    return retrieval_recall(img.cpu(), text.cpu(), list(range(len(data))), ks=ks)
+    want = train_data.encoder_fingerprint
+    for split, dirs in (("val", cfg.val), ("test", cfg.test)):
+        found: dict[str, list[str]] = {}
+        for d in dirs:
+            for fp, names in fingerprints(d).items():
+                found.setdefault(fp, []).extend(names)
+        got = check_one_encoder(found, f"--{split} {', '.join(map(str, dirs))}")
+        if got and got != want:
+            raise UserError(f"--{split} shards come from encoders {got[:12]}, --train shards from {want[:12]}: "
+                            "precompute every split with the same model")
+    if cfg.model_source and (got := source_fingerprint(cfg.model_source)) != want:
+        raise UserError(f"--model-source {cfg.model_source} has encoders {got[:12]}, the training shards "
+                        f"{want[:12]}: the exported model would not match its projector")
 
 
 # -- the loop -------------------------------------------------------------------------------------
@@ -332,8 +301,8 @@ def _train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
 
-    train_data = _load(cfg.train, cfg, device)
-    val_data = _load(cfg.val, cfg, device)
+    train_data = load_split(cfg.train, cfg, device)
+    val_data = load_split(cfg.val, cfg, device)
     check_same_encoders(cfg, train_data)
     karpathy = load_karpathy_val(cfg, train_data, device) if master and cfg.val_karpathy else []
     steps_per_epoch = len(train_data) // cfg.batch_size
@@ -424,147 +393,3 @@ def _train(cfg: TrainConfig) -> dict:
     if world > 1:
         dist.barrier()
     return summary
-
-
-# What may change between an interrupted run and its resumption: how it runs, not what it computes.
-RUN_ONLY = ("progress", "resume", "device", "cpu_threads", "resident", "resident_max_gb", "eval_cache")
-
-
-def _settings(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in RUN_ONLY}
-
-
-def check_same_encoders(cfg: TrainConfig, train_data: EmbeddingSet) -> None:
-    """train, val and test (and an explicit --model-source) must come from one encoder: a projector trained
-    on one space and judged or exported on another would be meaningless."""
-    from .precompute import source_fingerprint, check_one_encoder, fingerprints
-
-    want = train_data.encoder_fingerprint
-    for split, dirs in (("val", cfg.val), ("test", cfg.test)):
-        found: dict[str, list[str]] = {}
-        for d in dirs:
-            for fp, names in fingerprints(d).items():
-                found.setdefault(fp, []).extend(names)
-        got = check_one_encoder(found, f"--{split} {', '.join(map(str, dirs))}")
-        if got and got != want:
-            raise UserError(f"--{split} shards come from encoders {got[:12]}, --train shards from {want[:12]}: "
-                            "precompute every split with the same model")
-    if cfg.model_source and (got := source_fingerprint(cfg.model_source)) != want:
-        raise UserError(f"--model-source {cfg.model_source} has encoders {got[:12]}, the training shards "
-                        f"{want[:12]}: the exported model would not match its projector")
-
-
-def judged_on_karpathy(row: dict, cfg: TrainConfig) -> bool:
-    """Whether this epoch's row is judged on the Karpathy sets (only rank 0 evaluates those)."""
-    return cfg.selects_on_karpathy and "val_karpathy" in row
-
-
-def selection_score(row: dict, cfg: TrainConfig) -> float:
-    """The validation figure that picks the epoch: on the held-out pairs, or the mean over the Karpathy sets
-    (other ranks never export, so their choice is not used)."""
-    if judged_on_karpathy(row, cfg):
-        return float(np.mean([v[cfg.select_metric] for v in row["val_karpathy"].values()]))
-    return row["val"][cfg.select_metric]
-
-
-def _load(dirs, cfg: TrainConfig, device) -> EmbeddingSet:
-    data = EmbeddingSet(dirs, cfg.pooling)
-    nbytes = sum(s[k].nbytes for s in data.shards for k in ("dinov2_cls", "dinov2_patch_mean", "clip_image",
-                                                              "clip_text")) * 2  # float32 on device
-    resident = {"yes": True, "no": False}.get(cfg.resident, nbytes <= cfg.resident_max_gb * 2 ** 30)
-    if resident:
-        data = EmbeddingSet(dirs, cfg.pooling, resident=True, device=device)
-    else:
-        data.device = device
-    return data
-
-
-def write_metrics(out: Path, history: list, cfg: TrainConfig) -> None:
-    write_json_atomic(out / "metrics.json", {"split": "val", "ks": list(cfg.ks), "select_metric": cfg.select_metric,
-                                             "epochs": history})
-    try:
-        import matplotlib
-    except ImportError:
-        return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(epochs, [r["train"]["loss"] for r in history], "o-", label="train loss")
-    a.plot(epochs, [r["val"]["mse"] for r in history], "s--", label="val unit-norm MSE")
-    a.set_xlabel("epoch"), a.set_ylabel("loss"), a.legend()
-    for k in cfg.ks:
-        b.plot(epochs, [r["val"][f"image_retrieval_recall@{k}"] for r in history], "o-", label=f"text→image R@{k}")
-    b.set_xlabel("epoch"), b.set_ylabel("validation recall"), b.set_ylim(0, 1), b.legend()
-    fig.tight_layout()
-    with atomic_path(out / "metrics.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-
-
-def finish(cfg: TrainConfig, projector, train_data, val_data, history, best, out: Path, device) -> dict:
-    """Load the selected epoch, evaluate test once, write the model directory with provenance."""
-    state = torch.load(out / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
-    final = ProjectorWithResiduals(**projector.config.to_dict())
-    final.load_state_dict(state["projector"])
-    final.to(device).eval()
-    selected = history[best["epoch"] - 1]
-    metrics = {"val": {"split": "val", "ks": list(cfg.ks), "epoch": best["epoch"], "recalls": selected["val"]}}
-    if "val_karpathy" in selected:
-        metrics["val_karpathy"] = {"split": cfg.val_split, "ks": list(cfg.ks), "epoch": best["epoch"],
-                                   "recalls": selected["val_karpathy"]}
-    selected_on = f"karpathy-{cfg.val_split}" if judged_on_karpathy(selected, cfg) else "val"
-    if cfg.test:
-        test_data = _load(cfg.test, cfg, device)
-        metrics["test"] = {"split": "test", "ks": list(cfg.ks), "epoch": best["epoch"],
-                           "recalls": evaluate_split(final, test_data, cfg.ks),
-                           "teacher_recalls": teacher_recall(test_data, cfg.ks)}
-    model_dir = export_model(cfg, final.cpu(), train_data, metrics, best, out / "model", selected_on)
-    summary = {"model": str(model_dir) if model_dir else None, "selected_epoch": best["epoch"],
-               "selected_on": selected_on, "metrics": metrics, "history": history}
-    write_json_atomic(out / "summary.json", summary)
-    return summary
-
-
-def git_sha() -> str | None:
-    from .evaluate import code_version
-
-    return code_version().get("git")
-
-
-def export_model(cfg: TrainConfig, projector, train_data: EmbeddingSet, metrics: dict, best: dict, out_dir: Path,
-                 selected_on: str = "val"):
-    """A dinov2clip model directory: the precompute's DINOv2 + CLIP (bundled copies kept), this projector."""
-    import shutil
-
-    from dinov2clip.config import ModelConfig, check_relative, read_config
-    from dinov2clip.modeldir import save_model_dir
-
-    enc = train_data.encoders
-    source = cfg.model_source or (enc or {}).get("source")
-    root = Path(source) if source and Path(source).is_dir() else None
-    if root is not None:
-        base = read_config(root)
-    elif enc and enc.get("config"):
-        base = ModelConfig.from_dict(enc["config"])
-    else:  # synthetic embeddings (planted alignment): nothing to build a model directory from
-        print("no model source recorded or given (--model-source): checkpoints only, no model directory")
-        return None
-    base.dinov2 = {**base.dinov2, "pooling": cfg.pooling}
-    base.projector = {}
-    base.weights_sha256 = {}
-    base.provenance = {
-        "recipe": cfg.recipe or "training.run train", "train_config": cfg.to_dict(),
-        "data_manifest_sha256": train_data.data_sha256, "seed": cfg.seed, "git_sha": git_sha(),
-        "selected_epoch": best["epoch"], "selected_on": selected_on, "selection_metric": cfg.select_metric,
-        "metrics": metrics, "base_model": str(source),
-    }
-
-    def copy_parts(tmp: Path, config) -> None:
-        for section in (config.dinov2, config.clip):
-            rel = section.get("path")
-            if rel and root is not None:
-                shutil.copytree(root / check_relative(rel, "model source"), tmp / rel)
-
-    return save_model_dir(base, projector, out_dir, overwrite=True, extra=copy_parts)

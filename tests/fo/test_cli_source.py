@@ -77,6 +77,27 @@ def test_committed_zoo_source_is_a_fresh_export(tmp_path):
             f"fiftyone_zoo/{n} is stale: python -m fiftyone_dinov2clip export-source fiftyone_zoo"
 
 
+def test_derived_zoo_names_come_from_content(tiny_dir, tmp_path, monkeypatch):
+    """`quickstart --model DIR` registers DIR under a name made of its folder and its fingerprint: a folder
+    named `reference` never takes the preset's zoo name, two `.../train/model` folders never share one, and
+    the same folder keeps its name."""
+    import dinov2clip
+    from fiftyone_dinov2clip import registry
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_dir, tmp_path / "reference")
+    other = dinov2clip.make_tiny(str(tmp_path / "b" / "train" / "model"), seed=1)
+    shutil.copytree(tiny_dir, tmp_path / "a" / "train" / "model")
+    names = [cli.ensure_model(spec) for spec in ("./reference", "a/train/model", str(other), "a/train/model")]
+    presets = {registry.preset_zoo_name(p) for p in cli.PRESETS}
+    assert not {n.partition("@")[0] for n in names} & presets, names
+    assert names[0].startswith("dinov2clip-reference-") and names[1] != names[2] and names[1] == names[3], names
+    with pytest.raises(cli.UserError, match="both a preset and a path"):
+        cli.ensure_model("reference")
+    for name in names[:3]:
+        registry.unregister(name)
+
+
 def _tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 

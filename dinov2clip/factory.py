@@ -6,6 +6,8 @@ them and refuses a projector trained for other encoders; `load_encoders` never t
 works before one exists (precompute, the evaluation teacher) and on a model directory without one."""
 from __future__ import annotations
 
+import json
+from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from .clip_text import ClipTextEncoder, check_quickgelu, load_clip, resolve_teac
 from .config import ModelConfig, file_sha256, read_config, tensor_sha256, check_relative
 from .dinov2 import DinoV2Encoder, check_pooling, load_dinov2_backbone, resolve_dinov2_source
 from .errors import UserError
-from .model import DinoV2Clip, Encoders
+from .model import DinoV2Clip, Encoders, default_device
 from .presets import DEFAULT_PRESET, PRESETS, Preset, get_preset
 from .projector import ProjectorWithResiduals, load_projector
 from .sources import HF_PREFIX, LOCAL_PREFIX, hub_snapshot, resolve_projector_file
@@ -80,14 +82,31 @@ def _local(root: Path | None, section: dict, where: str) -> Path | None:
     return root / check_relative(rel, where)
 
 
+# Hashes of weight files already read in this process, by (path, size, mtime): a file is hashed once per
+# process unless it changes on disk (a long-lived App server builds a model per request).
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def verified_sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        _FILE_HASHES[key] = file_sha256(path)
+    return _FILE_HASHES[key]
+
+
+def _part_files(config: ModelConfig, prefix: str) -> dict[str, str]:
+    return {rel: sha for rel, sha in config.weights_sha256.items()
+            if rel == prefix or rel.startswith(prefix.rstrip("/") + "/")}
+
+
 def _verify_files(root: Path, config: ModelConfig, prefix: str) -> None:
-    for rel, expected in config.weights_sha256.items():
-        if rel == prefix or rel.startswith(prefix.rstrip("/") + "/"):
-            path = root / check_relative(rel, "weights_sha256")
-            if not path.is_file():
-                raise UserError(f"{root}: missing weight file {rel}")
-            if file_sha256(path) != expected:
-                raise UserError(f"{root}: {rel} does not match its sha256 in config.json (corrupt or edited)")
+    for rel, expected in _part_files(config, prefix).items():
+        path = root / check_relative(rel, "weights_sha256")
+        if not path.is_file():
+            raise UserError(f"{root}: missing weight file {rel}")
+        if verified_sha256(path) != expected:
+            raise UserError(f"{root}: {rel} does not match its sha256 in config.json (corrupt or edited)")
 
 
 def build_projector(config: ModelConfig, root: Path | None) -> ProjectorWithResiduals:
@@ -129,11 +148,31 @@ def build_image_encoder(config: ModelConfig, root: Path | None) -> DinoV2Encoder
     return encoder
 
 
-def build_clip(config: ModelConfig, root: Path | None, keep_visual: bool = False):
+# CLIP text towers built in this process, most recent last (see `build_clip`).
+TEXT_TOWER_CACHE_SIZE = 2
+_TEXT_TOWERS: OrderedDict[str, tuple] = OrderedDict()
+
+
+def build_clip(config: ModelConfig, root: Path | None, keep_visual: bool = False, device: str | None = None):
+    """CLIP (text tower only unless `keep_visual`) and its tokenizer. A text tower is built once per process
+    for its weights and device, and reused by later builds (FiftyOne's App server loads a zoo model anew
+    for every request): at most TEXT_TOWER_CACHE_SIZE are kept. Weights that changed on disk have other
+    hashes, hence another key: the cache never serves them."""
     c = config.clip
     local = _local(root, c, "clip")
     if local is not None:
         _verify_files(root, config, c["path"])
+    key = None
+    if not keep_visual:
+        key = json.dumps({"clip": {k: c.get(k) for k in ("model_name", "pretrained", "origin", "path")},
+                          "root": str(root.resolve()) if local is not None else None,
+                          "files": _part_files(config, c["path"]) if local is not None else None,
+                          "device": str(torch.device(device or default_device()))}, sort_keys=True)
+    if key in _TEXT_TOWERS:
+        _TEXT_TOWERS.move_to_end(key)
+        clip_model, tokenizer, section = _TEXT_TOWERS[key]
+        config.clip = {**c, **section}
+        return clip_model, tokenizer
     clip_model, tokenizer = load_clip(c["model_name"], c.get("pretrained"), root=local)
     embed_dim = _clip_embed_dim(clip_model)
     if config.projector.get("output_dim") not in (None, embed_dim):
@@ -141,8 +180,13 @@ def build_clip(config: ModelConfig, root: Path | None, keep_visual: bool = False
                         f"{config.projector['output_dim']}-d")
     if not keep_visual:
         clip_model.visual = None  # only the text tower is needed for queries
-    config.clip = {**c, "embed_dim": embed_dim,
-                   "quick_gelu": "quickgelu" in c["model_name"] or bool(getattr(clip_model, "_quick_gelu", False))}
+    section = {"embed_dim": embed_dim,
+               "quick_gelu": "quickgelu" in c["model_name"] or bool(getattr(clip_model, "_quick_gelu", False))}
+    config.clip = {**c, **section}
+    if key is not None:
+        _TEXT_TOWERS[key] = (clip_model.eval(), tokenizer, section)
+        while len(_TEXT_TOWERS) > TEXT_TOWER_CACHE_SIZE:
+            _TEXT_TOWERS.popitem(last=False)
     return clip_model, tokenizer
 
 
@@ -155,11 +199,11 @@ def _clip_embed_dim(clip_model) -> int:
     return clip_model.text.output_dim
 
 
-def _towers(config: ModelConfig, root: Path | None, image: bool, text: bool, teacher: bool):
+def _towers(config: ModelConfig, root: Path | None, image: bool, text: bool, teacher: bool, device=None):
     image_encoder = build_image_encoder(config, root) if image else None
     text_encoder = tokenizer = None
     if text or teacher:
-        clip_model, tokenizer = build_clip(config, root, keep_visual=teacher)
+        clip_model, tokenizer = build_clip(config, root, keep_visual=teacher, device=device)
         text_encoder = ClipTextEncoder(clip_model)
     return image_encoder, text_encoder, tokenizer
 
@@ -168,7 +212,7 @@ def build_encoders(config: ModelConfig, root: Path | None = None, device: str | 
                    batch_size: int = 32, image: bool = True, text: bool = True, teacher: bool = False) -> Encoders:
     """The encoders of `config`, without its projector (none is read, fetched or checked)."""
     config = replace(config, projector={})  # what the encoders are does not depend on any projector
-    encoders = Encoders(config, *_towers(config, root, image, text, teacher), device=device, dtype=dtype,
+    encoders = Encoders(config, *_towers(config, root, image, text, teacher, device), device=device, dtype=dtype,
                         batch_size=batch_size)
     encoders.root = root
     return encoders
@@ -179,7 +223,7 @@ def build(config: ModelConfig, root: Path | None = None, device: str | None = No
           teacher: bool = False) -> DinoV2Clip:
     config = replace(config)  # the build fills in dims and hashes; never mutate the caller's copy
     projector = build_projector(config, root)
-    model = DinoV2Clip(config, projector, *_towers(config, root, image, text, teacher or keep_clip_visual),
+    model = DinoV2Clip(config, projector, *_towers(config, root, image, text, teacher or keep_clip_visual, device),
                        device=device, dtype=dtype, batch_size=batch_size)
     model.root = root  # where `attach` finds bundled parts later
     return model
@@ -192,7 +236,7 @@ def attach(model: DinoV2Clip, image: bool = False, text: bool = False) -> DinoV2
     if image and model.image_encoder is None:
         model.image_encoder = build_image_encoder(model.config, root).to(model.device).eval()
     if text and model.text_encoder is None:
-        clip_model, tokenizer = build_clip(model.config, root)
+        clip_model, tokenizer = build_clip(model.config, root, device=str(model.device))
         model.text_encoder = ClipTextEncoder(clip_model).to(model.device).eval()
         model.tokenizer = tokenizer
     return model

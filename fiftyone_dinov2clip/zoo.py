@@ -130,6 +130,7 @@ class DinoV2ClipModel(fout.TorchImageModel, fom.PromptMixin):
 
     def __init__(self, config: DinoV2ClipModelConfig):
         self._core = None
+        self._text = None  # text tower alone (`text_encoders`), while no full model is loaded
         self._config_cache = None  # the model config, read before any weights load
         self.failures: list[Failed] = []
         self.last_dinov2: list = []
@@ -155,15 +156,29 @@ class DinoV2ClipModel(fout.TorchImageModel, fom.PromptMixin):
         return self._config_cache
 
     def core(self, image: bool = False, text: bool = False) -> dinov2clip.DinoV2Clip:
-        """The core model, with (at least) the requested towers loaded."""
+        """The core model (projector included), with (at least) the requested towers loaded."""
         if self._core is None:
             self._core = dinov2clip.load(self.config.source, device=str(self._device), dtype=self.config.dtype,
                                          batch_size=self.config.batch_size, image=image, text=text)
-            self._check_fingerprint()
+            self._check_fingerprint(self._core.fingerprint)
         return dinov2clip.attach(self._core, image=image, text=text)
 
-    def _check_fingerprint(self):
-        want, got = self.config.fingerprint, self._core.fingerprint
+    def text_encoders(self) -> dinov2clip.Encoders:
+        """What a text query needs and no more: CLIP's text tower, without the projector or DINOv2 (the App
+        server's case; the core keeps the tower for the process, so a fresh instance per request reuses it)."""
+        if self._core is not None:
+            return self.core(text=True)
+        if self._text is None:
+            config = self.core_config()
+            if config.projector.get("tensor_sha256"):  # a model directory records its projector's hash
+                self._check_fingerprint(config.fingerprint())
+            self._text = dinov2clip.load_encoders(self.config.source, device=str(self._device),
+                                                  dtype=self.config.dtype, batch_size=self.config.batch_size,
+                                                  image=False, text=True)
+        return self._text
+
+    def _check_fingerprint(self, got: str):
+        want = self.config.fingerprint
         if want and want != got:
             name = self.config.zoo_name or self.config.source
             raise UserError(
@@ -244,7 +259,7 @@ class DinoV2ClipModel(fout.TorchImageModel, fom.PromptMixin):
     def embed_prompts(self, prompts):
         """Texts → float32 [N, D] unit vectors, in the same space as the image embeddings."""
         prompts = [self.config.query_prefix + p for p in prompts]
-        return self.core(text=True).encode_text(prompts).numpy()
+        return self.text_encoders().encode_text(prompts).numpy()
 
     # -- zero-shot classification ---------------------------------------------------------
     def _get_text_features(self) -> torch.Tensor:

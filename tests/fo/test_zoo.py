@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -73,12 +74,52 @@ def test_loaded_by_name_is_lazy_and_embeds_prompts(zoo_tiny, tiny_model):
     assert isinstance(model, DinoV2ClipModel)
     assert model.can_embed_prompts and model.config.zoo_name == zoo_tiny
     got = model.embed_prompts(["a red circle", "a dog"])
-    assert model._core.image_encoder is None, "a text query must not load the DINOv2 tower"
+    assert model._core is None and model._text.image_encoder is None, \
+        "a text query must load neither the DINOv2 tower nor the projector"
+    assert model._text.text_encoder.clip.visual is None
     # dtype "auto" may run bf16 here; the space is the same one
     assert cosine_rows(got, tiny_model.encode_text(["a red circle", "a dog"])).min() > 0.999
     prefixed = foz.load_zoo_model(zoo_tiny, cache=False, query_prefix="a photo of ", dtype="fp32")
     np.testing.assert_allclose(prefixed.embed_prompt("a dog"),
                                tiny_model.encode_text(["a photo of a dog"])[0].numpy(), atol=1e-5)
+
+
+def test_a_fresh_instance_per_request_reuses_the_text_tower(zoo_tiny, tiny_dir, tmp_path, monkeypatch):
+    """The App server loads the zoo model anew for every request: the text tower is built once per process
+    and its weight files hashed once, while a model whose weights changed on disk is never served stale."""
+    import dinov2clip.clip_text as clip_text
+    import dinov2clip.config as core_config
+    import dinov2clip.factory as factory
+
+    builds, hashes = [], []
+    real_load, real_hash = clip_text.load_clip, core_config.file_sha256
+    monkeypatch.setattr(factory, "load_clip", lambda *a, **k: builds.append(a) or real_load(*a, **k))
+    monkeypatch.setattr(factory, "file_sha256", lambda p, *a: hashes.append(p) or real_hash(p, *a))
+    factory._TEXT_TOWERS.clear()
+    factory._FILE_HASHES.clear()
+    first = [foz.load_zoo_model(zoo_tiny, cache=False).embed_prompt("a red circle") for _ in range(3)]
+    assert len(builds) == 1, "each request rebuilt the text tower"
+    assert len(hashes) == len(set(hashes)), "a weight file was hashed again"
+    assert all(np.array_equal(first[0], f) for f in first[1:])
+
+    # other weights, re-saved as a model directory would be: another model, built anew, never the cached one
+    changed = tmp_path / "changed"
+    dinov2clip.bundle(str(tiny_dir), str(changed))  # (builds a whole CLIP to copy it)
+    n = len(builds)
+    before = dinov2clip.load_encoders(str(changed), image=False, device="cpu", dtype="fp32").encode_text(["a dog"])
+    assert len(builds) == n + 1
+    from safetensors.torch import load_file, save_file
+
+    from dinov2clip.modeldir import finish_config
+
+    weights = changed / "clip" / "open_clip_model.safetensors"
+    state = load_file(str(weights))
+    save_file({k: v * 1.5 if v.is_floating_point() else v for k, v in state.items()}, str(weights))
+    config = dinov2clip.config.read_config(changed)
+    finish_config(config, changed)  # records the new hashes, as a re-save does
+    after = dinov2clip.load_encoders(str(changed), image=False, device="cpu", dtype="fp32").encode_text(["a dog"])
+    assert len(builds) == n + 2 and not torch.allclose(before, after), "served a text tower whose weights changed"
+    assert len(factory._TEXT_TOWERS) <= factory.TEXT_TOWER_CACHE_SIZE
 
 
 @pytest.mark.parametrize("path", ["stock", "ours"])

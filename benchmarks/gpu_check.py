@@ -253,8 +253,8 @@ def main(argv=None) -> int:
                          "(README); this asks whether the trainer passes with enough pairs")
     args = ap.parse_args(argv)
     if args.dry_run:
-        args.pairs, args.per_shard, args.batch = 12_288, 4096, 4096
-        args.images, args.per_tar, args.pre_batch, args.model_batches = 96, 48, 16, 2
+        args.pairs, args.per_shard, args.batch = 4096, 2048, 1024
+        args.images, args.per_tar, args.pre_batch, args.model_batches = 32, 16, 16, 1
         args.device, args.dtype = args.device or "cpu", "fp32"
     args.device = args.device or "cuda"
 

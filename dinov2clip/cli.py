@@ -78,9 +78,29 @@ def _load(args, image: bool = True, text: bool = True):
                 image=image, text=text)
 
 
-def cmd_embed(args) -> None:
-    from .embed import embed_files, expand_images, save_embeddings
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1 (a bad value is argparse's one-line error, exit 2, before any work)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
+
+def cmd_embed(args) -> None:
+    from .embed import embed_files, expand_images, load_embeddings, save_embeddings
+
+    out = Path(args.out)  # checked before the work, not after it
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder: give a file path such as {out / 'embeddings.npz'}")
+    if out.exists():  # replaced only when it is an embeddings file of ours
+        try:
+            load_embeddings(out)
+        except UserError:
+            raise UserError(f"--out {out} exists and is not a dinov2clip embeddings file: refusing to overwrite "
+                            "it") from None
     paths = expand_images(args.images)
     if not paths:
         raise UserError("no images found in " + " ".join(args.images))
@@ -175,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("search", cmd_search, "rank embedded images by similarity to a text query")
     p.add_argument("file", help="an .npz written by `dinov2clip embed`")
     p.add_argument("query")
-    p.add_argument("-k", type=int, default=10)
+    p.add_argument("-k", type=positive_int, default=10, help="how many matches to print [%(default)s]")
     model_options(p, required_model=False)
     return parser
 

@@ -23,7 +23,8 @@ def expand_images(inputs: Iterable[str]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            out += sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p.name))
+            # a broken symlink is kept: reading it fails, and it is named and counted like any unreadable image
+            out += sorted(p for p in path.rglob("*") if is_image_name(p.name) and (p.is_file() or p.is_symlink()))
         elif path.is_file():
             out.append(path)
         else:

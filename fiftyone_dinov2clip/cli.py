@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from dinov2clip.atomic import AtomicDir
-from dinov2clip.cli import run
+from dinov2clip.cli import positive_int, run
 from dinov2clip.errors import UserError
 from dinov2clip.formats import IMAGE_EXTENSIONS, is_image_name
 from dinov2clip.presets import PRESETS
@@ -115,7 +115,9 @@ def derived_name(spec: str) -> str:
 
 
 def images_in(folder: Path) -> list[str]:
-    return sorted(str(p.resolve()) for p in folder.rglob("*") if is_image_name(p.name) and p.is_file())
+    # a broken symlink is kept: it becomes a sample whose image fails, named and counted like any other
+    return sorted(str(p.absolute()) if p.is_symlink() and not p.exists() else str(p.resolve())
+                  for p in folder.rglob("*") if is_image_name(p.name) and (p.is_file() or p.is_symlink()))
 
 
 def check_target(target: str) -> list[str] | None:
@@ -282,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                        allow_abbrev=False)
     _index_args(p)
     p.add_argument("--query", help="print the best matches for this text before opening the App")
-    p.add_argument("-k", type=int, default=5, help="how many matches to print [%(default)s]")
+    p.add_argument("-k", type=positive_int, default=5, help="how many matches to print [%(default)s]")
     p.add_argument("--address", default="127.0.0.1", help="App address; 0.0.0.0 exposes it [%(default)s]")
     p.add_argument("--port", type=int, default=5151, help="App port [%(default)s]")
     p.add_argument("--wait", dest="wait", action="store_true", default=None,

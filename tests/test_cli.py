@@ -77,6 +77,38 @@ def test_user_errors_exit_2_with_one_line(args, match, tmp_path):
     assert re.search(match, one_line(res.stderr))
 
 
+def test_embed_out_never_clobbers_what_is_not_ours(tiny_dir, image_folder, tmp_path):
+    """--out a folder, or a file that is not our embeddings: refused before any work, nothing written."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "notes.npz").write_bytes(b"the user's own file")
+    for out, match in ((tmp_path / "folder", "is a folder"), (tmp_path / "notes.npz", "refusing to overwrite")):
+        res = run("embed", image_folder, "--model", tiny_dir, "--out", out)
+        assert res.returncode == 2 and match in one_line(res.stderr)
+    assert (tmp_path / "notes.npz").read_bytes() == b"the user's own file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "notes.npz"] and not any(
+        (tmp_path / "folder").iterdir())
+
+
+@pytest.mark.parametrize("k", ["-1", "0", "two"])
+def test_search_k_must_be_positive(embedded, k):
+    _, out = embedded
+    res = run("search", out, "a dog", "-k", k)
+    assert res.returncode == 2 and "argument -k:" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_broken_symlink_is_named_and_counted(tiny_dir, image_folder, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in sorted(image_folder.iterdir())[:3]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    res = run("embed", folder, "--model", tiny_dir, "--out", tmp_path / "e.npz", "--dtype", "fp32")
+    assert res.returncode == 0, res.stderr
+    assert "gone.jpg" in res.stderr and ", skipped " in res.stdout
+    _, items, meta = load_embeddings(tmp_path / "e.npz")
+    assert meta["skipped"] >= 1 and not any("gone.jpg" in i for i in items)
+
+
 def test_misspelled_flag_fails_before_work(tiny_dir, image_folder, tmp_path):
     res = run("embed", image_folder, "--model", tiny_dir, "--out", tmp_path / "x.npz", "--bach-size", "4")
     assert res.returncode == 2 and "unrecognized arguments: --bach-size" in res.stderr

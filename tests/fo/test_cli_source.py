@@ -37,13 +37,14 @@ def test_register_index_quickstart(tiny_dir, tmp_path, zoo_tiny):
     folder = tmp_path / "imgs"
     shutil.copytree(REPO / "examples" / "images", folder)
     (folder / "broken.png").write_bytes(b"\x89PNG broken")
+    (folder / "gone.png").symlink_to(tmp_path / "deleted.png")  # a broken symlink: named and counted too
     name = f"cli-{os.getpid()}"
     out = run("quickstart", str(folder), "--model", "cli-tiny", "--dataset-name", name, "--query", "a red circle",
               "-k", "3", "--port", str(free_port()), "--no-wait")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "embedded 6 images, 1 unreadable (skipped)" in out.stdout
+    assert "embedded 6 images, 2 unreadable (skipped)" in out.stdout
     assert "top 3 for 'a red circle':" in out.stdout and "FiftyOne App ready: http://" in out.stdout
-    assert "broken.png" in out.stderr
+    assert "broken.png" in out.stderr and "gone.png" in out.stderr
     ds = fo.load_dataset(name)
     assert {"dinov2clip", "dinov2"} <= set(ds.list_brain_runs())
     assert ds.get_brain_info("dinov2clip").config.model == "cli-tiny@1"

@@ -88,7 +88,7 @@ def test_resume_skips_finished_and_cleans_partial(done, shards, tiny_dir):
     theirs = out / "shards" / ".other-00007.tmp-4242-deadbeef"
     theirs.mkdir()
     again = pc.precompute(str(tiny_dir), [str(p) for p in shards], out, progress=False)
-    assert again == {"shards": 3, "done_before": 3, "written": 0, "samples": 0, "skipped": 0}
+    assert again == {"shards": 3, "done_before": 3, "written": 0, "samples": 0, "skipped": 0, "unreadable": {}}
     assert not junk.exists() and theirs.is_dir()
     theirs.rmdir()
 
@@ -158,3 +158,29 @@ def test_cli_errors_are_one_line(tmp_path):
                            str(tmp_path / "none-*.tar"), "--out", str(tmp_path / "o")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "no shard matches" in proc.stderr
+
+
+def test_an_unreadable_shard_is_skipped_named_and_retried(shards, tiny_dir, tmp_path):
+    """A truncated tar between good ones: the others are written, it is named and written nowhere (no half
+    shard), a rerun retries it; --strict stops at it in one line."""
+    bad = tmp_path / "wds" / "shapes-00099.tar"
+    bad.parent.mkdir()
+    bad.write_bytes(shards[1].read_bytes()[: shards[1].stat().st_size // 3])
+    inputs = [str(shards[0]), str(bad), str(shards[2])]
+    out = tmp_path / "pre"
+    args = ["precompute", "--model", tiny_dir, "--shards", *inputs, "--out", out, "--device", "cpu", "--dtype",
+            "fp32", "--batch-size", "5", "--workers", "1", "--quiet"]
+    proc = subprocess.run([sys.executable, "-m", "training.run", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "skipped unreadable shard" in proc.stderr and "shapes-00099.tar" in proc.stderr
+    assert "'written': 2" in proc.stdout and "shapes-00099.tar" in proc.stdout
+    assert pc.is_done(out, shards[0].stem) and pc.is_done(out, shards[2].stem) and not pc.is_done(out, bad.stem)
+    assert not list((out / "shards").glob(".*"))
+    again = pc.precompute(str(tiny_dir), inputs, out, batch_size=5, device="cpu", dtype="fp32", workers=1,
+                          progress=False)
+    assert again["done_before"] == 2 and list(again["unreadable"]) == [str(bad)]  # retried, still unreadable
+    strict = subprocess.run([sys.executable, "-m", "training.run", *map(str, args), "--strict"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    errors = [line for line in strict.stderr.splitlines() if "error" in line]
+    assert strict.returncode == 2 and len(errors) == 1 and "--strict" in errors[0] and "Traceback" not in strict.stderr

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -76,6 +77,10 @@ def shard_name(url: str) -> str:
         if name.endswith(ext):
             return name[: -len(ext)]
     return name
+
+
+class UnreadableShard(UserError):
+    """A shard that cannot be read to its end: skipped whole (never half-written) unless strict."""
 
 
 # -- reader --------------------------------------------------------------------------------------
@@ -272,7 +277,7 @@ def precompute_shard(enc, url: str, out_dir, batch_size: int = 64, workers: int 
             for i in range(0, len(pending), batch_size):
                 flush(pending[i:i + batch_size])
     except (OSError, tarfile.TarError, EOFError) as e:
-        raise UserError(f"cannot read shard {url}: {type(e).__name__}: {e}") from None
+        raise UnreadableShard(f"unreadable shard {url}: {type(e).__name__}: {e}") from None
     dim_d = model.image_encoder.backbone.config.hidden_size
     arrays = {k: (np.concatenate(v) if v else np.zeros((0, dim_d if "dinov2" in k else model.embed_dim), np.float32))
               for k, v in parts.items()}
@@ -301,8 +306,11 @@ def _collect_chunk(results, keys, captions, skipped) -> list:
 
 def precompute(model: str, shards: Sequence[str], out_dir, batch_size: int = 64, device: str | None = None,
                dtype: str = "auto", workers: int = 4, rank: int | None = None, world: int | None = None,
-               overwrite: bool = False, progress: bool = True) -> dict:
-    """Precompute this rank's share of `shards` into `out_dir`; finished shards are skipped (resume)."""
+               overwrite: bool = False, progress: bool = True, strict: bool = False) -> dict:
+    """Precompute this rank's share of `shards` into `out_dir`; finished shards are skipped (resume).
+
+    An unreadable shard (truncated or corrupt tar, a URL that fails) is skipped whole, named on stderr and
+    in the summary's `unreadable`, and retried by the next run; `strict=True` stops at it instead."""
     from tqdm.auto import tqdm
 
     urls = expand_shards(shards)
@@ -314,16 +322,17 @@ def precompute(model: str, shards: Sequence[str], out_dir, batch_size: int = 64,
     ours = source_fingerprint(model)
     stale = {fp: n for fp, n in fingerprints(out_dir).items() if fp != ours}
     if stale and not overwrite:
-        fp, names = next(iter(stale.items()))
-        raise UserError(f"{out_dir} holds shards of other encoders ({fp[:12]}: {', '.join(names[:3])}"
-                        f"{', ...' if len(names) > 3 else ''}); {model} is {ours[:12]}: choose another --out, or "
+        fp, theirs = next(iter(stale.items()))
+        raise UserError(f"{out_dir} holds shards of other encoders ({fp[:12]}: {', '.join(theirs[:3])}"
+                        f"{', ...' if len(theirs) > 3 else ''}); {model} is {ours[:12]}: choose another --out, or "
                         "pass --overwrite to recompute them with this model")
     if stale and (rank if rank is not None else int(os.environ.get("RANK", 0))) == 0:
-        for gone in sorted({n for names in stale.values() for n in names} - set(names)):  # not recomputed below
+        for gone in sorted({n for theirs in stale.values() for n in theirs} - set(names)):  # not recomputed below
             shutil.rmtree(Path(out_dir) / "shards" / gone)  # our own shard (it has our meta.json)
     clean_partial(out_dir, [shard_name(u) for u in mine])
     todo = [u for u in mine if overwrite or not is_done(out_dir, shard_name(u))]
-    summary = {"shards": len(mine), "done_before": len(mine) - len(todo), "written": 0, "samples": 0, "skipped": 0}
+    summary = {"shards": len(mine), "done_before": len(mine) - len(todo), "written": 0, "samples": 0, "skipped": 0,
+               "unreadable": {}}
     if not todo:
         return summary
     if device is None and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
@@ -332,7 +341,14 @@ def precompute(model: str, shards: Sequence[str], out_dir, batch_size: int = 64,
     start = time.perf_counter()
     with tqdm(desc=f"precompute {len(todo)} shards", unit="img", disable=not progress, smoothing=0.1) as bar:
         for url in todo:
-            meta = precompute_shard(enc, url, out_dir, batch_size, workers, bar, source=str(model))
+            try:
+                meta = precompute_shard(enc, url, out_dir, batch_size, workers, bar, source=str(model))
+            except UnreadableShard as e:
+                if strict:
+                    raise UserError(f"{e} (without --strict it would be skipped)") from None
+                summary["unreadable"][url] = str(e)
+                print(f"precompute: skipped {e}; a rerun retries it", file=sys.stderr, flush=True)
+                continue
             summary["written"] += 1
             summary["samples"] += json.loads((Path(out_dir) / "shards" / shard_name(url) / META).read_text())["count"]
             summary["skipped"] += meta["skipped"]

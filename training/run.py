@@ -93,7 +93,8 @@ def cmd_precompute(args) -> None:
     from .precompute import precompute
 
     summary = precompute(args.model, args.shards, args.out, batch_size=args.batch_size, device=args.device,
-                         dtype=args.dtype, workers=args.workers, overwrite=args.overwrite, progress=not args.quiet)
+                         dtype=args.dtype, workers=args.workers, overwrite=args.overwrite, progress=not args.quiet,
+                         strict=args.strict)
     print(f"precompute: {summary}")
 
 
@@ -116,6 +117,8 @@ def add_precompute(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--overwrite", action="store_true", help="recompute finished shards too, and replace (delete) "
                    "shards another model wrote into --out (only precompute's own shard folders are touched)")
+    p.add_argument("--strict", action="store_true", help="stop at an unreadable shard (default: skip it whole, "
+                   "name it, and retry it on the next run)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -157,7 +157,7 @@ def open_dataset(target: str, name: str | None):
 
 
 def cmd_database(args):
-    print(ensure_mongodb())
+    print(ensure_mongodb(log=lambda line: None))  # the outcome, once
 
 
 def index(args):

@@ -9,6 +9,7 @@ only adapts it to FiftyOne's model protocol:
 from __future__ import annotations
 
 import logging
+import sys
 
 import numpy as np
 import torch
@@ -248,6 +249,13 @@ class DinoV2ClipModel(fout.TorchImageModel, fom.PromptMixin):
         out, self.last_dinov2 = self._embed_batch(args)
         if all(e is not None for e in out):
             return np.stack(out) if out else np.empty((0, self.core_config().embed_dim or 0), np.float32)
+        if _caller_stacks_every_result():
+            # FiftyOne's in-memory path (no embeddings field: `fob.compute_similarity(model=NAME)`, the App's
+            # Brain operator) np.stack()s every result at the end unless an exception marked the run as failed;
+            # a None would crash it there, after all the work. Raising marks it: FiftyOne drops this batch
+            # (its own skip_failures behaviour), keeps going, and the brain indexes every other sample.
+            failed = ", ".join(f.filepath for f in self.failures[-sum(e is None for e in out):])
+            raise UnreadableImages(f"dinov2clip: unreadable image(s) in this batch: {failed}")
         return out
 
     def get_embeddings(self):
@@ -285,6 +293,18 @@ class DinoV2ClipModel(fout.TorchImageModel, fom.PromptMixin):
             for i, label in zip(ok, predicted):
                 labels[i] = label
         return labels
+
+
+class UnreadableImages(OSError):
+    """A batch held unreadable images, on a FiftyOne path that cannot take a missing embedding."""
+
+
+def _caller_stacks_every_result() -> bool:
+    """Whether `embed_all` was called by FiftyOne's data-loader loop computing embeddings in memory, which
+    np.stack()s the results of a run that raised nothing (fiftyone.core.models, FiftyOne 1.x)."""
+    frame = sys._getframe(2)  # embed_all's caller
+    return frame.f_code.co_name == "_compute_image_embeddings_data_loader" and \
+        frame.f_locals.get("embeddings_field") is None
 
 
 def load_model_from_spec(spec: dict, **kwargs) -> DinoV2ClipModel:

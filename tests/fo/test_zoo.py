@@ -299,3 +299,22 @@ def test_presets_register_with_license_tags_and_real_files(zoo_tiny):
     assert zoo_model.license and "licence" in zoo_model.license
     assert os.path.isfile(zoo_model.get_path_in_dir(fo.config.model_zoo_dir))
     assert names[0] in foz.list_zoo_models()
+
+
+def test_fiftyones_own_compute_similarity_survives_an_unreadable_image(dataset, zoo_tiny, caplog):
+    """The path FiftyOne's docs and the App's Brain operator take: `fob.compute_similarity(model=NAME)`, no
+    embeddings field, which np.stack()s the results. It completes: the corrupt image's batch is left out (what
+    FiftyOne's own skip_failures costs on this path), the file is named, every other batch is indexed and
+    searchable by text. (`fod.compute_similarity` loses only the bad sample: see the parity test.)"""
+    import fiftyone.brain as fob
+
+    ids = dataset.values("id")
+    bad = dataset.match(fo.ViewField("filepath").ends_with("corrupt.jpg")).first().id
+    results = fob.compute_similarity(dataset, model=zoo_tiny, brain_key="stock", batch_size=4)
+    assert "stock" in dataset.list_brain_runs()
+    bad_batch = ids.index(bad) // 4
+    kept = set(ids[:4 * bad_batch] + ids[4 * bad_batch + 4:])
+    assert set(results.sample_ids) == kept and kept, results.sample_ids
+    assert "corrupt.jpg" in caplog.text
+    assert len(dataset.sort_by_similarity("a red circle", brain_key="stock", k=3)) == 3
+

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -120,6 +121,7 @@ def compute_embeddings(samples, model="dinov2clip-reference", embeddings_field: 
     batch_size = batch_size or model.config.batch_size
     workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
 
+    claimed = False
     with fou.ProgressBar(total=len(ids), progress=progress) as bar:
         for idx, pixels, failures in iter_pixel_batches(core.preprocess, paths, batch_size, workers):
             for i, reason in failures:
@@ -131,6 +133,11 @@ def compute_embeddings(samples, model="dinov2clip-reference", embeddings_field: 
                 todo.set_values(embeddings_field, dict(zip(batch_ids, emb.numpy())), key_field="id")
                 if dinov2_field:
                     todo.set_values(dinov2_field, dict(zip(batch_ids, dino.numpy())), key_field="id")
+                if not claimed:  # provenance with the first values, so an interrupted run resumes
+                    _set_field_info(samples, embeddings_field, clip_info)
+                    if dinov2_field:
+                        _set_field_info(samples, dinov2_field, dino_info)
+                    claimed = True
                 report.embedded += len(idx)
             bar.update(len(idx) + len(failures))
 
@@ -161,25 +168,39 @@ def compute_similarity(samples, model="dinov2clip-reference", brain_key: str = D
     if zoo_name is None:
         raise UserError("pass a registered model name, not an instance: the App reloads the model by name")
     dataset = samples._root_dataset
-    for key in (brain_key, dinov2_brain_key):
-        if key and key in dataset.list_brain_runs():
-            if not overwrite:
-                raise UserError(f"brain key {key!r} exists on dataset {dataset.name!r}: pass overwrite=True "
-                                "(--overwrite) or choose another key")
+    keys = [k for k in (brain_key, dinov2_brain_key) if k]
+    for key in keys:
+        if key in dataset.list_brain_runs() and not overwrite:
+            raise UserError(f"brain key {key!r} exists on dataset {dataset.name!r}: pass overwrite=True "
+                            "(--overwrite) or choose another key")
+    # New runs are built under temporary keys and replace the old ones only once all exist: a failed or
+    # interrupted run leaves the old indexes as they were and no half-registered key.
+    tmp = {key: f"{key}_new{secrets.token_hex(3)}" for key in keys}
+    try:
+        if patches_field:
+            results = fob.compute_similarity(samples, patches_field=patches_field, model=zoo_name,
+                                             embeddings=embeddings_field, batch_size=batch_size or 32,
+                                             num_workers=num_workers, progress=progress, backend=backend,
+                                             brain_key=tmp[brain_key], **backend_kwargs)
+            report = None
+        else:
+            report = compute_embeddings(samples, zoo_name, embeddings_field, dinov2_field, batch_size=batch_size,
+                                        num_workers=num_workers, progress=progress)
+            results = fob.compute_similarity(samples, embeddings=embeddings_field, model=zoo_name, backend=backend,
+                                             brain_key=tmp[brain_key], **backend_kwargs)
+            if dinov2_field and dinov2_brain_key:
+                fob.compute_similarity(samples, embeddings=dinov2_field, backend=backend,
+                                       brain_key=tmp[dinov2_brain_key], **backend_kwargs)
+    except BaseException:
+        for key in tmp.values():
+            if key in dataset.list_brain_runs():
+                dataset.delete_brain_run(key)
+        raise
+    for key, new in tmp.items():
+        if key in dataset.list_brain_runs():
             dataset.delete_brain_run(key)
-    common = dict(backend=backend, brain_key=brain_key, **backend_kwargs)
-    if patches_field:
-        results = fob.compute_similarity(samples, patches_field=patches_field, model=zoo_name,
-                                         embeddings=embeddings_field, batch_size=batch_size or 32,
-                                         num_workers=num_workers, progress=progress, **common)
-        return results, None
-    report = compute_embeddings(samples, zoo_name, embeddings_field, dinov2_field, batch_size=batch_size,
-                                num_workers=num_workers, progress=progress)
-    results = fob.compute_similarity(samples, embeddings=embeddings_field, model=zoo_name, **common)
-    if dinov2_field and dinov2_brain_key:
-        fob.compute_similarity(samples, embeddings=dinov2_field, backend=backend, brain_key=dinov2_brain_key,
-                               **backend_kwargs)
-    return results, report
+        dataset.rename_brain_run(new, key)
+    return results, report  # FiftyOne's rename updates the results' key and its results cache
 
 
 def project_field(samples, dinov2_field: str, model="dinov2clip-reference",

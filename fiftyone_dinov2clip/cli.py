@@ -167,6 +167,8 @@ def index(args):
     check_target(args.target)
     zoo_name = ensure_model(args.model)
     dataset = open_dataset(args.target, args.dataset_name)
+    if not args.overwrite:
+        args.overwrite = _rerun_of_ours(dataset, zoo_name, args)
     _, report = compute_similarity(dataset, zoo_name, brain_key=args.brain_key,
                                    embeddings_field=args.embeddings_field, dinov2_field=args.dinov2_field,
                                    dinov2_brain_key=args.dinov2_brain_key, backend=args.backend,
@@ -176,6 +178,22 @@ def index(args):
     for path, reason in report.failed:
         print(f"  skipped {path}: {reason}", file=sys.stderr)
     return dataset
+
+
+def _rerun_of_ours(dataset, zoo_name: str, args) -> bool:
+    """Whether the existing runs are an earlier `index` of this dataset with this very model and these
+    fields: re-running then rebuilds them over the stored embeddings plus the new samples' (each image is
+    embedded once). Runs made otherwise stay refused without --overwrite."""
+    runs = dataset.list_brain_runs()
+    if args.brain_key not in runs:
+        return False
+    text = dataset.get_brain_info(args.brain_key).config
+    if getattr(text, "model", None) != zoo_name or getattr(text, "embeddings_field", None) != args.embeddings_field:
+        return False
+    if args.dinov2_brain_key and args.dinov2_brain_key in runs:
+        dino = dataset.get_brain_info(args.dinov2_brain_key).config
+        return getattr(dino, "embeddings_field", None) == args.dinov2_field
+    return True
 
 
 def cmd_index(args):

@@ -1,5 +1,6 @@
 """`python -m fiftyone_dinov2clip` as users run it, and the repository as a remote zoo model source."""
 import http.server
+import signal
 import os
 import shutil
 import subprocess
@@ -48,9 +49,15 @@ def test_register_index_quickstart(tiny_dir, tmp_path, zoo_tiny):
     ds = fo.load_dataset(name)
     assert {"dinov2clip", "dinov2"} <= set(ds.list_brain_runs())
     assert ds.get_brain_info("dinov2clip").config.model == "cli-tiny@1"
-    # re-running adds nothing and refuses to clobber the runs unless told to
-    again = run("index", name, "--model", "cli-tiny")
-    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "--overwrite" in again.stderr
+    # re-running embeds only the new image and rebuilds its own indexes; another model's runs are refused
+    shutil.copy(REPO / "examples" / "images" / "red_circle.png", folder / "red_circle_copy.png")
+    again = run("index", str(folder), "--dataset-name", name, "--model", "cli-tiny")
+    assert again.returncode == 0 and "embedded 1 images" in again.stdout, again.stderr[-2000:]
+    ds.reload()
+    assert len(ds.load_brain_results("dinov2clip").sample_ids) == 7 and ds.list_brain_runs() == ["dinov2", "dinov2clip"]
+    other = run("index", name, "--model", str(tiny_dir.parent / "tiny"), "--embeddings-field", "other",
+                "--dinov2-field", "", "--dinov2-brain-key", "")
+    assert other.returncode == 2 and other.stderr.count("\n") == 1 and "--overwrite" in other.stderr, other.stderr
     again = run("index", name, "--model", "cli-tiny", "--overwrite")
     assert again.returncode == 0 and "embedded 0 images" in again.stdout, again.stderr[-2000:]
     ds.delete()
@@ -160,3 +167,42 @@ def test_repository_registers_as_a_remote_zoo_source(tmp_path, monkeypatch):
         assert url not in foz.list_zoo_model_sources()
     finally:
         server.shutdown()
+
+
+def test_a_killed_index_resumes_embedding_each_image_once(tiny_dir, tmp_path, zoo_tiny):
+    """SIGKILL mid-embedding (after 2 of 5 batches were written), then the same command: it finishes,
+    embedding only the images the killed run had not, and the index holds every image."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    name = f"kill-{os.getpid()}"
+    args = ["index", str(folder), "--dataset-name", name, "--model", zoo_tiny, "--batch-size", "4"]
+    killer = f"""
+import os, signal, sys
+import dinov2clip.model as m
+real, calls = m.DinoV2Clip.encode_image, [0]
+def encode_image(self, *a, **k):
+    calls[0] += 1
+    if calls[0] == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, *a, **k)
+m.DinoV2Clip.encode_image = encode_image
+from fiftyone_dinov2clip.cli import main
+sys.exit(main({args!r}))
+"""
+    killed = subprocess.run([sys.executable, "-c", killer], capture_output=True, text=True, timeout=600, cwd=REPO,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    ds = fo.load_dataset(name)
+    assert len(ds.exists("dinov2clip")) == 8 and "dinov2clip" not in ds.list_brain_runs()
+    again = run(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "embedded 12 images" in again.stdout
+    ds.reload()
+    assert len(ds.exists("dinov2clip")) == 20 and len(ds.load_brain_results("dinov2clip").sample_ids) == 20
+    ds.delete()

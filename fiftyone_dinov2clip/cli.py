@@ -136,6 +136,16 @@ def check_target(target: str) -> list[str] | None:
                     f"(datasets: {', '.join(fo.list_datasets()) or 'none'})")
 
 
+def dataset_name(target: str, name: str | None) -> str:
+    """The dataset a target means: an explicit name, a dataset's own name, or for a folder its name plus a
+    hash of its path (stable for re-runs, distinct for two folders named alike)."""
+    folder = Path(target).expanduser()
+    if name or not folder.is_dir():
+        return name or target
+    digest = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:6]
+    return f"dinov2clip-{folder.resolve().name}-{digest}"
+
+
 def open_dataset(target: str, name: str | None):
     """A dataset name, or a folder of images → a persistent dataset holding every image of the folder
     (re-running adds new files only)."""
@@ -144,10 +154,7 @@ def open_dataset(target: str, name: str | None):
     paths = check_target(target)
     if paths is None:
         return fo.load_dataset(target)
-    folder = Path(target).expanduser()
-    # the folder's name plus a hash of its path: stable for re-runs, distinct for two folders named alike
-    digest = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:6]
-    name = name or f"dinov2clip-{folder.resolve().name}-{digest}"
+    name = dataset_name(target, name)
     dataset = fo.load_dataset(name) if fo.dataset_exists(name) else fo.Dataset(name, persistent=True)
     have = set(dataset.values("filepath"))
     new = [p for p in paths if p not in have]
@@ -161,11 +168,25 @@ def cmd_database(args):
 
 
 def index(args):
-    from .brain import compute_similarity
 
     ensure_mongodb()  # first: never fail on the database after minutes of work
     check_target(args.target)
     zoo_name = ensure_model(args.model)
+    with _one_at_a_time(dataset_name(args.target, args.dataset_name)):  # a second index of it waits
+        return _index(args, zoo_name)
+
+
+def _one_at_a_time(name: str):
+    from filelock import FileLock
+
+    folder = registry.zoo_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(folder / f".dinov2clip-index-{hashlib.sha256(name.encode()).hexdigest()[:16]}.lock"))
+
+
+def _index(args, zoo_name: str):
+    from .brain import compute_similarity
+
     dataset = open_dataset(args.target, args.dataset_name)
     if not args.overwrite:
         args.overwrite = _rerun_of_ours(dataset, zoo_name, args)

@@ -14,6 +14,7 @@ a similarity index recorded as `name@N` keeps loading the embedding space it was
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import glob
 import json
@@ -119,6 +120,18 @@ def check_name(name: str) -> None:
         raise UserError(f"{name!r} is one of FiftyOne's built-in zoo models: choose another name")
 
 
+@contextlib.contextmanager
+def locked(root: Path | None = None):
+    """One writer at a time: registrations read, modify and write the manifest under this lock, so two
+    processes registering at once both land (FiftyOne's App server and a user's script share the folder)."""
+    from filelock import FileLock
+
+    folder = source_dir(root)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder.parent / f".{SOURCE_NAME}.lock"), timeout=300):
+        yield
+
+
 def register(name: str, source: str, description: str | None = None, root: Path | None = None) -> str:
     """Register `source` (preset, model directory or hf-hub:org/repo) as zoo model `name`.
 
@@ -127,6 +140,12 @@ def register(name: str, source: str, description: str | None = None, root: Path 
     check_name(name)
     source, config = describe_source(source)
     fingerprint = _spec_fingerprint(config)
+    with locked(root):
+        return _register(name, source, config, fingerprint, description, root)
+
+
+def _register(name: str, source: str, config, fingerprint: str | None, description: str | None,
+              root: Path | None) -> str:
     manifest = read_manifest(root)
     folder = source_dir(root)
     versions = [m for m in manifest["models"] if m["base_name"] == name]
@@ -153,6 +172,11 @@ def register_presets(root: Path | None = None) -> list[str]:
 
 def unregister(name: str, root: Path | None = None) -> list[str]:
     """Remove `name` (every version) or `name@N` (one version). Returns what was removed."""
+    with locked(root):
+        return _unregister(name, root)
+
+
+def _unregister(name: str, root: Path | None) -> list[str]:
     base, _, version = name.partition("@")
     manifest = read_manifest(root)
     gone = [m for m in manifest["models"] if m["base_name"] == base and (not version or m["version"] == version)]

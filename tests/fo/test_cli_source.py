@@ -1,8 +1,9 @@
 """`python -m fiftyone_dinov2clip` as users run it, and the repository as a remote zoo model source."""
 import http.server
-import signal
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -205,4 +206,38 @@ sys.exit(main({args!r}))
     assert "embedded 12 images" in again.stdout
     ds.reload()
     assert len(ds.exists("dinov2clip")) == 20 and len(ds.load_brain_results("dinov2clip").sample_ids) == 20
+    ds.delete()
+
+
+def test_concurrent_registrations_all_land(tiny_dir):
+    """Two real processes registering ten names each at once: all twenty are registered (none lost to a
+    read-modify-write race, no crash on a shared temporary file)."""
+    code = ("import sys; from fiftyone_dinov2clip import registry\n"
+            "for i in range(10): registry.register(f'race-{sys.argv[1]}-{i}', sys.argv[2])\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, tag, str(tiny_dir)], stderr=subprocess.PIPE, text=True)
+             for tag in ("a", "b")]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    from fiftyone_dinov2clip import registry
+
+    names = {n for n in registry.registered() if n.startswith("race-")}
+    assert names == {f"race-{t}-{i}@1" for t in "ab" for i in range(10)}
+    for n in names:
+        registry.unregister(n)
+
+
+def test_two_indexes_of_one_folder_at_once_both_succeed(tmp_path, zoo_tiny):
+    folder = tmp_path / "same"
+    shutil.copytree(REPO / "examples" / "images", folder)
+    name = f"twice-{os.getpid()}"
+    args = [sys.executable, "-m", "fiftyone_dinov2clip", "index", str(folder), "--dataset-name", name,
+            "--model", zoo_tiny]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"}) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-1500:] for o in outs]
+    embedded = sorted(int(re.search(r"embedded (\d+) images", o[0]).group(1)) for o in outs)
+    assert embedded == [0, 6], outs  # one waited for the other, then found everything embedded
+    ds = fo.load_dataset(name)
+    assert len(ds) == 6 and len(ds.load_brain_results("dinov2clip").sample_ids) == 6
     ds.delete()

@@ -75,6 +75,7 @@ def export_source(out: Path, url: str | None) -> list[str]:
         for path in written.iterdir():
             path.rename(tmp / path.name)
         written.rmdir()
+        registry.lock_path(tmp).unlink(missing_ok=True)  # the registry's lock file: not part of an export
     return names
 
 

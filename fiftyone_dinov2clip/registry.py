@@ -126,10 +126,14 @@ def locked(root: Path | None = None):
     processes registering at once both land (FiftyOne's App server and a user's script share the folder)."""
     from filelock import FileLock
 
-    folder = source_dir(root)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder.parent / f".{SOURCE_NAME}.lock"), timeout=300):
+    path = lock_path(root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path), timeout=300):
         yield
+
+
+def lock_path(root: Path | None = None) -> Path:
+    return source_dir(root).parent / f".{SOURCE_NAME}.lock"
 
 
 def register(name: str, source: str, description: str | None = None, root: Path | None = None) -> str:

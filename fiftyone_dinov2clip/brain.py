@@ -173,6 +173,11 @@ def compute_similarity(samples, model="dinov2clip-reference", brain_key: str = D
         if key in dataset.list_brain_runs() and not overwrite:
             raise UserError(f"brain key {key!r} exists on dataset {dataset.name!r}: pass overwrite=True "
                             "(--overwrite) or choose another key")
+    if any(k in backend_kwargs for k in STORAGE_NAMES):
+        # the new text index would write into the old one's named table: the old run must go first
+        for key in keys:
+            if key in dataset.list_brain_runs():
+                dataset.delete_brain_run(key)
     # New runs are built under temporary keys and replace the old ones only once all exist: a failed or
     # interrupted run leaves the old indexes as they were and no half-registered key.
     tmp = {key: f"{key}_new{secrets.token_hex(3)}" for key in keys}
@@ -190,7 +195,7 @@ def compute_similarity(samples, model="dinov2clip-reference", brain_key: str = D
                                              brain_key=tmp[brain_key], **backend_kwargs)
             if dinov2_field and dinov2_brain_key:
                 fob.compute_similarity(samples, embeddings=dinov2_field, backend=backend,
-                                       brain_key=tmp[dinov2_brain_key], **backend_kwargs)
+                                       brain_key=tmp[dinov2_brain_key], **_second_index(backend_kwargs))
     except BaseException:
         for key in tmp.values():
             if key in dataset.list_brain_runs():
@@ -242,6 +247,15 @@ def project_field(samples, dinov2_field: str, model="dinov2clip-reference",
     if ids:
         _set_field_info(samples, embeddings_field, info)
     return len(ids)
+
+
+# Backend options that name one index's own storage: the text index keeps the user's; the DINOv2 index gets
+# the backend's default name (derived from its brain key), so the two never write into one table.
+STORAGE_NAMES = ("table_name", "collection_name", "index_name", "namespace")
+
+
+def _second_index(backend_kwargs: dict) -> dict:
+    return {k: v for k, v in backend_kwargs.items() if k not in STORAGE_NAMES}
 
 
 def sort_by_text(samples, text: str, brain_key: str = DEFAULT_BRAIN_KEY, k: int | None = None):

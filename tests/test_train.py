@@ -181,7 +181,20 @@ torch.save = save
 """
 
 
-@pytest.mark.parametrize("kill", [KILL_MID_EPOCH, KILL_IN_CHECKPOINT], ids=["mid-epoch", "in-checkpoint-write"])
+KILL_BEFORE_BEST = """
+import os, signal
+import training.train as t
+real = t.save_checkpoint
+def save(path, state):
+    if path.name == "best.pt":  # epoch 1's: last.pt (which names epoch 1 the best) is written, best.pt not
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(path, state)
+t.save_checkpoint = save
+"""
+
+
+@pytest.mark.parametrize("kill", [KILL_MID_EPOCH, KILL_IN_CHECKPOINT, KILL_BEFORE_BEST],
+                         ids=["mid-epoch", "in-checkpoint-write", "between-last-and-best"])
 def test_sigkill_then_resume_is_bitwise_equal(tiny_run, uninterrupted, tmp_path, kill):
     cfg = _cfg(tiny_run, tmp_path)
     script = kill + f"\nfrom training.train import TrainConfig, train\ntrain(TrainConfig(**{cfg.to_dict()!r}))\n"

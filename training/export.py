@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dinov2clip.atomic import atomic_path, write_json_atomic
+from dinov2clip.errors import UserError
 from dinov2clip.projector import ProjectorWithResiduals
 
 from .data import EmbeddingSet
@@ -44,6 +45,9 @@ def write_metrics(out: Path, history: list, cfg: TrainConfig) -> None:
 def finish(cfg: TrainConfig, projector, train_data, val_data, history, best, out: Path, device) -> dict:
     """Load the selected epoch, evaluate test once, write the model directory with provenance."""
     state = torch.load(out / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
+    if state["epoch"] != best["epoch"]:  # never export another epoch than the one selected
+        raise UserError(f"{out / 'checkpoints'}: best.pt holds epoch {state['epoch']}, last.pt selected epoch "
+                        f"{best['epoch']}: the checkpoints disagree; train again into a new --out")
     final = ProjectorWithResiduals(**projector.config.to_dict())
     final.load_state_dict(state["projector"])
     final.to(device).eval()

@@ -194,6 +194,14 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def restore_best_checkpoint(path: Path, best: dict, last_epoch: int, projector) -> None:
+    """A run killed between writing last.pt and best.pt: best.pt lacks the last epoch, which last.pt names
+    as the best, and whose weights `projector` (loaded from last.pt) holds."""
+    held = torch.load(path, map_location="cpu", weights_only=True)["epoch"] if path.is_file() else None
+    if best["epoch"] != held and best["epoch"] == last_epoch:
+        save_checkpoint(path, {"projector": projector.state_dict(), "epoch": best["epoch"]})
+
+
 # -- what a run starts from ----------------------------------------------------------------------
 
 # What may change between an interrupted run and its resumption: how it runs, not what it computes.
@@ -328,6 +336,8 @@ def _train(cfg: TrainConfig) -> dict:
         set_rng_state(state["rng"], device)
         history, start_epoch = json.loads(state["history"]), int(state["epoch"]) + 1
         best = json.loads(state["best"])
+        if master:
+            restore_best_checkpoint(ckpt_dir / "best.pt", best, start_epoch, projector)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda" \
         else contextlib.nullcontext()
     micro = cfg.batch_size // cfg.accum_steps
@@ -372,16 +382,19 @@ def _train(cfg: TrainConfig) -> dict:
             row["val_karpathy"] = {v["name"]: evaluate_features(projector, v, cfg.ks) for v in karpathy}
         history.append(row)
         score = selection_score(row, cfg)
-        if best is None or score > best["score"]:
+        improved = best is None or score > best["score"]
+        if improved:
             best = {"epoch": epoch + 1, "score": score}
-            if master:
-                save_checkpoint(ckpt_dir / "best.pt", {"projector": projector.state_dict(), "epoch": epoch + 1})
         if master:
+            # last.pt first: it names the best epoch, and a run killed before best.pt is written rewrites it on
+            # resume from last.pt's own weights (the best epoch is then the last one)
             save_checkpoint(last, {"format": CKPT_FORMAT, "model": module.state_dict(),
                                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                    "rng": rng_state(device), "epoch": epoch, "config": json.dumps(cfg.to_dict()),
                                    "encoder_fingerprint": train_data.encoder_fingerprint,
                                    "history": json.dumps(history), "best": json.dumps(best)})
+            if improved:
+                save_checkpoint(ckpt_dir / "best.pt", {"projector": projector.state_dict(), "epoch": epoch + 1})
             write_metrics(out, history, cfg)
             judge = f" (Karpathy {cfg.val_split})" if judged_on_karpathy(row, cfg) else ""
             print(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['train']['loss']:.4f}  val "

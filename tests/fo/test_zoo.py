@@ -203,12 +203,18 @@ def test_new_process_sorts_by_text_like_the_cosine_ranking(dataset, zoo_tiny):
 
 
 def test_lancedb_backend(dataset, zoo_tiny, tmp_path):
+    """lancedb (offline), with the user's own table name: the text index takes it, the DINOv2 index of the
+    same call gets its own table, and both answer."""
     pytest.importorskip("lancedb")
-    fod.compute_similarity(dataset, zoo_tiny, brain_key="lance", backend="lancedb", uri=str(tmp_path / "lance"))
+    fod.compute_similarity(dataset, zoo_tiny, brain_key="lance", backend="lancedb", uri=str(tmp_path / "lance"),
+                           table_name="mine", dinov2_field="dino", dinov2_brain_key="lance_dino")
+    tables = {k: dataset.get_brain_info(k).config.table_name for k in ("lance", "lance_dino")}
+    assert tables["lance"] == "mine" and tables["lance_dino"] != "mine", tables
     q = foz.load_zoo_model(zoo_tiny).embed_prompt("a blue square")
     ids, emb = dataset.exists("dinov2clip").values(["id", "dinov2clip"])
     best = ids[int(np.argmax(np.stack(emb) @ q))]
     assert fod.sort_by_text(dataset, "a blue square", brain_key="lance", k=3).first().id == best
+    assert dataset.sort_by_similarity(ids[0], brain_key="lance_dino", k=1).first().id == ids[0]
 
 
 def test_patches_field(tmp_path, zoo_tiny, tiny_model):

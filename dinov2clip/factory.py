@@ -171,22 +171,20 @@ def build_clip(config: ModelConfig, root: Path | None, keep_visual: bool = False
     if key in _TEXT_TOWERS:
         _TEXT_TOWERS.move_to_end(key)
         clip_model, tokenizer, section = _TEXT_TOWERS[key]
-        config.clip = {**c, **section}
-        return clip_model, tokenizer
-    clip_model, tokenizer = load_clip(c["model_name"], c.get("pretrained"), root=local)
-    embed_dim = _clip_embed_dim(clip_model)
-    if config.projector.get("output_dim") not in (None, embed_dim):
-        raise UserError(f"CLIP {c['model_name']} embeds in {embed_dim}-d; the projector outputs "
+    else:
+        clip_model, tokenizer = load_clip(c["model_name"], c.get("pretrained"), root=local)
+        section = {"embed_dim": _clip_embed_dim(clip_model),
+                   "quick_gelu": "quickgelu" in c["model_name"] or bool(getattr(clip_model, "_quick_gelu", False))}
+        if not keep_visual:
+            clip_model.visual = None  # only the text tower is needed for queries
+        if key is not None:
+            _TEXT_TOWERS[key] = (clip_model.eval(), tokenizer, section)
+            while len(_TEXT_TOWERS) > TEXT_TOWER_CACHE_SIZE:
+                _TEXT_TOWERS.popitem(last=False)
+    if config.projector.get("output_dim") not in (None, section["embed_dim"]):
+        raise UserError(f"CLIP {c['model_name']} embeds in {section['embed_dim']}-d; the projector outputs "
                         f"{config.projector['output_dim']}-d")
-    if not keep_visual:
-        clip_model.visual = None  # only the text tower is needed for queries
-    section = {"embed_dim": embed_dim,
-               "quick_gelu": "quickgelu" in c["model_name"] or bool(getattr(clip_model, "_quick_gelu", False))}
     config.clip = {**c, **section}
-    if key is not None:
-        _TEXT_TOWERS[key] = (clip_model.eval(), tokenizer, section)
-        while len(_TEXT_TOWERS) > TEXT_TOWER_CACHE_SIZE:
-            _TEXT_TOWERS.popitem(last=False)
     return clip_model, tokenizer
 
 

@@ -120,12 +120,21 @@ def cmd_search(args) -> None:
 
     from .embed import load_embeddings
 
+    from .factory import load_encoders, resolve_source
+
     emb, items, meta = load_embeddings(Path(args.file))
     args.model = args.model or meta["model"]
-    model = _load(args, image=False)
-    if model.fingerprint != meta["fingerprint"]:
+    config, _ = resolve_source(args.model)
+    if config.projector.get("tensor_sha256"):  # a model directory names its projector: the text tower suffices
+        fingerprint = config.fingerprint()
+        model = load_encoders(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                              image=False)
+    else:  # a preset's projector is known once fetched
+        model = _load(args, image=False)
+        fingerprint = model.fingerprint
+    if fingerprint != meta["fingerprint"]:
         raise UserError(f"{args.file} was embedded with another model (fingerprint {meta['fingerprint'][:12]}, "
-                        f"{meta['model']}); {args.model} is {model.fingerprint[:12]}: re-embed or pass its --model")
+                        f"{meta['model']}); {args.model} is {fingerprint[:12]}: re-embed or pass its --model")
     if len(items) == 0:
         raise UserError(f"{args.file} holds no embeddings")
     query = model.encode_text([args.query])[0]

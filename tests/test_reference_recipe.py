@@ -17,6 +17,7 @@ from testsupport import seed_reference_towers
 
 pytest.importorskip("yaml", reason="the pipeline reads YAML configs (the [train] extra)")
 pytest.importorskip("braceexpand", reason="shard lists use brace patterns (the [train] extra)")
+pytest.importorskip("matplotlib", reason="the eval stage plots with matplotlib (the [train] extra)")
 from training.synthetic import COLOURS, SHAPES, shape_image, write_shapes_shards  # noqa: E402
 
 pytestmark = pytest.mark.slow  # real-size ViT-B/16 teacher (random weights)

@@ -169,7 +169,6 @@ def cmd_database(args):
 
 
 def index(args):
-
     ensure_mongodb()  # first: never fail on the database after minutes of work
     check_target(args.target)
     zoo_name = ensure_model(args.model)

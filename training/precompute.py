@@ -202,7 +202,9 @@ def fingerprints(out_dir) -> dict[str, list[str]]:
     root = Path(out_dir) / "shards"
     found: dict[str, list[str]] = {}
     for path in sorted(root.glob(f"*/{META}")) if root.is_dir() else []:
-        found.setdefault(str(shard_fingerprint(json.loads(path.read_text()))), []).append(path.parent.name)
+        meta = json.loads(path.read_text())
+        if meta.get("format") == FORMAT:  # only shards this stage wrote (they alone may be replaced)
+            found.setdefault(str(shard_fingerprint(meta)), []).append(path.parent.name)
     return found
 
 

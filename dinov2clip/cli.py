@@ -26,8 +26,8 @@ def cmd_info(args) -> None:
     config, root = resolve_source(args.source)
     info = {"source": args.source, "directory": str(root) if root else None, **config.to_dict(),
             "encoder_fingerprint": config.encoder_fingerprint()}
-    if config.projector.get("tensor_sha256"):
-        info["fingerprint"] = config.fingerprint()
+    if config.known_fingerprint():
+        info["fingerprint"] = config.known_fingerprint()
     if args.json:
         print(json.dumps(info, indent=2))
         return
@@ -119,14 +119,12 @@ def cmd_search(args) -> None:
     import torch
 
     from .embed import load_embeddings
-
     from .factory import load_encoders, resolve_source
 
     emb, items, meta = load_embeddings(Path(args.file))
     args.model = args.model or meta["model"]
-    config, _ = resolve_source(args.model)
-    if config.projector.get("tensor_sha256"):  # a model directory names its projector: the text tower suffices
-        fingerprint = config.fingerprint()
+    fingerprint = resolve_source(args.model)[0].known_fingerprint()
+    if fingerprint:  # a model directory names its projector: the text tower suffices
         model = load_encoders(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                               image=False)
     else:  # a preset's projector is known once fetched

@@ -79,6 +79,11 @@ class ModelConfig:
         """Identity of the embedding space — encoders and projector: same fingerprint ⇒ comparable embeddings."""
         return _digest({**self.encoder_identity(), "projector": self.projector.get("tensor_sha256")})
 
+    def known_fingerprint(self) -> str | None:
+        """The model fingerprint when the config alone tells it (a model directory records its projector's
+        hash); None for a preset, whose projector is identified only once fetched."""
+        return self.fingerprint() if self.projector.get("tensor_sha256") else None
+
 
 def _digest(ident: dict) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()

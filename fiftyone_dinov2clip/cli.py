@@ -110,8 +110,7 @@ def derived_name(spec: str) -> str:
              if p not in ("/", ".", "..")]
     base = "-".join(parts[-2:] if parts and parts[-1] == "model" else parts[-1:]) or "model"
     base = "".join(c if c.isalnum() or c in "_-" else "-" for c in base)
-    content = config.fingerprint() if config.projector.get("tensor_sha256") else \
-        hashlib.sha256(spec.encode()).hexdigest()
+    content = config.known_fingerprint() or hashlib.sha256(spec.encode()).hexdigest()
     return f"{registry.PRESET_PREFIX}{base}-{content[:10]}"
 
 

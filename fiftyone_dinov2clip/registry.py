@@ -84,11 +84,6 @@ def describe_source(source: str) -> tuple[str, dict]:
     return source, config
 
 
-def _spec_fingerprint(config) -> str | None:
-    # A preset's projector is identified only once fetched; a model directory records its weights' hash.
-    return config.fingerprint() if config.projector.get("tensor_sha256") else None
-
-
 def _entry(name: str, version: int, source: str, config, description: str) -> dict:
     return {
         "base_name": name,
@@ -143,7 +138,7 @@ def register(name: str, source: str, description: str | None = None, root: Path 
     version; anything else becomes a new version."""
     check_name(name)
     source, config = describe_source(source)
-    fingerprint = _spec_fingerprint(config)
+    fingerprint = config.known_fingerprint()
     with locked(root):
         return _register(name, source, config, fingerprint, description, root)
 

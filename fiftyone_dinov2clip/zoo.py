@@ -170,9 +170,9 @@ class DinoV2ClipModel(fout.TorchImageModel, fom.PromptMixin):
         if self._core is not None:
             return self.core(text=True)
         if self._text is None:
-            config = self.core_config()
-            if config.projector.get("tensor_sha256"):  # a model directory records its projector's hash
-                self._check_fingerprint(config.fingerprint())
+            known = self.core_config().known_fingerprint()
+            if known:  # a model directory records its projector's hash
+                self._check_fingerprint(known)
             self._text = dinov2clip.load_encoders(self.config.source, device=str(self._device),
                                                   dtype=self.config.dtype, batch_size=self.config.batch_size,
                                                   image=False, text=True)

@@ -81,6 +81,58 @@ def _load_bundled_clip(root: Path):
     return model.eval(), tokenizer_from_cfg(cfg)
 
 
+def _text_skeleton(cfg: dict) -> nn.Module | None:
+    """open_clip's own CLIP class built on the meta device (no memory, no random init) with its image tower
+    removed: the text side's modules and key names exactly as open_clip defines them. None for custom-text
+    models (Hugging Face towers hold buffers the meta device cannot give back)."""
+    from open_clip.model import CLIP
+
+    if cfg.get("custom_text"):
+        return None
+    with torch.device("meta"):
+        model = CLIP(**{k: v for k, v in cfg.items() if k != "custom_text"})
+    model.visual = None
+    return model
+
+
+def causal_mask(n: int) -> torch.Tensor:
+    """open_clip's additive causal attention mask (a non-persistent buffer: not in the weight file)."""
+    return torch.full((n, n), float("-inf")).triu_(1)
+
+
+def read_clip_text(root: Path) -> tuple[nn.Module, object] | None:
+    """The text tower of a bundled CLIP directory and its tokenizer, reading only the text tensors of
+    `open_clip_model.safetensors` (~40 % of a ViT-B/16 file) and never building the image tower: what a
+    query-only process (the FiftyOne App server) needs. None where this architecture has no text-only build."""
+    from safetensors import safe_open
+
+    cfg = json.loads((root / CLIP_CONFIG_FILE).read_text())["model_cfg"]
+    model = _text_skeleton(cfg)
+    if model is None:
+        return None
+    keys = list(model.state_dict())
+    with safe_open(str(root / CLIP_WEIGHTS_FILE), framework="pt") as f:
+        missing = sorted(set(keys) - set(f.keys()))
+        if missing:
+            raise UserError(f"{root / CLIP_WEIGHTS_FILE} lacks the text weights {missing[:3]} (not this open_clip config)")
+        state = {k: f.get_tensor(k) for k in keys}
+    model.load_state_dict(state, strict=True, assign=True)
+    still_meta = [name for name, b in model.named_buffers() if b.is_meta and name != "attn_mask"]
+    if still_meta:
+        return None
+    model.attn_mask = causal_mask(model.positional_embedding.shape[0])
+    return model.eval(), tokenizer_from_cfg(cfg)
+
+
+def text_tensor_sha256(root: Path) -> str | None:
+    """`tensor_sha256` of a bundled CLIP's text tensors: what a text-only load verifies, instead of hashing
+    the whole weight file. None where there is no text-only build."""
+    from .config import tensor_sha256
+
+    loaded = read_clip_text(root)
+    return None if loaded is None else tensor_sha256(loaded[0].state_dict())
+
+
 def tokenizer_from_cfg(cfg: dict):
     from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .clip_text import ClipTextEncoder, check_quickgelu, load_clip, resolve_teacher
+from .clip_text import (CLIP_WEIGHTS_FILE, ClipTextEncoder, check_quickgelu, load_clip, read_clip_text,
+                        resolve_teacher)
 from .config import ModelConfig, file_sha256, read_config, tensor_sha256, check_relative
 from .dinov2 import DinoV2Encoder, check_pooling, load_dinov2_backbone, resolve_dinov2_source
 from .errors import UserError
@@ -100,8 +101,10 @@ def _part_files(config: ModelConfig, prefix: str) -> dict[str, str]:
             if rel == prefix or rel.startswith(prefix.rstrip("/") + "/")}
 
 
-def _verify_files(root: Path, config: ModelConfig, prefix: str) -> None:
+def _verify_files(root: Path, config: ModelConfig, prefix: str, skip: tuple[str, ...] = ()) -> None:
     for rel, expected in _part_files(config, prefix).items():
+        if rel in skip:
+            continue
         path = root / check_relative(rel, "weights_sha256")
         if not path.is_file():
             raise UserError(f"{root}: missing weight file {rel}")
@@ -157,22 +160,15 @@ def build_clip(config: ModelConfig, root: Path | None, keep_visual: bool = False
     """CLIP (text tower only unless `keep_visual`) and its tokenizer. A text tower is built once per process
     for its weights and device, and reused by later builds (FiftyOne's App server loads a zoo model anew
     for every request): at most TEXT_TOWER_CACHE_SIZE are kept. Weights that changed on disk have other
-    hashes, hence another key: the cache never serves them."""
+    hashes or file stats, hence another key: the cache never serves them."""
     c = config.clip
     local = _local(root, c, "clip")
-    if local is not None:
-        _verify_files(root, config, c["path"])
-    key = None
-    if not keep_visual:
-        key = json.dumps({"clip": {k: c.get(k) for k in ("model_name", "pretrained", "origin", "path")},
-                          "root": str(root.resolve()) if local is not None else None,
-                          "files": _part_files(config, c["path"]) if local is not None else None,
-                          "device": str(torch.device(device or default_device()))}, sort_keys=True)
+    key = None if keep_visual else _text_tower_key(config, root, local, device)
     if key in _TEXT_TOWERS:
         _TEXT_TOWERS.move_to_end(key)
         clip_model, tokenizer, section = _TEXT_TOWERS[key]
     else:
-        clip_model, tokenizer = load_clip(c["model_name"], c.get("pretrained"), root=local)
+        clip_model, tokenizer = _read_clip(config, root, local, keep_visual)
         section = {"embed_dim": _clip_embed_dim(clip_model),
                    "quick_gelu": "quickgelu" in c["model_name"] or bool(getattr(clip_model, "_quick_gelu", False))}
         if not keep_visual:
@@ -186,6 +182,42 @@ def build_clip(config: ModelConfig, root: Path | None, keep_visual: bool = False
                         f"{config.projector['output_dim']}-d")
     config.clip = {**c, **section}
     return clip_model, tokenizer
+
+
+def _text_tower_key(config: ModelConfig, root: Path | None, local: Path | None, device: str | None) -> str:
+    c = config.clip
+    files = _part_files(config, c["path"]) if local is not None else {}
+    stats = {}  # a file edited in place keeps the config's hashes: its size or mtime still tells
+    for rel in files:
+        if (root / rel).is_file():
+            st = (root / rel).stat()
+            stats[rel] = [st.st_size, st.st_mtime_ns]
+    return json.dumps({"clip": {k: c.get(k) for k in ("model_name", "pretrained", "origin", "path", "text_sha256")},
+                       "root": str(root.resolve()) if local is not None else None, "files": files, "stats": stats,
+                       "device": str(torch.device(device or default_device()))}, sort_keys=True)
+
+
+def _read_clip(config: ModelConfig, root: Path | None, local: Path | None, keep_visual: bool):
+    """Read CLIP from its source. A bundled directory that records its text tensors' hash gives a
+    query-only process the text tower alone: only those tensors are read, hashed and checked, and the
+    image tower is never built (the App server's first query is bounded by reading the text tower)."""
+    c = config.clip
+    if local is None:
+        return load_clip(c["model_name"], c.get("pretrained"))
+    weights = f"{c['path'].rstrip('/')}/{CLIP_WEIGHTS_FILE}"
+    text_only = not keep_visual and c.get("text_sha256") and weights in config.weights_sha256
+    _verify_files(root, config, c["path"], skip=(weights,) if text_only else ())
+    if text_only:
+        if not (local / CLIP_WEIGHTS_FILE).is_file():
+            raise UserError(f"{root}: missing weight file {weights}")
+        loaded = read_clip_text(local)
+        if loaded is not None:
+            if tensor_sha256(loaded[0].state_dict()) != c["text_sha256"]:
+                raise UserError(f"{root}: the CLIP text weights in {weights} do not match their sha256 in "
+                                "config.json (corrupt or edited)")
+            return loaded
+        _verify_files(root, config, c["path"])  # this open_clip has no text-only build: check the whole file
+    return load_clip(c["model_name"], c.get("pretrained"), root=local)
 
 
 def _clip_embed_dim(clip_model) -> int:

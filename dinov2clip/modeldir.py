@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from .atomic import AtomicDir, write_json_atomic
-from .clip_text import CLIP_CONFIG_FILE, check_quickgelu, resolve_teacher, save_clip
+from .clip_text import (CLIP_CONFIG_FILE, CLIP_WEIGHTS_FILE, check_quickgelu, resolve_teacher, save_clip,
+                        text_tensor_sha256)
 from .config import CONFIG_FILE, PROJECTOR_FILE, ModelConfig, file_sha256, read_config, tensor_sha256
 from .dinov2 import check_pooling, pooled_dim, resolve_dinov2_source
 from .errors import UserError
@@ -40,9 +41,15 @@ def write_projector(projector: ProjectorWithResiduals, path: Path) -> str:
 
 
 def finish_config(config: ModelConfig, root: Path) -> None:
-    """Record every weight file's sha256 and write config.json."""
+    """Record every weight file's sha256 (and a bundled CLIP's text-tensor hash, which lets a query-only
+    process read and check the text tower alone) and write config.json."""
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt"))
     config.weights_sha256 = {p.relative_to(root).as_posix(): file_sha256(p) for p in files}
+    clip = {k: v for k, v in config.clip.items() if k != "text_sha256"}
+    if clip.get("path") and (root / clip["path"] / CLIP_WEIGHTS_FILE).is_file():
+        digest = text_tensor_sha256(root / clip["path"])
+        clip.update({"text_sha256": digest} if digest else {})
+    config.clip = clip
     write_json_atomic(root / CONFIG_FILE, config.to_dict())
 
 

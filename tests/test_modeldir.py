@@ -103,12 +103,30 @@ def test_minor_version_bump_still_loads(copy_of_tiny):
     assert dinov2clip.load(str(copy_of_tiny), text=False).embed_dim == 32
 
 
-def test_corrupt_weights_detected(copy_of_tiny):
-    weights = copy_of_tiny / "clip" / "open_clip_model.safetensors"
+def _flip_byte_of(weights, key: str) -> None:
+    """Flip one byte inside tensor `key` of a safetensors file (8-byte header length, JSON header, data)."""
     data = bytearray(weights.read_bytes())
-    data[-10] ^= 0xFF
+    header_len = int.from_bytes(data[:8], "little")
+    start, end = json.loads(data[8:8 + header_len])[key]["data_offsets"]
+    data[8 + header_len + (start + end) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
+
+
+def test_corrupt_weights_detected(copy_of_tiny):
+    """A query-only load checks the text tensors it reads; the teacher (CLIP's image tower) checks the file."""
+    weights = copy_of_tiny / "clip" / "open_clip_model.safetensors"
+    _flip_byte_of(weights, "visual.conv1.weight")
+    dinov2clip.load(str(copy_of_tiny))  # the text tower is intact: text search still works
     with pytest.raises(UserError, match="clip/open_clip_model.safetensors does not match its sha256"):
+        dinov2clip.load(str(copy_of_tiny), teacher=True)
+    _flip_byte_of(weights, "token_embedding.weight")
+    with pytest.raises(UserError, match="CLIP text weights in clip/open_clip_model.safetensors do not match"):
+        dinov2clip.load(str(copy_of_tiny))
+    projector = copy_of_tiny / "projector.safetensors"
+    data = bytearray(projector.read_bytes())
+    data[-10] ^= 0xFF
+    projector.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="projector.safetensors does not match its sha256"):
         dinov2clip.load(str(copy_of_tiny))
 
 

@@ -5,10 +5,12 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import dinov2clip
 from dinov2clip.errors import UserError
@@ -179,3 +181,60 @@ def test_a_folder_named_like_a_preset_never_shadows_it(tiny_dir, tmp_path):
         assert json.loads(proc.stdout)["directory"] == "reference"
     proc = cli("dinov2clip.cli", "info", "reference", "--json", cwd=tmp_path / "reference")  # no such folder here
     assert proc.returncode == 0 and json.loads(proc.stdout)["directory"] is None, proc.stderr
+
+
+def _edit_tensor(weights: Path, prefix: str) -> str:
+    """Scale the first tensor whose key starts with `prefix`, in place, leaving config.json as it was."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(weights))
+    key = next(k for k in sorted(state) if k.startswith(prefix) and state[k].is_floating_point())
+    state[key] = state[key] * 1.5 + 0.01
+    save_file(state, str(weights))
+    return key
+
+
+def test_a_text_only_load_reads_only_the_text_tower(tiny_dir, tmp_path, monkeypatch):
+    """A query-only load (the App server's) builds no image tower and reads only the text tensors, gives the
+    full model's text embeddings exactly, and refuses text weights edited behind config.json's back."""
+    import open_clip.model
+
+    from dinov2clip import factory
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_dir, model_dir)
+    assert json.loads((model_dir / "config.json").read_text())["clip"].get("text_sha256"), "no text hash recorded"
+    captions = ["a dog", "a red circle on a blue background, drawn by hand"]
+    full = dinov2clip.load_encoders(str(model_dir), image=False, teacher=True, device="cpu", dtype="fp32")
+    want = full.encode_text(captions)
+
+    vision_devices = []  # open_clip's skeleton is built on the meta device: shapes only, no memory, no init
+
+    def build_vision(*args, **kwargs):
+        tower = real_build(*args, **kwargs)
+        vision_devices.append(next(tower.parameters()).device.type)
+        return tower
+
+    real_build = open_clip.model._build_vision_tower
+    monkeypatch.setattr(open_clip.model, "_build_vision_tower", build_vision)
+    factory._TEXT_TOWERS.clear()
+    text_only = dinov2clip.load_encoders(str(model_dir), image=False, device="cpu", dtype="fp32")
+    assert vision_devices and set(vision_devices) == {"meta"}, f"image tower materialised on {vision_devices}"
+    assert text_only.text_encoder.clip.visual is None
+    assert torch.equal(text_only.encode_text(captions), want)
+
+    # an edit of the image tower alone: the text tower is intact, so text search still loads; the teacher refuses
+    weights = model_dir / "clip" / "open_clip_model.safetensors"
+    _edit_tensor(weights, "visual.")
+    factory._TEXT_TOWERS.clear()
+    assert torch.equal(dinov2clip.load_encoders(str(model_dir), image=False, device="cpu", dtype="fp32")
+                       .encode_text(captions), want)
+    with pytest.raises(UserError, match="does not match its sha256"):
+        dinov2clip.load_encoders(str(model_dir), image=False, teacher=True, device="cpu", dtype="fp32")
+
+    # an edit of a text tensor is refused, also when a tower of the old file is still cached in this process
+    dinov2clip.load_encoders(str(model_dir), image=False, device="cpu", dtype="fp32")
+    time.sleep(0.01)  # a new mtime even on coarse-grained file systems
+    _edit_tensor(weights, "transformer.")
+    with pytest.raises(UserError, match="CLIP text weights .* do not match"):
+        dinov2clip.load_encoders(str(model_dir), image=False, device="cpu", dtype="fp32")

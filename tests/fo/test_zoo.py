@@ -87,13 +87,12 @@ def test_loaded_by_name_is_lazy_and_embeds_prompts(zoo_tiny, tiny_model):
 def test_a_fresh_instance_per_request_reuses_the_text_tower(zoo_tiny, tiny_dir, tmp_path, monkeypatch):
     """The App server loads the zoo model anew for every request: the text tower is built once per process
     and its weight files hashed once, while a model whose weights changed on disk is never served stale."""
-    import dinov2clip.clip_text as clip_text
     import dinov2clip.config as core_config
     import dinov2clip.factory as factory
 
     builds, hashes = [], []
-    real_load, real_hash = clip_text.load_clip, core_config.file_sha256
-    monkeypatch.setattr(factory, "load_clip", lambda *a, **k: builds.append(a) or real_load(*a, **k))
+    real_read, real_hash = factory._read_clip, core_config.file_sha256
+    monkeypatch.setattr(factory, "_read_clip", lambda *a, **k: builds.append(a) or real_read(*a, **k))
     monkeypatch.setattr(factory, "file_sha256", lambda p, *a: hashes.append(p) or real_hash(p, *a))
     factory._TEXT_TOWERS.clear()
     factory._FILE_HASHES.clear()

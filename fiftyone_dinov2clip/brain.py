@@ -22,6 +22,7 @@ from dinov2clip.embed import iter_pixel_batches
 from dinov2clip.errors import UserError
 
 from . import registry
+from .vector_cache import CachedSklearnSimilarityConfig
 from .zoo import DinoV2ClipModel
 
 logger = logging.getLogger(__name__)
@@ -164,6 +165,7 @@ def compute_similarity(samples, model="dinov2clip-reference", brain_key: str = D
     Returns `(results, report)`: the text index and an `EmbedReport` (None for patches)."""
     if dinov2_brain_key and not dinov2_field:
         raise UserError("a DINOv2 index (dinov2_brain_key) needs the DINOv2 embeddings stored: pass dinov2_field")
+    backend = similarity_backend(backend)
     zoo_name = registry.resolve(model) if isinstance(model, str) else model.config.zoo_name
     if zoo_name is None:
         raise UserError("pass a registered model name, not an instance: the App reloads the model by name")
@@ -206,6 +208,14 @@ def compute_similarity(samples, model="dinov2clip-reference", brain_key: str = D
             dataset.delete_brain_run(key)
         dataset.rename_brain_run(new, key)
     return results, report  # FiftyOne's rename updates the results' key and its results cache
+
+
+def similarity_backend(backend: str | type | None):
+    """FiftyOne's backend name → what to build with: sklearn (FiftyOne's default) becomes the same backend
+    with its vectors kept in memory between App requests (`vector_cache`); any other is FiftyOne's own."""
+    if backend is None:
+        backend = fob.brain_config.default_similarity_backend
+    return CachedSklearnSimilarityConfig if backend == "sklearn" else backend
 
 
 def project_field(samples, dinov2_field: str, model="dinov2clip-reference",

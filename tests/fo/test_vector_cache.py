@@ -1,0 +1,91 @@
+"""The sklearn index whose vectors stay in memory between App requests (fiftyone_dinov2clip.vector_cache).
+
+Each "request" here is what FiftyOne's App server does: a dataset object with an empty brain-results cache,
+`load_brain_results` through FiftyOne, then `sort_by_similarity`. Every answer is checked against a brute-force
+cosine ranking of what MongoDB holds at that moment, after adds, deletes and edits."""
+import uuid
+
+import numpy as np
+import pytest
+
+import fiftyone as fo
+import fiftyone.brain as fob
+
+from fiftyone_dinov2clip import vector_cache
+from fiftyone_dinov2clip.brain import similarity_backend
+
+DIM = 16
+
+
+@pytest.fixture
+def dataset():
+    rng = np.random.default_rng(0)
+    ds = fo.Dataset(f"dinov2clip-vc-{uuid.uuid4().hex[:8]}")
+    ds.add_samples([fo.Sample(filepath=f"/nowhere/{i}.jpg", e=rng.standard_normal(DIM).astype(np.float32))
+                    for i in range(60)])
+    fob.compute_similarity(ds, embeddings="e", backend=similarity_backend("sklearn"), brain_key="cached")
+    fob.compute_similarity(ds, embeddings="e", backend="sklearn", brain_key="stock")
+    vector_cache.clear()
+    yield ds
+    ds.delete()
+
+
+def request(ds, query, brain_key="cached", k=5) -> list[str]:
+    """One App request: a dataset whose results cache is empty, then FiftyOne's own sort."""
+    ds.clear_cache()
+    return ds.sort_by_similarity(query, k=k, brain_key=brain_key).values("id")
+
+
+def brute_force(ds, query, k=5) -> list[str]:
+    ids, emb = ds.values("id"), np.stack(ds.values("e")).astype(np.float64)
+    cos = emb @ query / np.linalg.norm(emb, axis=1) / np.linalg.norm(query)
+    return [ids[i] for i in np.argsort(-cos)[:k]]
+
+
+def test_vectors_are_read_once_and_answers_equal_the_stock_backend(dataset):
+    assert type(dataset.get_brain_info("cached").config).__name__ == "CachedSklearnSimilarityConfig"
+    q = np.random.default_rng(1).standard_normal(DIM)
+    loads = vector_cache.stats["loads"]
+    answers = [request(dataset, q) for _ in range(4)]
+    assert vector_cache.stats["loads"] == loads + 1, "each request re-read the vectors from MongoDB"
+    assert all(a == answers[0] for a in answers)
+    assert answers[0] == brute_force(dataset, q) == request(dataset, q, brain_key="stock")
+
+
+def test_adds_deletes_and_edits_are_seen_by_the_next_request(dataset):
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal(DIM).astype(np.float32)
+    request(dataset, q)  # fills the cache
+
+    new = fo.Sample(filepath="/nowhere/new.jpg", e=q.copy())  # the best possible match
+    dataset.add_sample(new)
+    assert request(dataset, q)[0] == new.id
+    assert request(dataset, q) == brute_force(dataset, q)
+
+    dataset.delete_samples([new.id])
+    got = request(dataset, q)
+    assert new.id not in got and got == brute_force(dataset, q)
+
+    last = dataset.skip(59).first()  # an existing sample edited to match the query exactly
+    last["e"] = q.copy()
+    last.save()
+    assert request(dataset, q)[0] == last.id
+
+    dataset.set_values("e", [-v for v in dataset.values("e")])  # every vector at once
+    assert request(dataset, q) == brute_force(dataset, q)
+
+
+def test_index_edits_never_touch_the_shared_arrays(dataset):
+    """FiftyOne's add_to_index writes rows in place; the cached arrays are shared by every loaded index."""
+    q = np.random.default_rng(3).standard_normal(DIM).astype(np.float32)
+    request(dataset, q)
+    dataset.clear_cache()
+    index = dataset.load_brain_results("cached")
+    other = dataset.load_brain_results("cached", cache=False)
+    before = other.embeddings.copy()
+    target = dataset.values("id")[7]
+    index.add_to_index(q[None, :], [target])  # an existing sample: FiftyOne's in-place path
+    assert np.array_equal(other.embeddings, before), "an index edit changed another index's vectors"
+    assert request(dataset, q)[0] == target
+    index.remove_from_index(sample_ids=[target])
+    assert target not in request(dataset, q, k=60)

@@ -37,6 +37,9 @@ def isolated_env(home: Path, port: int, database: str) -> dict:
         "FIFTYONE_MODEL_ZOO_DIR": str(home / "zoo"),
         "FIFTYONE_DATASET_ZOO_DIR": str(home / "datasets"),
         "FIFTYONE_PLUGINS_DIR": str(home / "plugins"),
+        # FiftyOne's LanceDB backend otherwise writes to /tmp/lancedb, and a process started later (the App
+        # server) finds tables only where its own brain config points
+        "FIFTYONE_BRAIN_SIMILARITY_LANCEDB_URI": str(home / "lancedb"),
         "FIFTYONE_DO_NOT_TRACK": "true",
         "FIFTYONE_SHOW_PROGRESS_BARS": "false",
     }

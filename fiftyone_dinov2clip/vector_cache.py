@@ -87,6 +87,13 @@ class CachedSklearnSimilarityIndex(SklearnSimilarityIndex):
             if isinstance(value, np.ndarray) and not value.flags.writeable:
                 setattr(self, name, value.copy())
 
+    def _get_neighbors(self, can_use_neighbors=True, can_use_dists=True):
+        if self._neighbors_helper is None and can_use_dists:
+            # FiftyOne's helper centres the vectors in place before precomputing all distances (an image
+            # query on ≤ 15k samples): give it this index's own copy, never the shared one.
+            self._own_arrays()
+        return super()._get_neighbors(can_use_neighbors=can_use_neighbors, can_use_dists=can_use_dists)
+
     def add_to_index(self, *args, **kwargs):
         self._own_arrays()
         return super().add_to_index(*args, **kwargs)

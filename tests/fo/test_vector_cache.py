@@ -89,3 +89,13 @@ def test_index_edits_never_touch_the_shared_arrays(dataset):
     assert request(dataset, q)[0] == target
     index.remove_from_index(sample_ids=[target])
     assert target not in request(dataset, q, k=60)
+
+
+def test_image_queries_leave_the_shared_vectors_as_they_were(dataset):
+    """FiftyOne's sklearn index centres its vectors in place for an image (sample id) query on ≤ 15k samples."""
+    ids = dataset.values("id")
+    q = np.random.default_rng(4).standard_normal(DIM)
+    want = request(dataset, q)
+    by_id = request(dataset, [ids[3]])
+    assert by_id == request(dataset, [ids[3]], brain_key="stock")
+    assert request(dataset, q) == want == brute_force(dataset, q)

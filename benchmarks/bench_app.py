@@ -1,0 +1,274 @@
+#!/usr/bin/env python
+"""Text queries in the real FiftyOne App server, per similarity backend and dataset size: first query in a
+fresh server, later queries, and the same request with a ready query vector (the floor), plus the
+server's memory. Optionally in Chromium as well (Enter → results ready → grid re-sorted).
+
+    export HF_HUB_OFFLINE=1
+    python benchmarks/bench_app.py                                   # 10k and 100k samples
+    python benchmarks/bench_app.py --scales 1000000 --backends sklearn,lancedb
+    python benchmarks/bench_app.py --scales 100000 --backends sklearn --browser
+    python benchmarks/bench_app.py --scales 2000 --queries 2         # smoke run (CI)
+
+What runs: a private mongod and FiftyOne home (as tests/fo/conftest.py), a reference-size model with
+random weights (DINOv2-base, CLIP ViT-B/16, 768→2048×6→512; speed does not depend on weight values)
+registered in that zoo, and one dataset per scale whose samples hold random 512-d vectors (the index does
+not care where they came from; filepaths cycle over a few small images so the grid can draw). Each backend
+gets one index over the same vectors. For each (scale, backend) a fresh App server
+(`python -m fiftyone.server.main`) answers, through `POST /operators/execute`, the operator the App's
+magnifier runs (`@voxel51/panels/similarity_search`, k=25):
+  text   a prompt: the server loads the zoo model by name and encodes the text, then searches. The first
+         one in a fresh server also reads the text tower, and comes `--think` seconds after the App's
+         page-load request (listing operators), as a user types (dinov2clip's plugin imports torch and
+         open_clip in the background from that moment);
+  ready  the same request with a query vector instead of a prompt (no model): the floor.
+Backends: `sklearn` is what dinov2clip builds by default (FiftyOne's sklearn backend with the vectors kept
+in memory between requests, `fiftyone_dinov2clip.vector_cache`); `sklearn-stock` is FiftyOne's own, which
+re-reads them from MongoDB on every request; `lancedb` is FiftyOne's LanceDB backend (a local table).
+
+A benchmark, not a test: it reports numbers against the goal (later text query ≤ 1 s and ≤ 1.5× the ready
+request; first query ≤ 3 s), it asserts nothing."""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from fiftyone_dinov2clip.devdb import Mongod, isolated_env  # noqa: E402
+
+from report import publish  # noqa: E402  (benchmarks/report.py: this folder is on sys.path)
+
+MODEL_NAME = "bench-app-reference"
+BACKENDS = ("sklearn", "sklearn-stock", "lancedb")
+QUERIES = ["a dog running on a beach", "a red car parked in the street", "two people riding bicycles",
+           "a bowl of fruit on a table", "a city skyline at night", "a cat sleeping on a sofa",
+           "a plate of pasta", "snow-covered mountains"]
+DIM = 512
+GOAL_LATER_S, GOAL_RATIO, GOAL_FIRST_S = 1.0, 1.5, 3.0
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scales", default="10000,100000", help="dataset sizes, comma-separated")
+    p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated, of {', '.join(BACKENDS)}")
+    p.add_argument("--queries", type=int, default=4, help="text and ready requests after the first, each")
+    p.add_argument("--think", type=float, default=5.0,
+                   help="seconds between the page load and the first query (a user typing it)")
+    p.add_argument("--browser", action="store_true", help="also drive Chromium at the largest scale, first backend")
+    p.add_argument("--model-dir", default=None, help="reuse (or build once into) this reference-size model dir")
+    p.add_argument("--out", default="benchmarks/results/bench_app.json")
+    args = p.parse_args(argv)
+    args.scales = [int(s) for s in args.scales.split(",")]
+    args.backends = args.backends.split(",")
+    unknown = set(args.backends) - set(BACKENDS)
+    if unknown:
+        p.error(f"unknown backend(s) {sorted(unknown)}: choose from {', '.join(BACKENDS)}")
+    if args.queries < 1:
+        p.error("--queries must be at least 1")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    home = Path(tempfile.mkdtemp(prefix="dinov2clip-bench-app-"))
+    mongod = None
+    try:
+        try:
+            mongod = Mongod(home)
+        except RuntimeError as e:
+            raise SystemExit(str(e)) from None
+        os.environ.update(isolated_env(home, mongod.port, f"dinov2clip-bench-app-{os.getpid()}"))  # before fiftyone
+        return run(args, home)
+    finally:
+        if mongod is not None:
+            mongod.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def model_dir(args, home: Path) -> Path:
+    import dinov2clip
+
+    path = Path(args.model_dir) if args.model_dir else home / "model"
+    if (path / "config.json").is_file():
+        log(f"[model] reusing {path}")
+        return path
+    log(f"[model] building a reference-size random model in {path} ...")
+    dinov2clip.make_tiny(str(path), size="reference")
+    return path
+
+
+def write_images(folder: Path) -> list[str]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, rgb in enumerate([(220, 30, 30), (30, 190, 40), (30, 60, 220), (235, 225, 40), (210, 40, 200),
+                             (40, 200, 210), (245, 140, 20), (245, 245, 245)]):
+        paths.append(str(folder / f"{i}.png"))
+        Image.new("RGB", (64, 64), rgb).save(paths[-1])
+    return paths
+
+
+def build_dataset(n: int, images: list[str], zoo_name: str, backends: list[str], home: Path):
+    """One dataset of n samples holding random unit vectors, and one index per backend over them."""
+    import fiftyone as fo
+    import fiftyone.brain as fob
+
+    from fiftyone_dinov2clip.brain import similarity_backend
+
+    rng = np.random.default_rng(n)
+    ds = fo.Dataset(f"bench-app-{n}", persistent=True)
+    start = time.perf_counter()
+    for lo in range(0, n, 10_000):
+        emb = rng.standard_normal((min(n, lo + 10_000) - lo, DIM)).astype(np.float32)
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+        ds.add_samples([fo.Sample(filepath=images[(lo + i) % len(images)], e=v) for i, v in enumerate(emb)],
+                       progress=False)
+    log(f"[data] {n} samples in {time.perf_counter() - start:.0f} s")
+    for backend in backends:
+        start = time.perf_counter()
+        kwargs = {"table_name": f"bench_{n}"} if backend == "lancedb" else {}  # uri: devdb.isolated_env
+        chosen = {"sklearn": similarity_backend("sklearn"), "sklearn-stock": "sklearn"}.get(backend, backend)
+        fob.compute_similarity(ds, embeddings="e", model=zoo_name, backend=chosen, brain_key=key_of(backend),
+                               progress=False, **kwargs)
+        log(f"[index] {backend} over {n} in {time.perf_counter() - start:.0f} s")
+    return ds
+
+
+def key_of(backend: str) -> str:
+    return backend.replace("-", "_")
+
+
+def install_plugin(home: Path) -> None:
+    """This checkout's FiftyOne plugin, as `fiftyone plugins download` lays it out, in the isolated plugins dir."""
+    root = Path(__file__).resolve().parents[1]
+    target = home / "plugins" / "dinov2clip"
+    (target / "fiftyone_dinov2clip").mkdir(parents=True, exist_ok=True)
+    shutil.copy(root / "fiftyone.yml", target / "fiftyone.yml")
+    shutil.copy(root / "fiftyone_dinov2clip" / "plugin.py", target / "fiftyone_dinov2clip" / "plugin.py")
+
+
+def requests_in_app(server, ds, backend: str, queries: int, think: float) -> dict:
+    """The App's page load (it lists the operators), `think` seconds of typing, the first text query, then
+    `queries` text and ready requests interleaved; seconds and server MiB."""
+    from fiftyone_dinov2clip.devapp import APP_K, SIMILARITY_OPERATOR
+
+    vectors = [np.asarray(v, np.float32).tolist() for v in ds.take(queries, seed=1).values("e")]
+
+    def ask(query, query_type) -> float:
+        start = time.perf_counter()
+        server.execute(SIMILARITY_OPERATOR, ds.name, {"brain_key": key_of(backend), "query": query,
+                                                      "query_type": query_type, "k": APP_K})
+        return time.perf_counter() - start
+
+    server.list_operators(ds.name)
+    time.sleep(think)
+    rss_before = server.rss_mb()[0]
+    first = ask(QUERIES[0], "text")
+    rss_first = server.rss_mb()[0]
+    text, ready = [], []
+    for i in range(queries):
+        text.append(ask(QUERIES[(i + 1) % len(QUERIES)], "text"))
+        ready.append(ask(vectors[i], "text"))  # the same request with the query vector given
+    rss, peak = server.rss_mb()
+    return {"first_text_s": first, "text_s": text, "ready_s": ready, "rss_idle_mb": rss_before,
+            "rss_after_first_mb": rss_first, "rss_mb": rss, "peak_rss_mb": peak}
+
+
+def browser_run(server, ds, backend: str, home: Path, queries: int) -> dict:
+    """In Chromium: Enter → "Show results" offered (results ready) → grid re-sorted, first and later queries."""
+    from fiftyone_dinov2clip.devapp import Browser, browser_missing, chromium
+
+    missing = browser_missing()
+    if missing:
+        raise SystemExit(f"--browser: {missing}")
+    driver = chromium(home / "chromium-profile", home / "chromedriver.log")
+    try:
+        b = Browser(driver, server, home / "bench-app.png")
+        b.open_dataset(ds.name, timeout=120)
+        b.d.execute_script("window.localStorage.setItem('fiftyone-enterprise-tooltip-seen', 'true')")
+        runs = []
+        for i in range(1 + queries):
+            ready = b.search(QUERIES[i % len(QUERIES)], timeout=300)
+            _, shown = b.show_results(timeout=120)
+            runs.append({"enter_to_results_s": ready, "show_to_grid_s": shown})
+        return {"backend": backend, "scale": len(ds), "first": runs[0], "later": runs[1:]}
+    finally:
+        driver.quit()
+
+
+def run(args, home: Path) -> dict:
+    from fiftyone_dinov2clip import registry
+    from fiftyone_dinov2clip.devapp import AppServer
+
+    zoo_name = registry.register(MODEL_NAME, str(model_dir(args, home)))
+    install_plugin(home)
+    images = write_images(home / "images")
+    results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+               "args": {k: v for k, v in vars(args).items() if k != "out"}, "runs": [], "browser": None}
+    for n in args.scales:
+        ds = build_dataset(n, images, zoo_name, args.backends, home)
+        for backend in args.backends:
+            server = AppServer(home / f"app-{n}-{backend}.log").wait()
+            try:
+                r = requests_in_app(server, ds, backend, args.queries, args.think)
+                if args.browser and n == max(args.scales) and backend == args.backends[0]:
+                    results["browser"] = browser_run(server, ds, backend, home, args.queries)
+            finally:
+                server.stop()
+            results["runs"].append({"scale": n, "backend": backend, **r})
+            log(f"[{n} {backend}] first {r['first_text_s']:.2f} s, text {med(r['text_s']):.2f} s, "
+                f"ready {med(r['ready_s']):.2f} s, server {r['rss_mb']:.0f} MiB (peak {r['peak_rss_mb']:.0f})")
+        ds.delete()
+    return publish(results, table(results), notes(results), args.out)
+
+
+def med(xs) -> float:
+    return statistics.median(xs)
+
+
+def table(results: dict) -> str:
+    lines = ["| samples | backend | first text query | later text query (median) | ready vector (median) "
+             "| later ÷ ready | server RSS MiB (peak) |", "|---|---|---|---|---|---|---|"]
+    for r in results["runs"]:
+        text, ready = med(r["text_s"]), med(r["ready_s"])
+        lines.append(f"| {r['scale']:,} | {r['backend']} | {r['first_text_s']:.2f} s | {text:.2f} s | "
+                     f"{ready:.2f} s | {text / ready:.2f}× | {r['rss_mb']:.0f} ({r['peak_rss_mb']:.0f}) |")
+    b = results.get("browser")
+    if b:
+        later = b["later"] or [b["first"]]
+        lines += ["", f"Chromium, {b['scale']:,} samples, {b['backend']}: | first query | later (median) |",
+                  "|---|---|---|",
+                  f"| Enter → results ready | {b['first']['enter_to_results_s']:.2f} s | "
+                  f"{med([x['enter_to_results_s'] for x in later]):.2f} s |",
+                  f"| Show results → grid re-sorted | {b['first']['show_to_grid_s']:.2f} s | "
+                  f"{med([x['show_to_grid_s'] for x in later]):.2f} s |"]
+    return "\n".join(lines)
+
+
+def notes(results: dict) -> str:
+    out = []
+    for r in results["runs"]:
+        text, ready = med(r["text_s"]), med(r["ready_s"])
+        ok = text <= GOAL_LATER_S and text <= GOAL_RATIO * ready and r["first_text_s"] <= GOAL_FIRST_S
+        out.append(f"{r['scale']:>9,} {r['backend']:<13} goal (later ≤ {GOAL_LATER_S:.0f} s and ≤ {GOAL_RATIO}× "
+                   f"ready, first ≤ {GOAL_FIRST_S:.0f} s): {'met' if ok else 'NOT met'}")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()

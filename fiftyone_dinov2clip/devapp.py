@@ -1,0 +1,287 @@
+"""A real FiftyOne App server and headless Debian chromium driving its text search: for this project's
+browser test and `benchmarks/bench_app.py`. Not for production use.
+
+Facts this follows (shared notes, FiftyOne 1.22.1): the magnifier's query runs the built-in operator
+`@voxel51/panels/similarity_search` and opens a "Similarity Search" panel; the grid re-sorts only after
+"Show results"; an Enterprise popover intercepts clicks unless localStorage says it was seen; a failed run
+shows nothing on screen (only the console and the server log say why)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from .devdb import free_port, stop_process
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+SIMILARITY_OPERATOR = "@voxel51/panels/similarity_search"
+APP_K = 25  # what the App's search asks for
+
+# Selectors, FiftyOne 1.22.1
+GRID_READY = '[data-cy="fo-grid"] [data-cy="looker"] canvas[canvas-loaded="true"]'
+TILE = '[data-cy="fo-grid"] [data-cy="looker"]'
+MAGNIFIER = '[data-cy="action-sort-by-similarity"]'
+QUERY_BOX = '[data-cy="popout"] input[data-cy="input-Type anything!"]'
+PANEL = '[data-cy="panel-content-similarity_search_panel"]'
+RUN_LIST = PANEL + ' .similarity-run-list'
+SHOW_RESULTS = 'button[aria-label="Show results"]'
+VIEW_STAGE = '[data-cy="view-bar"] [data-cy="view-stage-container"]'
+
+
+class AppError(RuntimeError):
+    """The App server or the page did not do what was expected; the message carries the logs."""
+
+
+def browser_missing() -> str | None:
+    """Why the browser cannot run here, or None."""
+    import importlib.util
+
+    if importlib.util.find_spec("selenium") is None:
+        return "selenium is not installed (pip install selenium)"
+    for exe in (CHROMIUM, CHROMEDRIVER):
+        if not os.access(exe, os.X_OK):
+            return f"{exe} is missing (apt-get install chromium chromium-driver)"
+    return None
+
+
+class AppServer:
+    """`python -m fiftyone.server.main` on a free port, in the environment FiftyOne was configured with."""
+
+    def __init__(self, log_path: Path, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        env = {**os.environ, **(env or {}), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fiftyone.server.main", "--port", str(self.port), "--address", "127.0.0.1"],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait(self, timeout=60) -> "AppServer":
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AppError(f"the App server exited ({self.proc.returncode}):\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.2)
+        raise AppError(f"the App server did not answer HTTP within {timeout} s:\n{self.tail()}")
+
+    def execute(self, operator_uri: str, dataset_name: str, params: dict, timeout=600) -> dict:
+        """POST /operators/execute, as the App does for an operator run."""
+        body = json.dumps({"operator_uri": operator_uri, "dataset_name": dataset_name, "params": params,
+                           "view": [], "filters": None, "selected": [], "selected_labels": []}).encode()
+        req = urllib.request.Request(self.url + "/operators/execute", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            out = json.loads(r.read())
+        if out.get("error"):
+            raise AppError(f"{operator_uri} failed: {out['error']}\n{self.tail()}")
+        return out
+
+    def list_operators(self, dataset_name: str) -> dict:
+        """POST /operators: what the App requests when a page loads (FiftyOne registers plugins then)."""
+        req = urllib.request.Request(self.url + "/operators", data=json.dumps({"dataset_name": dataset_name}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read())
+
+    def rss_mb(self) -> tuple[float, float]:
+        """(current, peak) resident memory of the server process, MiB (Linux)."""
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines())
+        return tuple(int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM"))
+
+    def tail(self, n=4000) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-n:]
+
+    def stop(self):
+        stop_process(self.proc, timeout=15)
+        self._log.close()
+
+
+def chromium(profile_dir: Path, log_path: Path):
+    """Headless Debian chromium through Selenium, with browser and network logs, 1920×1080."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--window-size=1920,1080", f"--user-data-dir={profile_dir}"):
+        opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER, log_output=str(log_path)), options=opts)
+    driver.set_page_load_timeout(30)
+    return driver
+
+
+class Browser:
+    """The driver plus everything a failure message needs: console log, network log, server log."""
+
+    def __init__(self, driver, server: AppServer, shot: Path):
+        self.d = driver
+        self.server = server
+        self.shot = shot
+        self.console: list[str] = []
+        self.network: list[dict] = []
+
+    def drain_logs(self):
+        for e in self.d.get_log("browser"):
+            self.console.append(f"[{e.get('level')}] {e.get('message')}")
+        for e in self.d.get_log("performance"):
+            self.network.append(json.loads(e["message"])["message"])
+
+    def screenshot(self) -> Path:
+        self.d.save_screenshot(str(self.shot))
+        return self.shot
+
+    def context(self) -> str:
+        try:
+            self.drain_logs()
+        except Exception as e:  # the browser may be gone
+            self.console.append(f"(could not read the browser log: {e})")
+        console = "\n".join(self.console[-60:]) or "(empty)"
+        return f"\n--- browser console log ---\n{console}\n--- App server log (tail) ---\n{self.server.tail()}"
+
+    def wait_for(self, what: str, cond, timeout: float):
+        from selenium.common.exceptions import TimeoutException
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        try:
+            return WebDriverWait(self.d, timeout, poll_frequency=0.05).until(cond)
+        except TimeoutException:
+            raise AppError(f"timed out after {timeout} s waiting for {what}; screenshot {self.shot}"
+                           f"{self.context()}") from None
+
+    def css(self, selector: str, clickable=False, timeout=30):
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support import expected_conditions as EC
+
+        wanted = EC.element_to_be_clickable if clickable else EC.presence_of_element_located
+        return self.wait_for(selector, wanted((By.CSS_SELECTOR, selector)), timeout)
+
+    def open_dataset(self, name: str, timeout=45):
+        # The Enterprise popover's backdrop would intercept clicks: mark it seen before the App loads.
+        self.d.get(self.server.url + "/favicon.ico")
+        self.d.execute_script("window.localStorage.setItem('fiftyone-enterprise-tooltip-seen', 'true')")
+        self.d.get(f"{self.server.url}/datasets/{name}")
+        self.css(GRID_READY, timeout=timeout)
+
+    def search(self, query: str, timeout=120) -> float:
+        """Magnifier → query → Enter; returns seconds from Enter until the run offers "Show results"."""
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.common.keys import Keys
+
+        before = len(self.d.find_elements(By.CSS_SELECTOR, RUN_LIST + " " + SHOW_RESULTS))
+        self.css(MAGNIFIER, clickable=True).click()
+        box = self.css(QUERY_BOX, clickable=True)
+        box.send_keys(query)
+        start = time.perf_counter()
+        box.send_keys(Keys.ENTER)
+
+        def run_finished(_):
+            if self.server.proc.poll() is not None:
+                return "the App server exited"
+            if len(self.d.find_elements(By.CSS_SELECTOR, RUN_LIST + " " + SHOW_RESULTS)) > before:
+                return "ok"
+            self.drain_logs()
+            failed = [line for line in self.console if "Similarity search failed" in line
+                      or "Error executing operator" in line]
+            if failed:
+                return "failed: " + failed[0][:300]
+            panel = self.d.find_elements(By.CSS_SELECTOR, PANEL)
+            if panel and ("failed" in panel[0].text.lower() or "error" in panel[0].text.lower()):
+                return f"failed: the Similarity Search panel says {panel[0].text!r}"
+            return False
+
+        state = self.wait_for("the Similarity Search panel's run to complete", run_finished, timeout)
+        took = time.perf_counter() - start
+        if state != "ok":
+            raise AppError(f"the App's similarity search did not complete ({state}); screenshot {self.shot}"
+                           f"{self.context()}")
+        return took
+
+    def show_results(self, timeout=30) -> tuple[list[str], float]:
+        """Click the newest run's "Show results"; returns (the re-sorted grid's sample ids, seconds from the
+        click until that page arrived)."""
+        from selenium.webdriver.common.by import By
+
+        since = self.cdp_now()
+        buttons = self.d.find_elements(By.CSS_SELECTOR, RUN_LIST + " " + SHOW_RESULTS)
+        start = time.perf_counter()
+        buttons[0].click()
+        self.css(VIEW_STAGE, timeout=timeout)
+        order = self.wait_for("the re-sorted grid's paginateSamplesQuery response",
+                              lambda _: self.graphql_samples(since), timeout)[-1]
+        took = time.perf_counter() - start
+        self.css(GRID_READY, timeout=timeout)
+        return order, took
+
+    def graphql_samples(self, after_ts: float) -> list[list[str]] | None:
+        """Sample ids of each `paginateSamplesQuery` response for a view with a `Select` stage (what "Show
+        results" applies) requested after `after_ts` (a CDP monotonic timestamp), oldest first; None while
+        there is none or one is still in flight."""
+        self.drain_logs()
+        sent = {}
+        for m in self.network:
+            if m["method"] == "Network.requestWillBeSent" and m["params"]["timestamp"] > after_ts:
+                req = m["params"]["request"]
+                if "/graphql" in req["url"] and "paginateSamplesQuery" in (req.get("postData") or ""):
+                    view = json.loads(req["postData"])["variables"]["view"]
+                    if any(st["_cls"] == "fiftyone.core.stages.Select" for st in view):
+                        sent[m["params"]["requestId"]] = m["params"]["timestamp"]
+        done = {m["params"]["requestId"] for m in self.network
+                if m["method"] == "Network.loadingFinished" and m["params"]["requestId"] in sent}
+        if not sent or done != set(sent):
+            return None
+        out = []
+        for rid in sorted(sent, key=sent.get):
+            body = self.d.execute_cdp_cmd("Network.getResponseBody", {"requestId": rid})["body"]
+            edges = json.loads(body)["data"]["samples"]["edges"]
+            out.append([_sample_id(e["node"]) for e in edges])
+        return out
+
+    def cdp_now(self) -> float:
+        """The latest CDP network timestamp seen so far (monotonic seconds)."""
+        self.drain_logs()
+        return max((m["params"].get("timestamp", 0) for m in self.network if m["method"].startswith("Network.")),
+                   default=0.0)
+
+    def first_tile_rgb(self) -> tuple[int, int, int]:
+        """Median colour of the central patch of the top-left grid tile, from a screenshot of it."""
+        import numpy as np
+        from PIL import Image
+        from selenium.common.exceptions import WebDriverException
+        from selenium.webdriver.common.by import By
+
+        try:
+            tiles = [t for t in self.d.find_elements(By.CSS_SELECTOR, TILE) if t.is_displayed()]
+            if not tiles:
+                return (-1, -1, -1)
+            first = min(tiles, key=lambda t: (round(t.rect["y"]), round(t.rect["x"])))
+            png = first.screenshot_as_png
+        except WebDriverException:  # a tile replaced while the grid repaints
+            return (-1, -1, -1)
+        img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+        h, w = img.shape[:2]
+        patch = img[h * 2 // 5: h * 3 // 5, w * 2 // 5: w * 3 // 5].reshape(-1, 3)
+        return tuple(int(v) for v in np.median(patch, axis=0))
+
+
+def _sample_id(node: dict) -> str:
+    sample = node["sample"]
+    if isinstance(sample, str):
+        sample = json.loads(sample)
+    sid = sample.get("_id") or sample.get("id")
+    return sid["$oid"] if isinstance(sid, dict) else sid

@@ -7,6 +7,7 @@ spaces and a DINOv2 field is only projected by a projector trained on the same k
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import secrets
@@ -22,6 +23,7 @@ from dinov2clip.embed import iter_pixel_batches
 from dinov2clip.errors import UserError
 
 from . import registry
+from .index_defaults import LANCEDB_FROM
 from .vector_cache import CachedSklearnSimilarityConfig
 from .zoo import DinoV2ClipModel
 
@@ -165,7 +167,7 @@ def compute_similarity(samples, model="dinov2clip-reference", brain_key: str = D
     Returns `(results, report)`: the text index and an `EmbedReport` (None for patches)."""
     if dinov2_brain_key and not dinov2_field:
         raise UserError("a DINOv2 index (dinov2_brain_key) needs the DINOv2 embeddings stored: pass dinov2_field")
-    backend = similarity_backend(backend)
+    backend = similarity_backend(backend, len(samples))
     zoo_name = registry.resolve(model) if isinstance(model, str) else model.config.zoo_name
     if zoo_name is None:
         raise UserError("pass a registered model name, not an instance: the App reloads the model by name")
@@ -210,11 +212,25 @@ def compute_similarity(samples, model="dinov2clip-reference", brain_key: str = D
     return results, report  # FiftyOne's rename updates the results' key and its results cache
 
 
-def similarity_backend(backend: str | type | None):
-    """FiftyOne's backend name → what to build with: sklearn (FiftyOne's default) becomes the same backend
-    with its vectors kept in memory between App requests (`vector_cache`); any other is FiftyOne's own."""
+
+def default_backend(n_samples: int) -> str:
+    """FiftyOne's configured default if the user changed it; else sklearn, or lancedb from LANCEDB_FROM."""
+    configured = fob.brain_config.default_similarity_backend
+    if configured != "sklearn" or n_samples < LANCEDB_FROM:
+        return configured
+    if importlib.util.find_spec("lancedb") is None:
+        logger.warning("dinov2clip: %d samples: with lancedb installed (pip install lancedb) the index would be "
+                       "LanceDB's and the App's first text query would not read every vector from MongoDB; "
+                       "using sklearn", n_samples)
+        return configured
+    return "lancedb"
+
+
+def similarity_backend(backend: str | type | None, n_samples: int = 0):
+    """What to build an index with. None: `default_backend(n_samples)`. sklearn becomes the same backend with
+    its vectors kept in memory between App requests (`vector_cache`); any other is FiftyOne's own."""
     if backend is None:
-        backend = fob.brain_config.default_similarity_backend
+        backend = default_backend(n_samples)
     return CachedSklearnSimilarityConfig if backend == "sklearn" else backend
 
 

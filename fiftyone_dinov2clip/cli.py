@@ -15,6 +15,7 @@ from dinov2clip.presets import PRESETS
 
 from . import registry
 from .database import database_errors, ensure_mongodb
+from .index_defaults import AUTO_HELP
 
 PROG = "python -m fiftyone_dinov2clip"
 REMOTE_SOURCE_NAME = "dinov2clip-remote"
@@ -274,7 +275,7 @@ def _index_args(p: argparse.ArgumentParser) -> None:
                    "('' for none) [%(default)s]")
     p.add_argument("--dinov2-brain-key", default="dinov2", help="image-only index over the DINOv2 field "
                    "('' for none) [%(default)s]")
-    p.add_argument("--backend", default=None, help="similarity backend (sklearn, lancedb, ...) [FiftyOne's default]")
+    p.add_argument("--backend", default=None, help=f"similarity backend (sklearn, lancedb, ...) [{AUTO_HELP}]")
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass [32]")
     p.add_argument("--overwrite", action="store_true", help="replace existing brain runs with these keys")
 

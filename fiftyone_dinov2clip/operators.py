@@ -16,11 +16,12 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from . import registry
+from .index_defaults import AUTO_HELP
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_K = 25
-BACKENDS = ("sklearn", "lancedb")
+BACKENDS = ("auto", "sklearn", "lancedb")  # auto: brain.default_backend (by the dataset's size)
 REGISTER_HINT = ("register one with `python -m fiftyone_dinov2clip register-presets` or "
                  "`python -m fiftyone_dinov2clip register NAME SOURCE`, then reopen this form")
 
@@ -73,7 +74,7 @@ class ComputeSimilarity(foo.Operator):
                        description="also build an image-only index over the DINOv2 field")
         backends = types.Dropdown(label="Backend")
         for b in BACKENDS:
-            backends.add_choice(b, label=b)
+            backends.add_choice(b, label=b, description=AUTO_HELP if b == "auto" else None)
         inputs.enum("backend", backends.values(), default=BACKENDS[0], view=backends)
         inputs.int("batch_size", min=1, label="Batch size", description="empty: the model's default")
         inputs.bool("overwrite", default=False, label="Overwrite",
@@ -87,8 +88,9 @@ class ComputeSimilarity(foo.Operator):
             progress = fou.report_progress(lambda pb: ctx.set_progress(progress=pb.progress), dt=5.0)
         results, report = brain.compute_similarity(
             ctx.target_view(), ctx.params["model"], progress=progress,
-            **_given(ctx.params, "brain_key", "embeddings_field", "dinov2_field", "dinov2_brain_key",
-                     "backend", "batch_size", "overwrite"))
+            **_given({**ctx.params, "backend": None if ctx.params.get("backend") == "auto" else ctx.params.get("backend")},
+                     "brain_key", "embeddings_field", "dinov2_field", "dinov2_brain_key", "backend", "batch_size",
+                     "overwrite"))
         if not ctx.delegated:
             ctx.ops.reload_dataset()  # the App learns of the new field and brain run
         return {"brain_key": results.key, "model": results.config.model, "embedded": report.embedded,

@@ -1,4 +1,5 @@
-"""The sklearn index whose vectors stay in memory between App requests (fiftyone_dinov2clip.vector_cache).
+"""Index backends: the default choice by size, and the sklearn index whose vectors stay in memory between App
+requests (fiftyone_dinov2clip.vector_cache).
 
 Each "request" here is what FiftyOne's App server does: a dataset object with an empty brain-results cache,
 `load_brain_results` through FiftyOne, then `sort_by_similarity`. Every answer is checked against a brute-force
@@ -37,9 +38,7 @@ def request(ds, query, brain_key="cached", k=5) -> list[str]:
 
 
 def brute_force(ds, query, k=5) -> list[str]:
-    ids, emb = ds.values("id"), np.stack(ds.values("e")).astype(np.float64)
-    cos = emb @ query / np.linalg.norm(emb, axis=1) / np.linalg.norm(query)
-    return [ids[i] for i in np.argsort(-cos)[:k]]
+    return brute_force_of(ds, "e", query, k)
 
 
 def test_vectors_are_read_once_and_answers_equal_the_stock_backend(dataset):
@@ -99,3 +98,50 @@ def test_image_queries_leave_the_shared_vectors_as_they_were(dataset):
     by_id = request(dataset, [ids[3]])
     assert by_id == request(dataset, [ids[3]], brain_key="stock")
     assert request(dataset, q) == want == brute_force(dataset, q)
+
+
+def test_the_default_backend_follows_the_dataset_size(monkeypatch, caplog):
+    import importlib.util
+
+    from fiftyone_dinov2clip import brain
+
+    assert brain.default_backend(brain.LANCEDB_FROM - 1) == "sklearn"
+    assert similarity_backend(None, 10) is vector_cache.CachedSklearnSimilarityConfig
+    pytest.importorskip("lancedb")
+    assert brain.default_backend(brain.LANCEDB_FROM) == "lancedb"
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lancedb"
+                        else real_find_spec(name, *a))
+    assert brain.default_backend(brain.LANCEDB_FROM) == "sklearn"
+    assert "pip install lancedb" in caplog.text
+    monkeypatch.setattr(fob.brain_config, "default_similarity_backend", "lancedb")
+    assert brain.default_backend(1) == "lancedb", "the user's own FiftyOne default is overridden"
+
+
+def test_a_large_dataset_gets_a_lancedb_index_that_answers_text(tmp_path, zoo_tiny, monkeypatch):
+    """End to end through compute_similarity with the threshold lowered to this small dataset's size."""
+    pytest.importorskip("lancedb")
+    from PIL import Image
+
+    import fiftyone_dinov2clip as fod
+    from fiftyone_dinov2clip import brain
+
+    monkeypatch.setattr(brain, "LANCEDB_FROM", 4)
+    ds = fo.Dataset(f"dinov2clip-large-{uuid.uuid4().hex[:8]}")
+    try:
+        for i, rgb in enumerate([(200, 0, 0), (0, 200, 0), (0, 0, 200), (200, 200, 0)]):
+            Image.new("RGB", (32, 32), rgb).save(tmp_path / f"{i}.png")
+            ds.add_sample(fo.Sample(filepath=str(tmp_path / f"{i}.png")))
+        fod.compute_similarity(ds, zoo_tiny)
+        assert type(ds.get_brain_info("dinov2clip").config).__name__ == "LanceDBSimilarityConfig"
+        model = fod.load(zoo_tiny)
+        q = np.asarray(model.embed_prompt("a red square"), np.float64)
+        assert fod.sort_by_text(ds, "a red square", k=4).values("id") == brute_force_of(ds, "dinov2clip", q, 4)
+    finally:
+        ds.delete()
+
+
+def brute_force_of(ds, field, query, k):
+    ids, emb = ds.values("id"), np.stack(ds.values(field)).astype(np.float64)
+    cos = emb @ query / np.linalg.norm(emb, axis=1) / np.linalg.norm(query)
+    return [ids[i] for i in np.argsort(-cos)[:k]]

@@ -80,6 +80,15 @@ class CachedSklearnSimilarityIndex(SklearnSimilarityIndex):
                 _CACHE.popitem(last=False)
         return data
 
+    def _kneighbors(self, query=None, *args, **kwargs):
+        # A query vector from the App arrives as JSON, i.e. float64: sklearn would then copy every float32
+        # vector to float64 for each query (0.4 GB at 100k samples). Rankings are the same in float32.
+        if query is not None and not isinstance(query, str) and self._embeddings is not None:
+            as_array = np.asarray(query)
+            if as_array.dtype.kind == "f" and as_array.dtype != self._embeddings.dtype:
+                query = as_array.astype(self._embeddings.dtype)
+        return super()._kneighbors(query, *args, **kwargs)
+
     def _own_arrays(self):
         """Private, writable copies before FiftyOne's sklearn code edits the arrays in place."""
         for name in ("_embeddings", "_sample_ids", "_label_ids"):

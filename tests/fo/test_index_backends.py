@@ -49,6 +49,7 @@ def test_vectors_are_read_once_and_answers_equal_the_stock_backend(dataset):
     assert vector_cache.stats["loads"] == loads + 1, "each request re-read the vectors from MongoDB"
     assert all(a == answers[0] for a in answers)
     assert answers[0] == brute_force(dataset, q) == request(dataset, q, brain_key="stock")
+    assert request(dataset, q.tolist()) == answers[0]  # a vector as the App sends it: JSON, float64
 
 
 def test_adds_deletes_and_edits_are_seen_by_the_next_request(dataset):

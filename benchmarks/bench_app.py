@@ -158,15 +158,6 @@ def key_of(backend: str) -> str:
     return backend.replace("-", "_")
 
 
-def install_plugin(home: Path) -> None:
-    """This checkout's FiftyOne plugin, as `fiftyone plugins download` lays it out, in the isolated plugins dir."""
-    root = Path(__file__).resolve().parents[1]
-    target = home / "plugins" / "dinov2clip"
-    (target / "fiftyone_dinov2clip").mkdir(parents=True, exist_ok=True)
-    shutil.copy(root / "fiftyone.yml", target / "fiftyone.yml")
-    shutil.copy(root / "fiftyone_dinov2clip" / "plugin.py", target / "fiftyone_dinov2clip" / "plugin.py")
-
-
 def requests_in_app(server, ds, backend: str, queries: int, think: float) -> dict:
     """The App's page load (it lists the operators), `think` seconds of typing, the first text query, then
     `queries` text and ready requests interleaved; seconds and server MiB."""
@@ -194,7 +185,7 @@ def requests_in_app(server, ds, backend: str, queries: int, think: float) -> dic
             "rss_after_first_mb": rss_first, "rss_mb": rss, "peak_rss_mb": peak}
 
 
-def browser_run(server, ds, backend: str, home: Path, queries: int) -> dict:
+def browser_run(server, ds, backend: str, home: Path, queries: int, out_dir: Path) -> dict:
     """In Chromium, on a fresh App server: the page loads, then for the first and later queries Enter →
     "Show results" offered (results ready), and the click → grid re-sorted."""
     from fiftyone_dinov2clip.devapp import Browser, browser_missing, chromium
@@ -203,8 +194,9 @@ def browser_run(server, ds, backend: str, home: Path, queries: int) -> dict:
     if missing:
         raise SystemExit(f"--browser: {missing}")
     driver = chromium(home / "chromium-profile", home / "chromedriver.log")
+    shot = Path(out_dir) / f"bench-app-{len(ds)}-{backend}.png"
     try:
-        b = Browser(driver, server, home / "bench-app.png")
+        b = Browser(driver, server, shot)
         b.open_dataset(ds.name, timeout=120)
         runs = []
         for i in range(1 + queries):
@@ -212,19 +204,52 @@ def browser_run(server, ds, backend: str, home: Path, queries: int) -> dict:
             _, shown = b.show_results(timeout=120)
             runs.append({"enter_to_results_s": ready, "show_to_grid_s": shown})
         return {"backend": backend, "scale": len(ds), "first": runs[0], "later": runs[1:]}
+    except Exception:
+        b.screenshot()  # kept beside the results
+        raise
     finally:
         driver.quit()
 
 
+LOAD_SCRIPT = """
+import json, resource, sys, time
+import open_clip, torch, dinov2clip
+start = time.perf_counter()
+encoders = dinov2clip.load_encoders(sys.argv[1], image=False, teacher=sys.argv[2] == "whole", device="cpu")
+encoders.encode_text(["a dog"])
+print(json.dumps({"load_s": time.perf_counter() - start,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def text_tower_loads(path: Path, repeats: int = 2) -> dict:
+    """A query-only load (text tensors only, no image tower) against building the whole CLIP, each in a
+    fresh process after its imports (what the App server does once), best of `repeats`."""
+    import json
+    import subprocess
+
+    out = {}
+    for what in ("text", "whole"):
+        runs = [json.loads(subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(path), what], check=True,
+                                          capture_output=True, text=True).stdout.strip().splitlines()[-1])
+                for _ in range(repeats)]
+        out[what] = min(runs, key=lambda r: r["load_s"])
+    log(f"[load] text tower alone {out['text']['load_s']:.2f} s, peak {out['text']['peak_rss_mb']:.0f} MiB; "
+        f"whole CLIP {out['whole']['load_s']:.2f} s, peak {out['whole']['peak_rss_mb']:.0f} MiB")
+    return out
+
+
 def run(args, home: Path) -> dict:
     from fiftyone_dinov2clip import registry
-    from fiftyone_dinov2clip.devapp import AppServer
+    from fiftyone_dinov2clip.devapp import AppServer, install_plugin
 
-    zoo_name = registry.register(MODEL_NAME, str(model_dir(args, home)))
-    install_plugin(home)
+    path = model_dir(args, home)
+    zoo_name = registry.register(MODEL_NAME, str(path))
+    install_plugin(home / "plugins")  # FIFTYONE_PLUGINS_DIR of devdb.isolated_env
     images = write_images(home / "images")
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                "args": {k: v for k, v in vars(args).items() if k != "out"}, "runs": [], "browser": []}
+    results["text_tower_load"] = text_tower_loads(path)
     for n in args.scales:
         ds = build_dataset(n, images, zoo_name, args.backends, home)
         for backend in args.backends:
@@ -237,7 +262,11 @@ def run(args, home: Path) -> dict:
             if args.browser and n == max(args.scales):  # a fresh server again: its first query is the page's
                 server = AppServer(home / f"app-{n}-{backend}-browser.log", env=env).wait()
                 try:
-                    results["browser"].append(browser_run(server, ds, backend, home, args.queries))
+                    results["browser"].append(browser_run(server, ds, backend, home, args.queries,
+                                                          Path(args.out).parent))
+                except Exception as e:  # report it with the other figures rather than lose the whole run
+                    log(f"[{n} {backend}] browser run failed: {str(e)[:2000]}")
+                    results["browser"].append({"backend": backend, "scale": n, "error": str(e)[:2000]})
                 finally:
                     server.stop()
             results["runs"].append({"scale": n, "backend": backend, **r})
@@ -258,11 +287,20 @@ def table(results: dict) -> str:
         text, ready = med(r["text_s"]), med(r["ready_s"])
         lines.append(f"| {r['scale']:,} | {r['backend']} | {r['first_text_s']:.2f} s | {text:.2f} s | "
                      f"{ready:.2f} s | {text / ready:.2f}× | {r['rss_mb']:.0f} ({r['peak_rss_mb']:.0f}) |")
+    load = results.get("text_tower_load")
+    if load:
+        lines += ["", "| text tower, fresh process (imports excluded) | load + first text | peak RSS MiB |",
+                  "|---|---|---|"] + [f"| {label} | {load[k]['load_s']:.2f} s | {load[k]['peak_rss_mb']:.0f} |"
+                                      for k, label in (("text", "text tensors only (query-only load)"),
+                                                       ("whole", "whole CLIP built, image tower dropped"))]
     if results["browser"]:
         lines += ["", "In Chromium (Enter → \"Show results\" offered; click → grid re-sorted):", "",
                   "| samples | backend | first: Enter → results | later: Enter → results (median) "
                   "| Show results → grid (median) |", "|---|---|---|---|---|"]
     for b in results["browser"]:
+        if "error" in b:
+            lines.append(f"| {b['scale']:,} | {b['backend']} | failed: {b['error'].splitlines()[0][:80]} | | |")
+            continue
         later = b["later"] or [b["first"]]
         lines.append(f"| {b['scale']:,} | {b['backend']} | {b['first']['enter_to_results_s']:.2f} s | "
                      f"{med([x['enter_to_results_s'] for x in later]):.2f} s | "

@@ -50,6 +50,18 @@ def browser_missing() -> str | None:
     return None
 
 
+def install_plugin(plugins_dir: Path) -> Path:
+    """This checkout's FiftyOne plugin, laid out as `fiftyone plugins download` leaves it, in `plugins_dir`."""
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    target = Path(plugins_dir) / "dinov2clip"
+    (target / "fiftyone_dinov2clip").mkdir(parents=True, exist_ok=True)
+    shutil.copy(root / "fiftyone.yml", target / "fiftyone.yml")
+    shutil.copy(root / "fiftyone_dinov2clip" / "plugin.py", target / "fiftyone_dinov2clip" / "plugin.py")
+    return target
+
+
 class AppServer:
     """`python -m fiftyone.server.main` on a free port, in the environment FiftyOne was configured with."""
 
@@ -217,10 +229,22 @@ class Browser:
         click until that page arrived)."""
         from selenium.webdriver.common.by import By
 
+        from selenium.webdriver.common.keys import Keys
+
+        self.d.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)  # close the query popout, if open
+
+        def newest_button(_):
+            """The newest run's button: runs are listed oldest first; the run on screen has a disabled one,
+            and an older run's (enabled) would re-apply a view the App may answer from its cache."""
+            buttons = self.d.find_elements(By.CSS_SELECTOR, RUN_LIST + " " + SHOW_RESULTS)
+            last = buttons[-1] if buttons else None
+            ready = last is not None and last.get_attribute("disabled") is None and last.is_displayed()
+            return last if ready else False
+
+        button = self.wait_for("the newest run's \"Show results\" button", newest_button, timeout)
         since = self.cdp_now()
-        buttons = self.d.find_elements(By.CSS_SELECTOR, RUN_LIST + " " + SHOW_RESULTS)
         start = time.perf_counter()
-        buttons[0].click()
+        button.click()
         self.css(VIEW_STAGE, timeout=timeout)
         order = self.wait_for("the re-sorted grid's paginateSamplesQuery response",
                               lambda _: self.graphql_samples(since), timeout)[-1]

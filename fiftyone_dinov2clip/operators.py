@@ -6,19 +6,12 @@ plugin in every process that lists operators. A `UserError` is left to propagate
 one line as the run's `error_message`, which the App shows as the failure notice."""
 from __future__ import annotations
 
-import logging
-import os
-import threading
-from pathlib import Path
-
 import fiftyone.core.utils as fou
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from . import registry
+from . import registry, warmup
 from .index_defaults import AUTO_HELP
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_K = 25
 BACKENDS = ("auto", "sklearn", "lancedb")  # auto: brain.default_backend (by the dataset's size)
@@ -86,11 +79,11 @@ class ComputeSimilarity(foo.Operator):
         progress = None
         if ctx.delegated:
             progress = fou.report_progress(lambda pb: ctx.set_progress(progress=pb.progress), dt=5.0)
+        params = {**ctx.params, "backend": None if ctx.params.get("backend") == "auto" else ctx.params.get("backend")}
         results, report = brain.compute_similarity(
             ctx.target_view(), ctx.params["model"], progress=progress,
-            **_given({**ctx.params, "backend": None if ctx.params.get("backend") == "auto" else ctx.params.get("backend")},
-                     "brain_key", "embeddings_field", "dinov2_field", "dinov2_brain_key", "backend", "batch_size",
-                     "overwrite"))
+            **_given(params, "brain_key", "embeddings_field", "dinov2_field", "dinov2_brain_key", "backend",
+                     "batch_size", "overwrite"))
         if not ctx.delegated:
             ctx.ops.reload_dataset()  # the App learns of the new field and brain run
         return {"brain_key": results.key, "model": results.config.model, "embedded": report.embedded,
@@ -167,35 +160,4 @@ def _without_last_similarity_sort(view):
 def register(p):
     p.register(ComputeSimilarity)
     p.register(TextQuery)
-    warm_up_app_server()
-
-
-_warming = []
-
-
-def in_app_server() -> bool:
-    """True in FiftyOne's App server (`fiftyone app launch`, `fo.launch_app()`, `python -m fiftyone.server.main`)."""
-    import __main__
-
-    spec = getattr(__main__, "__spec__", None)
-    path = Path(getattr(__main__, "__file__", "") or "").as_posix()
-    return (spec is not None and spec.name == "fiftyone.server.main") or path.endswith("fiftyone/server/main.py")
-
-
-def warm_up_app_server() -> None:
-    """In the App server only, and once: import torch and open_clip on a background thread while the page
-    loads (FiftyOne registers plugins when the App first lists operators). Those imports are most of a
-    first text query's wait (~4 s of ~5 s here); the text tower itself is read by the query."""
-    if _warming or not in_app_server() or os.environ.get("DINOV2CLIP_NO_WARMUP") == "1":
-        return
-
-    def imports():
-        try:
-            import open_clip  # noqa: F401  (imports torch)
-
-            import dinov2clip.factory  # noqa: F401
-        except Exception as e:  # the query will report any real problem, with its context
-            logger.debug("dinov2clip warm-up: %s", e)
-
-    _warming.append(threading.Thread(target=imports, name="dinov2clip-warm-up", daemon=True))
-    _warming[0].start()
+    warmup.start()  # App server: torch/open_clip imported while the page loads

@@ -11,15 +11,19 @@ from __future__ import annotations
 import logging
 import sys
 
-import numpy as np
-import torch
+from . import warmup
 
-import fiftyone.core.models as fom
-import fiftyone.utils.torch as fout
+warmup.wait()  # never import torch beside the App server's warm-up thread (see warmup)
 
-import dinov2clip
-from dinov2clip.errors import UserError
-from dinov2clip.preprocess import Preprocess, PreprocessConfig
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import fiftyone.core.models as fom  # noqa: E402
+import fiftyone.utils.torch as fout  # noqa: E402
+
+import dinov2clip  # noqa: E402
+from dinov2clip.errors import UserError  # noqa: E402
+from dinov2clip.preprocess import Preprocess, PreprocessConfig  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fiftyone_dinov2clip.devapp import AppServer, Browser, browser_missing, chromium
+from fiftyone_dinov2clip.devapp import AppServer, Browser, browser_missing, chromium, install_plugin
 
 BRAIN_KEY = "dinov2clip"
 # Distinct, saturated colours: far apart in RGB, and none close to the App's dark background.
@@ -99,7 +99,9 @@ def dataset(tmp_path, zoo_tiny):
 
 @pytest.fixture
 def app_server(dataset, tmp_path):
-    server = AppServer(tmp_path / "app-server.log")
+    # the plugin as a user installs it, in this server's own plugins folder
+    plugins = install_plugin(tmp_path / "plugins").parent
+    server = AppServer(tmp_path / "app-server.log", env={"FIFTYONE_PLUGINS_DIR": str(plugins)})
     try:
         yield server.wait()
     finally:
@@ -146,6 +148,10 @@ def test_app_text_search_matches_python(dataset, app_server, driver, zoo_tiny, t
     shot = b.shot
     try:
         b.open_dataset(dataset.name)
+        # The page load registered the plugin in the server, which imports torch in the background before
+        # anyone types (most of a first query's wait otherwise); the typing here would not wait for it.
+        b.wait_for("the App server to import torch after the page loaded (the plugin's warm-up)",
+                   lambda _: "libtorch" in Path(f"/proc/{app_server.proc.pid}/maps").read_text(), 60)
         # The pixel reading works: the unsorted grid starts with the dataset's first image.
         b.wait_for(f"the unsorted grid's first tile to show {color_of[first_default]}",
                    lambda _: _nearest_color(b.first_tile_rgb())[0] == color_of[first_default], 15)

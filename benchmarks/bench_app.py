@@ -185,30 +185,35 @@ def requests_in_app(server, ds, backend: str, queries: int, think: float) -> dic
             "rss_after_first_mb": rss_first, "rss_mb": rss, "peak_rss_mb": peak}
 
 
-def browser_run(server, ds, backend: str, home: Path, queries: int, out_dir: Path) -> dict:
-    """In Chromium, on a fresh App server: the page loads, then for the first and later queries Enter →
-    "Show results" offered (results ready), and the click → grid re-sorted."""
+def browser_run(server, ds, backend: str, home: Path, queries: int, think: float, out_dir: Path) -> dict:
+    """In Chromium, on a fresh App server: the page loads, `think` seconds pass (a user typing), then for the
+    first and later queries Enter → "Show results" offered (results ready), and the click → grid re-sorted.
+    A failure ends the session; the queries before it are kept, the error and a screenshot are reported."""
     from fiftyone_dinov2clip.devapp import Browser, browser_missing, chromium
 
     missing = browser_missing()
     if missing:
         raise SystemExit(f"--browser: {missing}")
     driver = chromium(home / "chromium-profile", home / "chromedriver.log")
-    shot = Path(out_dir) / f"bench-app-{len(ds)}-{backend}.png"
+    out = {"backend": backend, "scale": len(ds), "runs": []}
+    b = Browser(driver, server, Path(out_dir) / f"bench-app-{len(ds)}-{backend}.png")
     try:
-        b = Browser(driver, server, shot)
         b.open_dataset(ds.name, timeout=120)
-        runs = []
+        time.sleep(think)
         for i in range(1 + queries):
             ready = b.search(QUERIES[i % len(QUERIES)], timeout=300)
-            _, shown = b.show_results(timeout=120)
-            runs.append({"enter_to_results_s": ready, "show_to_grid_s": shown})
-        return {"backend": backend, "scale": len(ds), "first": runs[0], "later": runs[1:]}
-    except Exception:
-        b.screenshot()  # kept beside the results
-        raise
+            _, shown = b.show_results(timeout=60)
+            out["runs"].append({"enter_to_results_s": ready, "show_to_grid_s": shown})
+    except Exception as e:
+        out["error"] = f"query {len(out['runs']) + 1}: {str(e)[:2000]}"
+        log(f"[{len(ds)} {backend}] browser: {out['error']}")
+        try:
+            log(f"[{len(ds)} {backend}] screenshot {b.screenshot()}")
+        except Exception as shot_error:
+            log(f"[{len(ds)} {backend}] no screenshot: {shot_error}")
     finally:
         driver.quit()
+    return out
 
 
 LOAD_SCRIPT = """
@@ -262,11 +267,8 @@ def run(args, home: Path) -> dict:
             if args.browser and n == max(args.scales):  # a fresh server again: its first query is the page's
                 server = AppServer(home / f"app-{n}-{backend}-browser.log", env=env).wait()
                 try:
-                    results["browser"].append(browser_run(server, ds, backend, home, args.queries,
+                    results["browser"].append(browser_run(server, ds, backend, home, args.queries, args.think,
                                                           Path(args.out).parent))
-                except Exception as e:  # report it with the other figures rather than lose the whole run
-                    log(f"[{n} {backend}] browser run failed: {str(e)[:2000]}")
-                    results["browser"].append({"backend": backend, "scale": n, "error": str(e)[:2000]})
                 finally:
                     server.stop()
             results["runs"].append({"scale": n, "backend": backend, **r})
@@ -295,16 +297,15 @@ def table(results: dict) -> str:
                                                        ("whole", "whole CLIP built, image tower dropped"))]
     if results["browser"]:
         lines += ["", "In Chromium (Enter → \"Show results\" offered; click → grid re-sorted):", "",
-                  "| samples | backend | first: Enter → results | later: Enter → results (median) "
-                  "| Show results → grid (median) |", "|---|---|---|---|---|"]
+                  "| samples | backend | queries done | first: Enter → results | later: Enter → results (median) "
+                  "| Show results → grid (median) |", "|---|---|---|---|---|---|"]
     for b in results["browser"]:
-        if "error" in b:
-            lines.append(f"| {b['scale']:,} | {b['backend']} | failed: {b['error'].splitlines()[0][:80]} | | |")
-            continue
-        later = b["later"] or [b["first"]]
-        lines.append(f"| {b['scale']:,} | {b['backend']} | {b['first']['enter_to_results_s']:.2f} s | "
-                     f"{med([x['enter_to_results_s'] for x in later]):.2f} s | "
-                     f"{med([x['show_to_grid_s'] for x in [b['first'], *b['later']]]):.2f} s |")
+        runs = b["runs"]
+        cells = [f"{runs[0]['enter_to_results_s']:.2f} s" if runs else "—",
+                 f"{med([x['enter_to_results_s'] for x in runs[1:]]):.2f} s" if len(runs) > 1 else "—",
+                 f"{med([x['show_to_grid_s'] for x in runs]):.2f} s" if runs else "—"]
+        failed = f" (failed at {b['error'].splitlines()[0][:70]})" if "error" in b else ""
+        lines.append(f"| {b['scale']:,} | {b['backend']}{failed} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

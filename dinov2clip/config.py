@@ -11,7 +11,7 @@ import torch
 from .errors import UserError
 from .preprocess import PreprocessConfig
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"  # 1.1: clip.text_sha256 (optional; 1.0 readers ignore it)
 CONFIG_FILE = "config.json"
 PROJECTOR_FILE = "projector.safetensors"
 

@@ -10,7 +10,7 @@ import torch
 from .atomic import AtomicDir, write_json_atomic
 from .clip_text import (CLIP_CONFIG_FILE, CLIP_WEIGHTS_FILE, check_quickgelu, resolve_teacher, save_clip,
                         text_tensor_sha256)
-from .config import CONFIG_FILE, PROJECTOR_FILE, ModelConfig, file_sha256, read_config, tensor_sha256
+from .config import CONFIG_FILE, FORMAT_VERSION, PROJECTOR_FILE, ModelConfig, file_sha256, read_config, tensor_sha256
 from .dinov2 import check_pooling, pooled_dim, resolve_dinov2_source
 from .errors import UserError
 from .projector import ProjectorWithResiduals, load_projector
@@ -50,6 +50,7 @@ def finish_config(config: ModelConfig, root: Path) -> None:
         digest = text_tensor_sha256(root / clip["path"])
         clip.update({"text_sha256": digest} if digest else {})
     config.clip = clip
+    config.format_version = FORMAT_VERSION  # what this writer wrote, whatever the source's was
     write_json_atomic(root / CONFIG_FILE, config.to_dict())
 
 

@@ -255,7 +255,7 @@ class Browser:
     def graphql_samples(self, after_ts: float) -> list[list[str]] | None:
         """Sample ids of each `paginateSamplesQuery` response for a view with a `Select` stage (what "Show
         results" applies) requested after `after_ts` (a CDP monotonic timestamp), oldest first; None while
-        there is none or one is still in flight."""
+        none has finished or one is still in flight (requests the App cancelled do not count)."""
         self.drain_logs()
         sent = {}
         for m in self.network:
@@ -265,12 +265,14 @@ class Browser:
                     view = json.loads(req["postData"])["variables"]["view"]
                     if any(st["_cls"] == "fiftyone.core.stages.Select" for st in view):
                         sent[m["params"]["requestId"]] = m["params"]["timestamp"]
-        done = {m["params"]["requestId"] for m in self.network
-                if m["method"] == "Network.loadingFinished" and m["params"]["requestId"] in sent}
-        if not sent or done != set(sent):
+        finished = {m["params"]["requestId"] for m in self.network
+                    if m["method"] == "Network.loadingFinished" and m["params"]["requestId"] in sent}
+        failed = {m["params"]["requestId"] for m in self.network  # e.g. superseded by a newer page request
+                  if m["method"] == "Network.loadingFailed" and m["params"]["requestId"] in sent}
+        if not finished or finished | failed != set(sent):
             return None
         out = []
-        for rid in sorted(sent, key=sent.get):
+        for rid in sorted(finished, key=sent.get):
             body = self.d.execute_cdp_cmd("Network.getResponseBody", {"requestId": rid})["body"]
             edges = json.loads(body)["data"]["samples"]["edges"]
             out.append([_sample_id(e["node"]) for e in edges])

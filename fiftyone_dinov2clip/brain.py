@@ -212,7 +212,6 @@ def compute_similarity(samples, model="dinov2clip-reference", brain_key: str = D
     return results, report  # FiftyOne's rename updates the results' key and its results cache
 
 
-
 def default_backend(n_samples: int) -> str:
     """FiftyOne's configured default if the user changed it; else sklearn, or lancedb from LANCEDB_FROM."""
     configured = fob.brain_config.default_similarity_backend

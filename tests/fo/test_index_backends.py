@@ -9,11 +9,13 @@ import uuid
 import numpy as np
 import pytest
 
-import fiftyone as fo
-import fiftyone.brain as fob
+pytest.importorskip("fiftyone.brain", reason="fiftyone is not installed (pip install '.[fiftyone]')")
 
-from fiftyone_dinov2clip import vector_cache
-from fiftyone_dinov2clip.brain import similarity_backend
+import fiftyone as fo  # noqa: E402
+import fiftyone.brain as fob  # noqa: E402
+
+from fiftyone_dinov2clip import vector_cache  # noqa: E402
+from fiftyone_dinov2clip.brain import similarity_backend  # noqa: E402
 
 DIM = 16
 

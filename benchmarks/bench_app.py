@@ -32,10 +32,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,9 +42,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from fiftyone_dinov2clip.cli import POLL_SETTING  # noqa: E402
-from fiftyone_dinov2clip.devdb import Mongod, isolated_env  # noqa: E402
+from fiftyone_dinov2clip.devdb import private_fiftyone  # noqa: E402
 
-from report import publish  # noqa: E402  (benchmarks/report.py: this folder is on sys.path)
+from fixtures import reference_model_dir  # noqa: E402  (benchmarks/: this folder is on sys.path)
+from report import publish  # noqa: E402
 
 MODEL_NAME = "bench-app-reference"
 BACKENDS = ("sklearn", "sklearn-stock", "lancedb")
@@ -89,31 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     os.environ["HF_HUB_OFFLINE"] = "1"
-    home = Path(tempfile.mkdtemp(prefix="dinov2clip-bench-app-"))
-    mongod = None
-    try:
-        try:
-            mongod = Mongod(home)
-        except RuntimeError as e:
-            raise SystemExit(str(e)) from None
-        os.environ.update(isolated_env(home, mongod.port, f"dinov2clip-bench-app-{os.getpid()}"))  # before fiftyone
+    with private_fiftyone("dinov2clip-bench-app-") as (home, _):  # before fiftyone is imported
         return run(args, home)
-    finally:
-        if mongod is not None:
-            mongod.stop()
-        shutil.rmtree(home, ignore_errors=True)
-
-
-def model_dir(args, home: Path) -> Path:
-    import dinov2clip
-
-    path = Path(args.model_dir) if args.model_dir else home / "model"
-    if (path / "config.json").is_file():
-        log(f"[model] reusing {path}")
-        return path
-    log(f"[model] building a reference-size random model in {path} ...")
-    dinov2clip.make_tiny(str(path), size="reference")
-    return path
 
 
 def write_images(folder: Path) -> list[str]:
@@ -171,9 +147,10 @@ def requests_in_app(server, ds, backend: str, queries: int, think: float) -> dic
                                                       "query_type": query_type, "k": APP_K})
         return time.perf_counter() - start
 
+    rss_start = server.rss_mb()[0]  # FiftyOne's server alone
     server.list_operators(ds.name)
     time.sleep(think)
-    rss_before = server.rss_mb()[0]
+    rss_before = server.rss_mb()[0]  # + the warm-up's imports
     first = ask(QUERIES[0], "text")
     rss_first = server.rss_mb()[0]
     text, ready = [], []
@@ -181,7 +158,8 @@ def requests_in_app(server, ds, backend: str, queries: int, think: float) -> dic
         text.append(ask(QUERIES[(i + 1) % len(QUERIES)], "text"))
         ready.append(ask(vectors[i], "text"))  # the same request with the query vector given
     rss, peak = server.rss_mb()
-    return {"first_text_s": first, "text_s": text, "ready_s": ready, "rss_idle_mb": rss_before,
+    return {"first_text_s": first, "text_s": text, "ready_s": ready, "rss_start_mb": rss_start,
+            "rss_idle_mb": rss_before,
             "rss_after_first_mb": rss_first, "rss_mb": rss, "peak_rss_mb": peak}
 
 
@@ -248,7 +226,7 @@ def run(args, home: Path) -> dict:
     from fiftyone_dinov2clip import registry
     from fiftyone_dinov2clip.devapp import AppServer, install_plugin
 
-    path = model_dir(args, home)
+    path = reference_model_dir(args.model_dir, home, log=log)
     zoo_name = registry.register(MODEL_NAME, str(path))
     install_plugin(home / "plugins")  # FIFTYONE_PLUGINS_DIR of devdb.isolated_env
     images = write_images(home / "images")
@@ -310,7 +288,10 @@ def table(results: dict) -> str:
 
 
 def notes(results: dict) -> str:
-    out = []
+    out = ["server RSS MiB: started → after the page load (warm-up imports) → after the first text query → "
+           "at the end:"]
+    out += [f"{r['scale']:>9,} {r['backend']:<13} {r['rss_start_mb']:.0f} → {r['rss_idle_mb']:.0f} → "
+            f"{r['rss_after_first_mb']:.0f} → {r['rss_mb']:.0f}" for r in results["runs"]]
     for r in results["runs"]:
         text, ready = med(r["text_s"]), med(r["ready_s"])
         ok = text <= GOAL_LATER_S and text <= GOAL_RATIO * ready and r["first_text_s"] <= GOAL_FIRST_S

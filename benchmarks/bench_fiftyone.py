@@ -40,19 +40,18 @@ import functools
 import gc
 import os
 import platform
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from fiftyone_dinov2clip.devdb import Mongod, isolated_env
+from fiftyone_dinov2clip.devdb import Mongod, private_fiftyone
 
-from report import publish  # benchmarks/report.py: run as a script, this folder is on sys.path
+from fixtures import reference_model_dir  # benchmarks/: run as a script, this folder is on sys.path
+from report import publish
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -259,34 +258,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     os.environ["HF_HUB_OFFLINE"] = "1"
-    home = Path(tempfile.mkdtemp(prefix="dinov2clip-bench-fo-"))
-    mongod = None
-    try:
-        try:
-            mongod = Mongod(home)
-        except RuntimeError as e:
-            raise SystemExit(str(e)) from None
-        # before fiftyone is imported
-        os.environ.update(isolated_env(home, mongod.port, f"dinov2clip-bench-{os.getpid()}"))
+    with private_fiftyone("dinov2clip-bench-fo-") as (home, mongod):  # before fiftyone is imported
         return run(args, home, mongod)
-    finally:
-        if mongod is not None:
-            mongod.stop()
-        shutil.rmtree(home, ignore_errors=True)
-
-
-def build_model_dir(args, home: Path) -> Path:
-    import dinov2clip
-
-    model_dir = Path(args.model_dir) if args.model_dir else home / "model"
-    if (model_dir / "config.json").is_file() or (model_dir.is_dir() and any(model_dir.iterdir())):
-        log(f"[model] reusing {model_dir}")
-        return model_dir
-    log(f"[model] building a reference-size random model in {model_dir} ...")
-    start = time.perf_counter()
-    dinov2clip.make_tiny(str(model_dir), seed=args.seed, size="reference")
-    log(f"[model] built in {time.perf_counter() - start:.0f} s")
-    return model_dir
 
 
 def run(args, home: Path, mongod: Mongod) -> dict:
@@ -301,7 +274,7 @@ def run(args, home: Path, mongod: Mongod) -> dict:
     import dinov2clip
     from dinov2clip.embed import embed_files
 
-    model_dir = build_model_dir(args, home)
+    model_dir = reference_model_dir(args.model_dir, home, args.seed, log)
 
     import fiftyone as fo
     import fiftyone.utils.torch as fout

@@ -5,11 +5,13 @@ module imports neither fiftyone nor torch, so callers can set the environment be
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -101,3 +103,23 @@ class Mongod:
             getattr(odm, "_disconnect", lambda: None)()
         stop_process(self.proc)
         self._log.close()
+
+
+@contextlib.contextmanager
+def private_fiftyone(prefix: str):
+    """A temporary home with its own mongod, and FiftyOne pointed at both through FIFTYONE_* variables (set
+    here: enter before fiftyone is imported). Yields (home, mongod); stops mongod and removes the home after.
+    A missing mongod exits with its one-line reason (for scripts: benchmarks)."""
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    mongod = None
+    try:
+        try:
+            mongod = Mongod(home)
+        except RuntimeError as e:
+            raise SystemExit(str(e)) from None
+        os.environ.update(isolated_env(home, mongod.port, f"{prefix.strip('-')}-{os.getpid()}"))
+        yield home, mongod
+    finally:
+        if mongod is not None:
+            mongod.stop()
+        shutil.rmtree(home, ignore_errors=True)

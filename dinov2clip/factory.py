@@ -101,14 +101,14 @@ def _part_files(config: ModelConfig, prefix: str) -> dict[str, str]:
             if rel == prefix or rel.startswith(prefix.rstrip("/") + "/")}
 
 
-def _verify_files(root: Path, config: ModelConfig, prefix: str, skip: tuple[str, ...] = ()) -> None:
+def _verify_files(root: Path, config: ModelConfig, prefix: str, checked_elsewhere: tuple[str, ...] = ()) -> None:
+    """Every weight file of this part must exist and match its sha256, except that the contents of those
+    `checked_elsewhere` (by their caller) are not hashed here."""
     for rel, expected in _part_files(config, prefix).items():
-        if rel in skip:
-            continue
         path = root / check_relative(rel, "weights_sha256")
         if not path.is_file():
             raise UserError(f"{root}: missing weight file {rel}")
-        if verified_sha256(path) != expected:
+        if rel not in checked_elsewhere and verified_sha256(path) != expected:
             raise UserError(f"{root}: {rel} does not match its sha256 in config.json (corrupt or edited)")
 
 
@@ -206,10 +206,8 @@ def _read_clip(config: ModelConfig, root: Path | None, local: Path | None, keep_
         return load_clip(c["model_name"], c.get("pretrained"))
     weights = f"{c['path'].rstrip('/')}/{CLIP_WEIGHTS_FILE}"
     text_only = not keep_visual and c.get("text_sha256") and weights in config.weights_sha256
-    _verify_files(root, config, c["path"], skip=(weights,) if text_only else ())
+    _verify_files(root, config, c["path"], checked_elsewhere=(weights,) if text_only else ())
     if text_only:
-        if not (local / CLIP_WEIGHTS_FILE).is_file():
-            raise UserError(f"{root}: missing weight file {weights}")
         loaded = read_clip_text(local)
         if loaded is not None:
             if tensor_sha256(loaded[0].state_dict()) != c["text_sha256"]:

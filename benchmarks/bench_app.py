@@ -41,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from fiftyone_dinov2clip.cli import POLL_SETTING  # noqa: E402
+from fiftyone_dinov2clip.store_poll import FIFTYONE_SETTING, POLL_S  # noqa: E402
 from fiftyone_dinov2clip.devdb import private_fiftyone  # noqa: E402
 
 from fixtures import reference_model_dir  # noqa: E402  (benchmarks/: this folder is on sys.path)
@@ -54,6 +54,7 @@ QUERIES = ["a dog running on a beach", "a red car parked in the street", "two pe
            "a plate of pasta", "snow-covered mountains"]
 DIM = 512
 GOAL_LATER_S, GOAL_RATIO, GOAL_FIRST_S = 1.0, 1.5, 3.0
+IDLE_S = 5.0
 
 
 def log(msg: str) -> None:
@@ -67,10 +68,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--queries", type=int, default=4, help="text and ready requests after the first, each")
     p.add_argument("--think", type=float, default=5.0,
                    help="seconds between the page load and the first query (a user typing it)")
-    p.add_argument("--poll", type=int, default=1,
-                   help="the App server's FIFTYONE_EXECUTION_STORE_POLL_INTERVAL_SECONDS: how often the search "
-                        "panel learns that a run finished where mongod has no change streams (FiftyOne's own "
-                        "mongod); 1 is what `quickstart` sets, FiftyOne's default is 5 [%(default)s]")
+    p.add_argument("--poll", type=int, default=None,
+                   help="set the App server's FIFTYONE_EXECUTION_STORE_POLL_INTERVAL_SECONDS (whole seconds): how "
+                        "often the search panel learns that a run finished where mongod has no change streams "
+                        "(FiftyOne's own mongod). Unset, dinov2clip's plugin polls every "
+                        f"{POLL_S} s; FiftyOne's own default is 5 [unset]")
     p.add_argument("--browser", action="store_true", help="also drive Chromium at the largest scale, each backend")
     p.add_argument("--model-dir", default=None, help="reuse (or build once into) this reference-size model dir")
     p.add_argument("--out", default="benchmarks/results/bench_app.json")
@@ -158,14 +160,19 @@ def requests_in_app(server, ds, backend: str, queries: int, think: float) -> dic
         text.append(ask(QUERIES[(i + 1) % len(QUERIES)], "text"))
         ready.append(ask(vectors[i], "text"))  # the same request with the query vector given
     rss, peak = server.rss_mb()
-    return {"first_text_s": first, "text_s": text, "ready_s": ready, "rss_start_mb": rss_start,
-            "rss_idle_mb": rss_before,
+    notices = server.store_notices(ds, writes=queries)  # a finished run → the panel told (its poll)
+    cpu = server.cpu_s()
+    time.sleep(IDLE_S)
+    idle_cpu = (server.cpu_s() - cpu) / IDLE_S  # the notification service's polling, mostly
+    return {"first_text_s": first, "text_s": text, "ready_s": ready, "notice_s": notices,
+            "idle_cpu": idle_cpu, "rss_start_mb": rss_start, "rss_idle_mb": rss_before,
             "rss_after_first_mb": rss_first, "rss_mb": rss, "peak_rss_mb": peak}
 
 
 def browser_run(server, ds, backend: str, home: Path, queries: int, think: float, out_dir: Path) -> dict:
     """In Chromium, on a fresh App server: the page loads, `think` seconds pass (a user typing), then for the
-    first and later queries Enter → "Show results" offered (results ready), and the click → grid re-sorted.
+    first and later queries Enter → "Show results" offered (results ready), and the click → grid re-sorted;
+    the view is cleared between queries, so each one searches the whole dataset.
     A failure ends the session; the queries before it are kept, the error and a screenshot are reported."""
     from fiftyone_dinov2clip.devapp import Browser, browser_missing, chromium
 
@@ -182,6 +189,7 @@ def browser_run(server, ds, backend: str, home: Path, queries: int, think: float
             ready = b.search(QUERIES[i % len(QUERIES)], timeout=300)
             _, shown = b.show_results(timeout=60)
             out["runs"].append({"enter_to_results_s": ready, "show_to_grid_s": shown})
+            b.clear_view()  # the next query searches the whole dataset again, not these results
     except Exception as e:
         out["error"] = f"query {len(out['runs']) + 1}: {str(e)[:2000]}"
         log(f"[{len(ds)} {backend}] browser: {out['error']}")
@@ -236,7 +244,7 @@ def run(args, home: Path) -> dict:
     for n in args.scales:
         ds = build_dataset(n, images, zoo_name, args.backends, home)
         for backend in args.backends:
-            env = {POLL_SETTING: str(args.poll)}
+            env = {FIFTYONE_SETTING: None if args.poll is None else str(args.poll)}
             server = AppServer(home / f"app-{n}-{backend}.log", env=env).wait()
             try:
                 r = requests_in_app(server, ds, backend, args.queries, args.think)
@@ -251,7 +259,9 @@ def run(args, home: Path) -> dict:
                     server.stop()
             results["runs"].append({"scale": n, "backend": backend, **r})
             log(f"[{n} {backend}] first {r['first_text_s']:.2f} s, text {med(r['text_s']):.2f} s, "
-                f"ready {med(r['ready_s']):.2f} s, server {r['rss_mb']:.0f} MiB (peak {r['peak_rss_mb']:.0f})")
+                f"ready {med(r['ready_s']):.2f} s, server {r['rss_mb']:.0f} MiB (peak {r['peak_rss_mb']:.0f}); "
+                f"run → panel told {med(r['notice_s']):.2f} s (max {max(r['notice_s']):.2f}), "
+                f"idle server CPU {100 * r['idle_cpu']:.1f}%")
         ds.delete()
     return publish(results, table(results), notes(results), args.out)
 
@@ -262,11 +272,13 @@ def med(xs) -> float:
 
 def table(results: dict) -> str:
     lines = ["| samples | backend | first text query | later text query (median) | ready vector (median) "
-             "| later ÷ ready | server RSS MiB (peak) |", "|---|---|---|---|---|---|---|"]
+             "| later ÷ ready | run → panel told (median, max) | server RSS MiB (peak) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
         text, ready = med(r["text_s"]), med(r["ready_s"])
         lines.append(f"| {r['scale']:,} | {r['backend']} | {r['first_text_s']:.2f} s | {text:.2f} s | "
-                     f"{ready:.2f} s | {text / ready:.2f}× | {r['rss_mb']:.0f} ({r['peak_rss_mb']:.0f}) |")
+                     f"{ready:.2f} s | {text / ready:.2f}× | {med(r['notice_s']):.2f} s, {max(r['notice_s']):.2f} s "
+                     f"| {r['rss_mb']:.0f} ({r['peak_rss_mb']:.0f}) |")
     load = results.get("text_tower_load")
     if load:
         lines += ["", "| text tower, fresh process (imports excluded) | load + first text | peak RSS MiB |",
@@ -288,7 +300,11 @@ def table(results: dict) -> str:
 
 
 def notes(results: dict) -> str:
-    out = ["server RSS MiB: started → after the page load (warm-up imports) → after the first text query → "
+    poll = results["args"]["poll"]
+    poll = f"{poll} s ({FIFTYONE_SETTING})" if poll else f"{POLL_S} s (dinov2clip's plugin)"
+    idle = ", ".join(f"{r['scale']:,} {r['backend']} {100 * r['idle_cpu']:.1f}%" for r in results["runs"])
+    out = [f"execution-store poll every {poll}; idle App server CPU (one core = 100%): {idle}",
+           "server RSS MiB: started → after the page load (warm-up imports) → after the first text query → "
            "at the end:"]
     out += [f"{r['scale']:>9,} {r['backend']:<13} {r['rss_start_mb']:.0f} → {r['rss_idle_mb']:.0f} → "
             f"{r['rss_after_first_mb']:.0f} → {r['rss_mb']:.0f}" for r in results["runs"]]

@@ -238,9 +238,6 @@ def cmd_quickstart(args):
     launch_app(dataset, args.address, args.port, wait)
 
 
-POLL_SETTING = "FIFTYONE_EXECUTION_STORE_POLL_INTERVAL_SECONDS"
-
-
 def launch_app(dataset, address: str, port: int, wait: bool) -> None:
     """Start the App on the dataset. Interactive: keep it open until Ctrl-C. Otherwise (scripts, CI):
     check it answers, then stop it."""
@@ -248,9 +245,9 @@ def launch_app(dataset, address: str, port: int, wait: bool) -> None:
 
     import fiftyone as fo
 
-    # FiftyOne's own mongod has no change streams, so the App's search panel learns that a run finished by
-    # polling, every 5 s by default: most of a text query's wait on screen. The App server reads this at start.
-    os.environ.setdefault(POLL_SETTING, "1")
+    from . import store_poll
+
+    store_poll.before_app_launch()  # how soon the App's search panel learns that a run finished
     session = fo.launch_app(dataset, address=address, port=port, auto=False)
     url = f"http://{'localhost' if address in ('0.0.0.0', '127.0.0.1') else address}:{port}/datasets/{dataset.name}"
     try:

@@ -21,6 +21,8 @@ from .devdb import free_port, stop_process
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 SIMILARITY_OPERATOR = "@voxel51/panels/similarity_search"
+SIMILARITY_STORE = "similarity_search_panel"  # the execution store the search panel's runs live in
+SIMILARITY_NOTIFIER = "@voxel51/panels/get_similarity_search_subscription_notifier"  # its SSE subscription
 APP_K = 25  # what the App's search asks for
 
 # Selectors, FiftyOne 1.22.1
@@ -32,6 +34,26 @@ PANEL = '[data-cy="panel-content-similarity_search_panel"]'
 RUN_LIST = PANEL + ' .similarity-run-list'
 SHOW_RESULTS = 'button[aria-label="Show results"]'
 VIEW_STAGE = '[data-cy="view-bar"] [data-cy="view-stage-container"]'
+CLEAR_VIEW = '[data-cy="btn-clear-view-bar"]'
+STAGE_DELETE = '[data-cy="view-bar"] [data-cy="btn-view-stage-delete"]'  # one per stage (not on "+ add stage")
+
+
+# In the page: the time of the first Enter, and of the first moment the run list holds more "Show results"
+# buttons than before it (arguments: that selector, the count before).
+WATCH_RESULTS = """
+const [selector, before] = arguments;
+const state = window.__dinov2clipSearch = {enter: null, ready: null};
+document.addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && state.enter === null) state.enter = performance.now();
+}, {capture: true});
+const observer = new MutationObserver(() => {
+  if (state.enter !== null && document.querySelectorAll(selector).length > before) {
+    state.ready = performance.now();
+    observer.disconnect();
+  }
+});
+observer.observe(document.body, {childList: true, subtree: true});
+"""
 
 
 class AppError(RuntimeError):
@@ -66,11 +88,13 @@ class AppServer:
     """`python -m fiftyone.server.main` on a free port, in the environment FiftyOne was configured with."""
 
     def __init__(self, log_path: Path, env: dict | None = None):
+        """`env`: variables to add to this process's environment (a None value removes one)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")
         env = {**os.environ, **(env or {}), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        env = {k: v for k, v in env.items() if v is not None}  # None: unset it
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fiftyone.server.main", "--port", str(self.port), "--address", "127.0.0.1"],
             env=env, stdout=self._log, stderr=subprocess.STDOUT)
@@ -106,6 +130,61 @@ class AppServer:
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=120) as r:
             return json.loads(r.read())
+
+    def store_notices(self, dataset, writes: int, gap: float = 0.4, timeout: float = 30) -> list[float]:
+        """Seconds from each of `writes` keys written into the search panel's execution store (from this
+        process, as a finished run is) until the App server's SSE stream announces it to a subscriber, as it
+        does to the panel, which then lists its runs again. One warm-up write first (not counted)."""
+        import http.client
+        import queue
+        import threading
+
+        from fiftyone.operators.store import ExecutionStore
+
+        body = json.dumps({"operator_uri": SIMILARITY_NOTIFIER, "dataset_name": dataset.name, "params": {},
+                           "view": [], "filters": None, "selected": [], "selected_labels": []})
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        conn.request("POST", "/operators/subscribe-execution-store", body, {"Content-Type": "application/json"})
+        stream = conn.getresponse()  # the subscriber's queue exists once the response starts
+        if stream.status != 200:
+            raise AppError(f"subscribing to the execution store: HTTP {stream.status}\n{self.tail()}")
+        seen: queue.Queue = queue.Queue()
+
+        def read():
+            try:
+                for line in stream:
+                    if line.startswith(b"data:"):
+                        seen.put((time.perf_counter(), json.loads(line[5:]).get("key")))
+            except (OSError, ValueError, AttributeError, http.client.HTTPException):
+                pass  # the connection was closed below (http.client drops its file: AttributeError)
+
+        threading.Thread(target=read, daemon=True).start()
+        store = ExecutionStore.create(SIMILARITY_STORE, dataset_id=dataset._doc.id)
+        delays = []
+        try:
+            for i in range(writes + 1):
+                key = f"dinov2clip-notice-{time.time_ns()}-{i}"
+                store.set(key, {"written": i})
+                written = time.perf_counter()
+                while True:
+                    try:
+                        at, got = seen.get(timeout=timeout)
+                    except queue.Empty:
+                        raise AppError(f"no execution-store notice within {timeout} s\n{self.tail()}") from None
+                    if got == key:
+                        break
+                if i:
+                    delays.append(at - written)
+                store.delete(key)
+                time.sleep(gap * (1 + i % 3) / 2)  # land the writes at different points of the poll
+        finally:
+            conn.close()
+        return delays
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the server process has used so far (Linux)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def rss_mb(self) -> tuple[float, float]:
         """(current, peak) resident memory of the server process, MiB (Linux)."""
@@ -191,22 +270,30 @@ class Browser:
         self.css(GRID_READY, timeout=timeout)
 
     def search(self, query: str, timeout=120) -> float:
-        """Magnifier → query → Enter; returns seconds from Enter until the run offers "Show results"."""
+        """Magnifier → query → Enter; returns seconds from Enter until the run offers "Show results", as the
+        page's own clock saw them (a key listener and a MutationObserver), so how often this process looks
+        does not add to it."""
         from selenium.webdriver.common.by import By
         from selenium.webdriver.common.keys import Keys
 
-        before = len(self.d.find_elements(By.CSS_SELECTOR, RUN_LIST + " " + SHOW_RESULTS))
+        selector = RUN_LIST + " " + SHOW_RESULTS
+        before = len(self.d.find_elements(By.CSS_SELECTOR, selector))
+        self.d.execute_script(WATCH_RESULTS, selector, before)
         self.css(MAGNIFIER, clickable=True).click()
         box = self.css(QUERY_BOX, clickable=True)
         box.send_keys(query)
-        start = time.perf_counter()
         box.send_keys(Keys.ENTER)
+        looks = 0
 
         def run_finished(_):
+            nonlocal looks
+            looks += 1
+            if self.d.execute_script("return window.__dinov2clipSearch.ready") is not None:
+                return "ok"
+            if looks % 10:  # the failure checks read the logs: not on every look
+                return False
             if self.server.proc.poll() is not None:
                 return "the App server exited"
-            if len(self.d.find_elements(By.CSS_SELECTOR, RUN_LIST + " " + SHOW_RESULTS)) > before:
-                return "ok"
             self.drain_logs()
             failed = [line for line in self.console if "Similarity search failed" in line
                       or "Error executing operator" in line]
@@ -218,11 +305,11 @@ class Browser:
             return False
 
         state = self.wait_for("the Similarity Search panel's run to complete", run_finished, timeout)
-        took = time.perf_counter() - start
         if state != "ok":
             raise AppError(f"the App's similarity search did not complete ({state}); screenshot {self.shot}"
                            f"{self.context()}")
-        return took
+        enter, ready = self.d.execute_script("const s = window.__dinov2clipSearch; return [s.enter, s.ready]")
+        return (ready - enter) / 1000
 
     def show_results(self, timeout=30) -> tuple[list[str], float]:
         """Click the newest run's "Show results"; returns (the re-sorted grid's sample ids, seconds from the
@@ -251,6 +338,15 @@ class Browser:
         took = time.perf_counter() - start
         self.css(GRID_READY, timeout=timeout)
         return order, took
+
+    def clear_view(self, timeout=30):
+        """Back to the whole dataset (the view bar's clear button), as before a new search of everything: the
+        magnifier searches the current view, which after "Show results" holds only that run's results."""
+        from selenium.webdriver.common.by import By
+
+        self.css(CLEAR_VIEW, clickable=True, timeout=timeout).click()
+        self.wait_for("the view bar to clear", lambda d: not d.find_elements(By.CSS_SELECTOR, STAGE_DELETE), timeout)
+        self.css(GRID_READY, timeout=timeout)
 
     def graphql_samples(self, after_ts: float) -> list[list[str]] | None:
         """Sample ids of each `paginateSamplesQuery` response for a view with a `Select` stage (what "Show

@@ -10,7 +10,7 @@ import fiftyone.core.utils as fou
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from . import registry, warmup
+from . import registry, store_poll, warmup
 from .index_defaults import AUTO_HELP
 
 DEFAULT_K = 25
@@ -161,3 +161,4 @@ def register(p):
     p.register(ComputeSimilarity)
     p.register(TextQuery)
     warmup.start()  # App server: torch/open_clip imported while the page loads
+    store_poll.apply()  # App server: the search panel learns sooner that a run finished

@@ -125,9 +125,9 @@ def build_dataset(n: int, images: list[str], zoo_name: str, backends: list[str],
     for backend in backends:
         start = time.perf_counter()
         kwargs = {"table_name": f"bench_{n}"} if backend == "lancedb" else {}  # uri: devdb.isolated_env
-        chosen = {"sklearn": similarity_backend("sklearn"), "sklearn-stock": "sklearn"}.get(backend, backend)
-        fob.compute_similarity(ds, embeddings="e", model=zoo_name, backend=chosen, brain_key=key_of(backend),
-                               progress=False, **kwargs)
+        chosen = {"backend": "sklearn"} if backend == "sklearn-stock" else similarity_backend(backend)
+        fob.compute_similarity(ds, embeddings="e", model=zoo_name, brain_key=key_of(backend), progress=False,
+                               **chosen, **kwargs)
         log(f"[index] {backend} over {n} in {time.perf_counter() - start:.0f} s")
     return ds
 
@@ -174,11 +174,12 @@ def browser_run(server, ds, backend: str, home: Path, queries: int, think: float
     first and later queries Enter → "Show results" offered (results ready), and the click → grid re-sorted;
     the view is cleared between queries, so each one searches the whole dataset.
     A failure ends the session; the queries before it are kept, the error and a screenshot are reported."""
-    from fiftyone_dinov2clip.devapp import Browser, browser_missing, chromium
+    from fiftyone_dinov2clip.devapp import Browser, browser_missing, chromium, clear_search_runs
 
     missing = browser_missing()
     if missing:
         raise SystemExit(f"--browser: {missing}")
+    clear_search_runs(ds)  # the requests before left runs the panel would list beside the first query's
     driver = chromium(home / "chromium-profile", home / "chromedriver.log")
     out = {"backend": backend, "scale": len(ds), "runs": []}
     b = Browser(driver, server, Path(out_dir) / f"bench-app-{len(ds)}-{backend}.png")

@@ -167,7 +167,7 @@ def compute_similarity(samples, model="dinov2clip-reference", brain_key: str = D
     Returns `(results, report)`: the text index and an `EmbedReport` (None for patches)."""
     if dinov2_brain_key and not dinov2_field:
         raise UserError("a DINOv2 index (dinov2_brain_key) needs the DINOv2 embeddings stored: pass dinov2_field")
-    backend = similarity_backend(backend, len(samples))
+    backend_kwargs = {**similarity_backend(backend, len(samples)), **backend_kwargs}
     zoo_name = registry.resolve(model) if isinstance(model, str) else model.config.zoo_name
     if zoo_name is None:
         raise UserError("pass a registered model name, not an instance: the App reloads the model by name")
@@ -189,16 +189,16 @@ def compute_similarity(samples, model="dinov2clip-reference", brain_key: str = D
         if patches_field:
             results = fob.compute_similarity(samples, patches_field=patches_field, model=zoo_name,
                                              embeddings=embeddings_field, batch_size=batch_size or 32,
-                                             num_workers=num_workers, progress=progress, backend=backend,
+                                             num_workers=num_workers, progress=progress,
                                              brain_key=tmp[brain_key], **backend_kwargs)
             report = None
         else:
             report = compute_embeddings(samples, zoo_name, embeddings_field, dinov2_field, batch_size=batch_size,
                                         num_workers=num_workers, progress=progress)
-            results = fob.compute_similarity(samples, embeddings=embeddings_field, model=zoo_name, backend=backend,
+            results = fob.compute_similarity(samples, embeddings=embeddings_field, model=zoo_name,
                                              brain_key=tmp[brain_key], **backend_kwargs)
             if dinov2_field and dinov2_brain_key:
-                fob.compute_similarity(samples, embeddings=dinov2_field, backend=backend,
+                fob.compute_similarity(samples, embeddings=dinov2_field,
                                        brain_key=tmp[dinov2_brain_key], **_second_index(backend_kwargs))
     except BaseException:
         for key in tmp.values():
@@ -225,12 +225,21 @@ def default_backend(n_samples: int) -> str:
     return "lancedb"
 
 
-def similarity_backend(backend: str | type | None, n_samples: int = 0):
-    """What to build an index with. None: `default_backend(n_samples)`. sklearn becomes the same backend with
-    its vectors kept in memory between App requests (`vector_cache`); any other is FiftyOne's own."""
+def similarity_backend(backend: str | type | None, n_samples: int = 0) -> dict:
+    """`fob.compute_similarity`'s arguments naming what to build an index with. None: `default_backend(n_samples)`.
+    sklearn becomes the same backend with its vectors kept in memory between App requests (`vector_cache`),
+    lancedb the same backend searching views and answering id queries from memory (`lancedb_index`); any other
+    is FiftyOne's own. The backend is named, our class given as its `config_cls`, so FiftyOne still applies
+    the user's brain config for it (e.g. LanceDB's `uri`)."""
     if backend is None:
         backend = default_backend(n_samples)
-    return CachedSklearnSimilarityConfig if backend == "sklearn" else backend
+    if backend == "lancedb":
+        from .lancedb_index import CachedLanceDBSimilarityConfig
+
+        return {"backend": backend, "config_cls": CachedLanceDBSimilarityConfig}
+    if backend == "sklearn":
+        return {"backend": backend, "config_cls": CachedSklearnSimilarityConfig}
+    return {"backend": backend}
 
 
 def project_field(samples, dinov2_field: str, model="dinov2clip-reference",

@@ -84,6 +84,14 @@ def install_plugin(plugins_dir: Path) -> Path:
     return target
 
 
+def clear_search_runs(dataset) -> None:
+    """Forget the Similarity Search panel's runs on `dataset` (FiftyOne keeps them in an execution store), so a
+    page opened next lists only the runs it starts. For datasets a test or benchmark made itself."""
+    from fiftyone.operators.store import ExecutionStore
+
+    ExecutionStore.create(SIMILARITY_STORE, dataset_id=dataset._doc.id).clear()
+
+
 class AppServer:
     """`python -m fiftyone.server.main` on a free port, in the environment FiftyOne was configured with."""
 

@@ -47,6 +47,25 @@ def _read_only(data):
     return data
 
 
+def cached(key: tuple, marker, load):
+    """`load()`'s arrays for `key`, kept while `marker` is unchanged; read-only, shared by every caller. The
+    newest entries are kept up to CACHE_BYTES all together (the newest one always)."""
+    with _LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None and hit[0] == marker:
+            _CACHE.move_to_end(key)
+            stats["hits"] += 1
+            return hit[1]
+    data = _read_only(load())
+    with _LOCK:
+        stats["loads"] += 1
+        _CACHE[key] = (marker, data)
+        _CACHE.move_to_end(key)
+        while len(_CACHE) > 1 and sum(_nbytes(d) for _, d in _CACHE.values()) > CACHE_BYTES:
+            _CACHE.popitem(last=False)
+    return data
+
+
 class CachedSklearnSimilarityConfig(SklearnSimilarityConfig):
     """`SklearnSimilarityConfig` whose index keeps its vectors in memory between requests."""
 
@@ -65,20 +84,7 @@ class CachedSklearnSimilarityIndex(SklearnSimilarityIndex):
         dataset = samples._dataset
         key = (str(dataset._doc.id), dataset._sample_collection_name, config.embeddings_field, config.patches_field)
         marker = change_marker(dataset)  # before the read: a write during it shows up as a new marker
-        with _LOCK:
-            hit = _CACHE.get(key)
-            if hit is not None and hit[0] == marker:
-                _CACHE.move_to_end(key)
-                stats["hits"] += 1
-                return hit[1]
-        data = _read_only(SklearnSimilarityIndex._parse_data(samples, config))
-        with _LOCK:
-            stats["loads"] += 1
-            _CACHE[key] = (marker, data)
-            _CACHE.move_to_end(key)
-            while len(_CACHE) > 1 and sum(_nbytes(d) for _, d in _CACHE.values()) > CACHE_BYTES:
-                _CACHE.popitem(last=False)
-        return data
+        return cached(key, marker, lambda: SklearnSimilarityIndex._parse_data(samples, config))
 
     def _kneighbors(self, query=None, *args, **kwargs):
         # A query vector from the App arrives as JSON, i.e. float64: sklearn would then copy every float32

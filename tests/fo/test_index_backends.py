@@ -4,7 +4,9 @@ requests (fiftyone_dinov2clip.vector_cache).
 Each "request" here is what FiftyOne's App server does: a dataset object with an empty brain-results cache,
 `load_brain_results` through FiftyOne, then `sort_by_similarity`. Every answer is checked against a brute-force
 cosine ranking of what MongoDB holds at that moment, after adds, deletes and edits."""
+import os
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,7 +28,7 @@ def dataset():
     ds = fo.Dataset(f"dinov2clip-vc-{uuid.uuid4().hex[:8]}")
     ds.add_samples([fo.Sample(filepath=f"/nowhere/{i}.jpg", e=rng.standard_normal(DIM).astype(np.float32))
                     for i in range(60)])
-    fob.compute_similarity(ds, embeddings="e", backend=similarity_backend("sklearn"), brain_key="cached")
+    fob.compute_similarity(ds, embeddings="e", brain_key="cached", **similarity_backend("sklearn"))
     fob.compute_similarity(ds, embeddings="e", backend="sklearn", brain_key="stock")
     vector_cache.clear()
     yield ds
@@ -109,7 +111,8 @@ def test_the_default_backend_follows_the_dataset_size(monkeypatch, caplog):
     from fiftyone_dinov2clip import brain
 
     assert brain.default_backend(brain.LANCEDB_FROM - 1) == "sklearn"
-    assert similarity_backend(None, 10) is vector_cache.CachedSklearnSimilarityConfig
+    assert similarity_backend(None, 10) == {"backend": "sklearn",
+                                            "config_cls": vector_cache.CachedSklearnSimilarityConfig}
     pytest.importorskip("lancedb")
     assert brain.default_backend(brain.LANCEDB_FROM) == "lancedb"
     real_find_spec = importlib.util.find_spec
@@ -136,7 +139,9 @@ def test_a_large_dataset_gets_a_lancedb_index_that_answers_text(tmp_path, zoo_ti
             Image.new("RGB", (32, 32), rgb).save(tmp_path / f"{i}.png")
             ds.add_sample(fo.Sample(filepath=str(tmp_path / f"{i}.png")))
         fod.compute_similarity(ds, zoo_tiny)
-        assert type(ds.get_brain_info("dinov2clip").config).__name__ == "LanceDBSimilarityConfig"
+        config = ds.get_brain_info("dinov2clip").config
+        assert type(config).__name__ == "CachedLanceDBSimilarityConfig"
+        assert in_configured_uri(ds, "dinov2clip"), "the user's LanceDB uri was ignored"
         model = fod.load(zoo_tiny)
         q = np.asarray(model.embed_prompt("a red square"), np.float64)
         assert fod.sort_by_text(ds, "a red square", k=4).values("id") == brute_force_of(ds, "dinov2clip", q, 4)
@@ -148,3 +153,54 @@ def brute_force_of(ds, field, query, k):
     ids, emb = ds.values("id"), np.stack(ds.values(field)).astype(np.float64)
     cos = emb @ query / np.linalg.norm(emb, axis=1) / np.linalg.norm(query)
     return [ids[i] for i in np.argsort(-cos)[:k]]
+
+
+def in_configured_uri(ds, brain_key) -> bool:
+    """Whether the index's table is where the user's brain config (here: devdb's variable) puts LanceDB's."""
+    table = ds.get_brain_info(brain_key).config.table_name
+    return (Path(os.environ["FIFTYONE_BRAIN_SIMILARITY_LANCEDB_URI"]) / f"{table}.lance").is_dir()
+
+
+def lance_pair(ds, metric: str) -> tuple[str, str]:
+    """Ours and FiftyOne's own LanceDB index over the same vectors; → their brain keys."""
+    for key, backend in ((f"lance_{metric}", similarity_backend("lancedb")), (f"stock_{metric}", {"backend": "lancedb"})):
+        fob.compute_similarity(ds, embeddings="e", brain_key=key, metric=metric,
+                               table_name=f"{key}_{uuid.uuid4().hex[:8]}", **backend)
+        assert in_configured_uri(ds, key), "the user's LanceDB uri was ignored"
+    return f"lance_{metric}", f"stock_{metric}"
+
+
+def ranked(view, query, brain_key, k=5) -> tuple[list[str], list[float]]:
+    view._dataset.clear_cache()  # a fresh request
+    out = view.sort_by_similarity(query, k=k, brain_key=brain_key, dist_field="d")
+    return out.values("id"), out.values("d")
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_lancedb_views_and_id_queries_are_answered_from_memory_as_lancedb_would(dataset, metric):
+    pytest.importorskip("lancedb")
+    ours, stock = lance_pair(dataset, metric)
+    assert type(dataset.get_brain_info(ours).config).__name__ == "CachedLanceDBSimilarityConfig"
+    q = np.random.default_rng(3).standard_normal(DIM).astype(np.float32)
+    view = dataset.skip(7).limit(30)  # a sidebar filter, or searching within earlier results
+    loads = vector_cache.stats["loads"]
+    got = [ranked(view, q, ours) for _ in range(3)]
+    assert vector_cache.stats["loads"] == loads + 1, "each view query re-read the table"
+    want = ranked(view, q, stock)
+    assert got[0][0] == want[0]
+    assert np.allclose(got[0][1], want[1], rtol=1e-4, atol=1e-5), (got[0][1], want[1])
+    if metric == "cosine":
+        assert got[0][0] == brute_force_of(view, "e", q.astype(np.float64), 5)
+    first = view.first().id  # an image query from the App: by sample id
+    assert ranked(view, first, ours)[0] == ranked(view, first, stock)[0]
+    assert ranked(dataset, first, ours)[0] == ranked(dataset, first, stock)[0]
+    assert ranked(dataset, q, ours)[0] == ranked(dataset, q, stock)[0]  # the whole dataset: LanceDB's own search
+    tables = dataset.load_brain_results(ours)._db.table_names()
+    assert not [t for t in tables if t.startswith(ours) and t.endswith("_filter")], tables
+
+    # A new vector in the table (a new table version) is seen by the next view query.
+    new = fo.Sample(filepath="/nowhere/new.jpg", e=q)
+    dataset.add_sample(new)
+    for key in (ours, stock):
+        dataset.load_brain_results(key).add_to_index(q[None], [new.id])
+    assert ranked(dataset.skip(7), q, ours)[0][0] == new.id == ranked(dataset.skip(7), q, stock)[0][0]

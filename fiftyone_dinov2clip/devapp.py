@@ -120,10 +120,12 @@ class AppServer:
                 time.sleep(0.2)
         raise AppError(f"the App server did not answer HTTP within {timeout} s:\n{self.tail()}")
 
-    def execute(self, operator_uri: str, dataset_name: str, params: dict, timeout=600) -> dict:
-        """POST /operators/execute, as the App does for an operator run."""
+    def execute(self, operator_uri: str, dataset_name: str, params: dict, view: list | None = None,
+                timeout=600) -> dict:
+        """POST /operators/execute, as the App does for an operator run; `view`: the App's current view, as
+        serialized stages (the whole dataset when None)."""
         body = json.dumps({"operator_uri": operator_uri, "dataset_name": dataset_name, "params": params,
-                           "view": [], "filters": None, "selected": [], "selected_labels": []}).encode()
+                           "view": view or [], "filters": None, "selected": [], "selected_labels": []}).encode()
         req = urllib.request.Request(self.url + "/operators/execute", data=body,
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=timeout) as r:

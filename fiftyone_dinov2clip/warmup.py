@@ -4,8 +4,10 @@ The imports are most of a first text query's wait in a fresh App server (~4 s of
 0.7 s more). FiftyOne registers plugins when the App first lists operators (page load); from then, one
 background thread imports them. Two threads importing torch/torchvision at once can trip Python's import
 deadlock detection (seen here: `_DeadlockError` on torchvision.ops.misc in the query's thread), so the query
-path (`zoo` and `lancedb_index`, imported before anything of ours imports torch or lancedb) waits for this
-thread to finish first: it never imports beside it.
+path never imports beside it: `zoo` (imported before anything of ours imports torch) waits until this thread
+has imported torch, `lancedb_index` (imported before FiftyOne's LanceDB backend imports lancedb) until it
+has also imported lancedb, last (the modules lancedb brings, pyarrow and pydantic among them, are none a
+query on a sklearn index imports, so that query may run beside it).
 
 Light: imports neither fiftyone nor torch."""
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 _thread: threading.Thread | None = None
+_torch_ready = threading.Event()
 _lock = threading.Lock()
 
 
@@ -38,10 +41,14 @@ def _imports() -> None:
 
         import dinov2clip.factory  # noqa: F401
         import fiftyone.utils.torch  # noqa: F401
-
+    except Exception as e:  # the query reports any real problem, with its context
+        logger.debug("dinov2clip warm-up: %s", e)
+    finally:
+        _torch_ready.set()  # a query on a sklearn index need not wait for lancedb's import
+    try:
         if importlib.util.find_spec("lancedb") is not None:  # the default index from 30k samples: 0.7 s here
             import lancedb  # noqa: F401
-    except Exception as e:  # the query reports any real problem, with its context
+    except Exception as e:
         logger.debug("dinov2clip warm-up: %s", e)
 
 
@@ -56,8 +63,13 @@ def start() -> None:
             _thread.start()
 
 
-def wait() -> None:
-    """Block until the warm-up's imports are done (at once when there is none)."""
+def wait(lancedb: bool = False) -> None:
+    """Block until the warm-up has imported torch and open_clip (`lancedb`: and lancedb, its last import); at
+    once when there is no warm-up."""
     thread = _thread
-    if thread is not None and thread is not threading.current_thread():
+    if thread is None or thread is threading.current_thread():
+        return
+    if lancedb:
         thread.join()
+    else:
+        _torch_ready.wait()

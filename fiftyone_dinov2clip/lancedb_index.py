@@ -3,8 +3,8 @@ table's vectors kept in memory.
 
 FiftyOne's LanceDB index searches the whole table fast, but for anything else it copies the table: a view
 that is not the whole dataset (a sidebar filter in the App, or searching within earlier results) makes it
-read every row into pandas and write a `<table>_filter` table to disk on each query (1.5 s at 100k samples
-here, and the full table in memory), and a query by sample id (an image query from the App) reads every
+read every row into pandas and write a `<table>_filter` table to disk on each query (2.3 s at 100k samples
+here, `bench_app.py`; and the full table in memory), and a query by sample id (an image query from the App) reads every
 row into pandas to find that vector. This backend answers those two from the table's `id` and `vector`
 columns, read once per table version (a write to the table makes a new version) and kept in the process
 (`vector_cache.cached`); whole-dataset searches stay LanceDB's own. Distances are LanceDB's: cosine

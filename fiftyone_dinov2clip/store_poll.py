@@ -3,9 +3,8 @@
 The panel lists its runs again when FiftyOne's execution-store notification service tells it the store
 changed. That service follows MongoDB change streams where it can; FiftyOne's own mongod runs standalone,
 which has none, so it polls the store every `FIFTYONE_EXECUTION_STORE_POLL_INTERVAL_SECONDS` (5 by default,
-whole seconds only). On screen that wait, not the search, was most of a text query's time: at 100k samples
-Enter → results took 1.1 s at a 1 s poll for a 0.14 s search. In the App server, dinov2clip's plugin polls
-every `POLL_S` instead, unless the user set FiftyOne's variable (theirs wins; FiftyOne read it at import).
+whole seconds only). On screen that wait, not the search, was most of a text query's time (a search
+takes 0.1–0.3 s at 100k samples here). In the App server, dinov2clip's plugin polls every `POLL_S` instead, unless the user set FiftyOne's variable (theirs wins; FiftyOne read it at import).
 A poll is three small queries on the execution store (`bench_app.py` prints the idle server's CPU).
 
 Light: imports neither fiftyone nor torch at import; `apply()` imports FiftyOne's notification module, which

@@ -4,8 +4,9 @@ The panel lists its runs again when FiftyOne's execution-store notification serv
 changed. That service follows MongoDB change streams where it can; FiftyOne's own mongod runs standalone,
 which has none, so it polls the store every `FIFTYONE_EXECUTION_STORE_POLL_INTERVAL_SECONDS` (5 by default,
 whole seconds only). On screen that wait, not the search, was most of a text query's time (a search
-takes 0.1–0.3 s at 100k samples here). In the App server, dinov2clip's plugin polls every `POLL_S` instead, unless the user set FiftyOne's variable (theirs wins; FiftyOne read it at import).
-A poll is three small queries on the execution store (`bench_app.py` prints the idle server's CPU).
+takes 0.1–0.3 s at 100k samples here). In the App server, dinov2clip's plugin polls every `POLL_S`
+instead, unless the user set FiftyOne's variable (theirs wins; FiftyOne read it at import). A poll is three
+small queries on the execution store (`bench_app.py` prints the idle server's CPU).
 
 Light: imports neither fiftyone nor torch at import; `apply()` imports FiftyOne's notification module, which
 the App server has imported already."""

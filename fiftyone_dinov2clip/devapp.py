@@ -92,6 +92,12 @@ def clear_search_runs(dataset) -> None:
     ExecutionStore.create(SIMILARITY_STORE, dataset_id=dataset._doc.id).clear()
 
 
+def _operator_request(operator_uri: str, dataset_name: str, params: dict, view: list | None = None) -> str:
+    """The JSON body the App sends to run an operator (or subscribe through one) on the given view."""
+    return json.dumps({"operator_uri": operator_uri, "dataset_name": dataset_name, "params": params,
+                       "view": view or [], "filters": None, "selected": [], "selected_labels": []})
+
+
 class AppServer:
     """`python -m fiftyone.server.main` on a free port, in the environment FiftyOne was configured with."""
 
@@ -124,8 +130,7 @@ class AppServer:
                 timeout=600) -> dict:
         """POST /operators/execute, as the App does for an operator run; `view`: the App's current view, as
         serialized stages (the whole dataset when None)."""
-        body = json.dumps({"operator_uri": operator_uri, "dataset_name": dataset_name, "params": params,
-                           "view": view or [], "filters": None, "selected": [], "selected_labels": []}).encode()
+        body = _operator_request(operator_uri, dataset_name, params, view).encode()
         req = urllib.request.Request(self.url + "/operators/execute", data=body,
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -151,8 +156,7 @@ class AppServer:
 
         from fiftyone.operators.store import ExecutionStore
 
-        body = json.dumps({"operator_uri": SIMILARITY_NOTIFIER, "dataset_name": dataset.name, "params": {},
-                           "view": [], "filters": None, "selected": [], "selected_labels": []})
+        body = _operator_request(SIMILARITY_NOTIFIER, dataset.name, {})
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         conn.request("POST", "/operators/subscribe-execution-store", body, {"Content-Type": "application/json"})
         stream = conn.getresponse()  # the subscriber's queue exists once the response starts

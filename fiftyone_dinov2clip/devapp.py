@@ -149,50 +149,58 @@ class AppServer:
     def store_notices(self, dataset, writes: int, gap: float = 0.4, timeout: float = 30) -> list[float]:
         """Seconds from each of `writes` keys written into the search panel's execution store (from this
         process, as a finished run is) until the App server's SSE stream announces it to a subscriber, as it
-        does to the panel, which then lists its runs again. One warm-up write first (not counted)."""
+        does to the panel, which then lists its runs again. The subscription is known to be live when the
+        server replays a key written before it (FiftyOne sends a new subscriber the store's current state), so
+        the first counted write goes out at once, through the poll like the rest."""
         import http.client
         import queue
         import threading
 
         from fiftyone.operators.store import ExecutionStore
 
+        store = ExecutionStore.create(SIMILARITY_STORE, dataset_id=dataset._doc.id)
+        live = f"dinov2clip-notice-{time.time_ns()}-live"
+        store.set(live, {"written": "before subscribing"})
         body = _operator_request(SIMILARITY_NOTIFIER, dataset.name, {})
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        conn.request("POST", "/operators/subscribe-execution-store", body, {"Content-Type": "application/json"})
-        stream = conn.getresponse()  # the subscriber's queue exists once the response starts
-        if stream.status != 200:
-            raise AppError(f"subscribing to the execution store: HTTP {stream.status}\n{self.tail()}")
         seen: queue.Queue = queue.Queue()
 
-        def read():
-            try:
-                for line in stream:
-                    if line.startswith(b"data:"):
-                        seen.put((time.perf_counter(), json.loads(line[5:]).get("key")))
-            except (OSError, ValueError, AttributeError, http.client.HTTPException):
-                pass  # the connection was closed below (http.client drops its file: AttributeError)
+        def next_notice(key: str) -> float:
+            while True:
+                try:
+                    at, got = seen.get(timeout=timeout)
+                except queue.Empty:
+                    raise AppError(f"no execution-store notice of {key} within {timeout} s\n{self.tail()}") from None
+                if got == key:
+                    return at
 
-        threading.Thread(target=read, daemon=True).start()
-        store = ExecutionStore.create(SIMILARITY_STORE, dataset_id=dataset._doc.id)
         delays = []
         try:
-            for i in range(writes + 1):
+            conn.request("POST", "/operators/subscribe-execution-store", body, {"Content-Type": "application/json"})
+            stream = conn.getresponse()
+            if stream.status != 200:
+                raise AppError(f"subscribing to the execution store: HTTP {stream.status}\n{self.tail()}")
+
+            def read():
+                try:
+                    for line in stream:
+                        if line.startswith(b"data:"):
+                            seen.put((time.perf_counter(), json.loads(line[5:]).get("key")))
+                except (OSError, ValueError, AttributeError, http.client.HTTPException):
+                    pass  # the connection was closed below (http.client drops its file: AttributeError)
+
+            threading.Thread(target=read, daemon=True).start()
+            next_notice(live)
+            for i in range(writes):
                 key = f"dinov2clip-notice-{time.time_ns()}-{i}"
                 store.set(key, {"written": i})
                 written = time.perf_counter()
-                while True:
-                    try:
-                        at, got = seen.get(timeout=timeout)
-                    except queue.Empty:
-                        raise AppError(f"no execution-store notice within {timeout} s\n{self.tail()}") from None
-                    if got == key:
-                        break
-                if i:
-                    delays.append(at - written)
+                delays.append(next_notice(key) - written)
                 store.delete(key)
                 time.sleep(gap * (1 + i % 3) / 2)  # land the writes at different points of the poll
         finally:
             conn.close()
+            store.delete(live)
         return delays
 
     def cpu_s(self) -> float:

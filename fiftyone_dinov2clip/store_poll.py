@@ -12,6 +12,7 @@ Light: imports neither fiftyone nor torch at import; `apply()` imports FiftyOne'
 the App server has imported already."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 
@@ -27,15 +28,45 @@ POLL_S = 0.25
 def apply() -> float | None:
     """In the App server, poll every POLL_S unless FiftyOne's variable is set; returns the interval now in
     force there (None outside the App server). FiftyOne's loop reads the module's interval before each sleep,
-    so this takes effect from the next poll."""
+    but one sleep of the old interval is usually under way (plugins register on the first page load, the loop
+    started with the server), and a run finishing within it would wait up to 5 s more (seen in CI): so that
+    sleep is bridged (`_bridge`)."""
     if not in_app_server():
         return None
     from fiftyone.operators.store import notification_service
 
-    if os.environ.get(FIFTYONE_SETTING) is None and notification_service.POLL_INTERVAL_SECONDS > POLL_S:
+    old = notification_service.POLL_INTERVAL_SECONDS
+    if os.environ.get(FIFTYONE_SETTING) is None and old > POLL_S:
         notification_service.POLL_INTERVAL_SECONDS = POLL_S
+        service = notification_service.default_notification_service
+        loop = service.dedicated_event_loop
+        # Polling has started (the change-stream mode never sets _last_poll_time): bridge its sleep
+        if loop is not None and loop.is_running() and service._last_poll_time is not None:
+            asyncio.run_coroutine_threadsafe(_bridge(service, old), loop)
         logger.debug("dinov2clip: the execution store is polled every %s s", POLL_S)
     return notification_service.POLL_INTERVAL_SECONDS
+
+
+async def _bridge(service, seconds: float) -> None:
+    """On the notification service's own loop: poll every POLL_S for `seconds`, until FiftyOne's sleep of the
+    old interval is surely over and its loop polls every POLL_S itself. Polls go one at a time (FiftyOne's
+    loop calls `self._poll`, which now takes a lock), so two never interleave their reads of the store."""
+    lock = asyncio.Lock()
+    poll = service._poll
+
+    async def one_at_a_time():
+        async with lock:
+            await poll()
+
+    service._poll = one_at_a_time
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    while loop.time() < end and not (service._stop_event and service._stop_event.is_set()):
+        await asyncio.sleep(POLL_S)
+        try:
+            await service._poll()
+        except Exception as e:  # FiftyOne's loop goes on polling and logs its own errors
+            logger.debug("dinov2clip: bridging poll: %s", e)
 
 
 def before_app_launch() -> None:

@@ -71,8 +71,10 @@ def dataset(mongod):
 
 def test_a_finished_run_reaches_the_panels_subscription_within_a_short_poll(dataset, tmp_path):
     """The real App server, the plugin installed as a user installs it, a real SSE subscription to the
-    panel's store: a key written from another process (as a finished run is) is announced within twice
-    the short poll plus slack. FiftyOne's default poll (5 s) would announce most of them later than that."""
+    panel's store: keys written from another process (as a finished run is) are announced within about
+    two short polls. The first is written right after the plugin registered, while FiftyOne's loop is
+    inside a sleep of its default 5 s (it started with the server): without the bridge over that sleep it
+    was announced 4.5-4.9 s later, here and in CI."""
     plugins = install_plugin(tmp_path / "plugins").parent
     server = AppServer(tmp_path / "app-server.log", env={"FIFTYONE_PLUGINS_DIR": str(plugins),
                                                          store_poll.FIFTYONE_SETTING: None})
@@ -84,4 +86,5 @@ def test_a_finished_run_reaches_the_panels_subscription_within_a_short_poll(data
     finally:
         server.stop()
     assert len(delays) == 6
-    assert max(delays) < 2 * store_poll.POLL_S + 0.75, delays
+    assert max(delays) < 2 * store_poll.POLL_S + 1.0, delays  # a loaded 2-core VM: up to 1.2 s seen
+    assert sorted(delays)[3] < store_poll.POLL_S + 0.5, delays

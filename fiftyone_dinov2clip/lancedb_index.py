@@ -1,17 +1,20 @@
-"""FiftyOne's LanceDB similarity backend, with searches of a view and queries by sample id answered from the
-table's vectors kept in memory.
+"""FiftyOne's LanceDB similarity backend, searching the table's vectors kept in memory.
 
-FiftyOne's LanceDB index searches the whole table fast, but for anything else it copies the table: a view
-that is not the whole dataset (a sidebar filter in the App, or searching within earlier results) makes it
-read every row into pandas and write a `<table>_filter` table to disk on each query (2.3 s at 100k samples
-here, `bench_app.py`; and the full table in memory), and a query by sample id (an image query from the App) reads every
-row into pandas to find that vector. This backend answers those two from the table's `id` and `vector`
-columns, read once per table version (a write to the table makes a new version) and kept in the process
-(`vector_cache.cached`); whole-dataset searches stay LanceDB's own. Distances are LanceDB's: cosine
+FiftyOne's LanceDB index scans its table on disk for every query, with no ANN index: 0.2 s at 100k rows
+here, 3-4 s at 1M (`bench_app.py`). For anything but the whole dataset it copies the table: a view (a
+sidebar filter in the App, or searching within earlier results) makes it read every row into pandas and
+write a `<table>_filter` table to disk on each query (2.3 s at 100k), and a query by sample id (an image
+query from the App) reads every row into pandas to find that vector. This backend answers all three from the
+table's `id` and `vector` columns, read once per table version (a write to the table makes a new version)
+and kept in the process (`vector_cache.cached`), exactly (no approximation): one matrix-vector product.
+Whole-table searches go to LanceDB itself where the table's vectors would not fit the cache's budget
+(`DINOV2CLIP_VECTOR_CACHE_MB`, 4096 by default: 2M 512-d vectors). Distances are LanceDB's: cosine
 distance (1 - cosine similarity) and squared L2.
 
 An index built with it stores this module's class path in its brain run, as `vector_cache`'s does."""
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 
@@ -22,7 +25,19 @@ warmup.wait(lancedb=True)  # FiftyOne imports lancedb on first use below: never 
 from fiftyone.brain.internal.core.lancedb import (LanceDBSimilarity, LanceDBSimilarityConfig,  # noqa: E402
                                                   LanceDBSimilarityIndex)
 
-from .vector_cache import cached  # noqa: E402
+from . import vector_cache  # noqa: E402
+from .vector_cache import cached, peek  # noqa: E402
+
+_reading: dict[tuple, threading.Thread] = {}  # (uri, table, version) → the thread reading those columns
+_reading_lock = threading.Lock()
+
+
+def wait_for_reads() -> None:
+    """Until every background read of a table's columns started so far has finished (tests, benchmarks)."""
+    with _reading_lock:
+        threads = list(_reading.values())
+    for thread in threads:
+        thread.join()
 
 
 class CachedLanceDBSimilarityConfig(LanceDBSimilarityConfig):
@@ -35,23 +50,57 @@ class CachedLanceDBSimilarity(LanceDBSimilarity):
 
 
 class CachedLanceDBSimilarityIndex(LanceDBSimilarityIndex):
-    def _columns(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, dict]:
-        """(ids, sample ids for patches or None, float32 vectors, {id: row}) of the whole table, as of its
-        version."""
+    def _cache_key(self) -> tuple:
+        return ("lancedb", self.config.uri, self.config.table_name)
+
+    def _columns(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray, dict]:
+        """(ids, sample ids for patches or None, float32 vectors, their squared norms, {id: row}) of the whole
+        table, as of its version; read now if they are not in memory."""
         table = self._table
+        version = table.version
+        with _reading_lock:
+            reading = _reading.get((*self._cache_key(), version))
+        if reading is not None and reading is not threading.current_thread():
+            reading.join()  # being read in the background: wait for it rather than read it twice
 
         def load():
             data = table.to_arrow()
             vectors = data["vector"].combine_chunks()
             ids = data["id"].to_pylist()
+            matrix = (vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+                      .reshape(-1, vectors.type.list_size))
             return (np.asarray(ids, dtype=object),
                     np.asarray(data["sample_id"].to_pylist(), dtype=object)
                     if "sample_id" in data.column_names else None,
-                    vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-                    .reshape(-1, vectors.type.list_size),
+                    matrix,
+                    np.einsum("ij,ij->i", matrix, matrix),
                     {id_: row for row, id_ in enumerate(ids)})
 
-        return cached(("lancedb", self.config.uri, self.config.table_name), table.version, load)
+        return cached(self._cache_key(), version, load)
+
+    def _columns_in_memory(self):
+        """The columns if they are in memory for the table's current version. If not, and they would fit the
+        cache's budget (`DINOV2CLIP_VECTOR_CACHE_MB`), start reading them in a background thread (once per
+        table version) and return None: that query is LanceDB's own scan (3-4 s at 1M rows here), which
+        would be slower to wait for the read (6-12 s at 1M); the next ones search memory (~0.2 s)."""
+        table = self._table
+        version = table.version
+        columns = peek(self._cache_key(), version)
+        if columns is not None:
+            return columns
+        dim = table.schema.field("vector").type.list_size
+        if table.count_rows() * dim * 4 > vector_cache.CACHE_BYTES:
+            return None
+        reading = (*self._cache_key(), version)
+        with _reading_lock:
+            thread = _reading.get(reading)
+            if thread is None or not thread.is_alive():
+                for done in [r for r, t in _reading.items() if not t.is_alive()]:
+                    del _reading[done]
+                thread = threading.Thread(target=self._columns, name="dinov2clip-lancedb-read", daemon=True)
+                _reading[reading] = thread
+                thread.start()
+        return None
 
     @staticmethod
     def _rows(row_of: dict, ids) -> np.ndarray:
@@ -68,45 +117,69 @@ class CachedLanceDBSimilarityIndex(LanceDBSimilarityIndex):
             return super()._parse_neighbors_query(query)
         single = isinstance(query, str)
         wanted = [query] if single else list(query)
-        _, _, vectors, row_of = self._columns()
+        _, _, vectors, _, row_of = self._columns()
         rows = self._rows(row_of, wanted)
         if rows.size == 0:
             raise ValueError("Query IDs %s were not found in the index" % wanted)
         return vectors[rows[0]] if single else vectors[rows]
 
     def _kneighbors(self, query=None, k=None, reverse=False, aggregation=None, return_dists=False):
-        if query is None or reverse or aggregation not in (None, "mean") or not self.has_view or self._table is None:
+        if query is None or reverse or aggregation not in (None, "mean") or self._table is None:
             return super()._kneighbors(query=query, k=k, reverse=reverse, aggregation=aggregation,
-                                       return_dists=return_dists)  # its own search, or its own error
+                                       return_dists=return_dists)  # its own error
+        columns = self._columns() if self.has_view else self._columns_in_memory()
+        if columns is None:
+            return super()._kneighbors(query=query, k=k, aggregation=aggregation, return_dists=return_dists)
         query = np.asarray(self._parse_neighbors_query(query), np.float32)
         if aggregation == "mean" and query.ndim == 2:
             query = query.mean(axis=0)
         single = query.ndim == 1
         queries = np.atleast_2d(query)
 
-        ids, sample_ids, vectors, row_of = self._columns()
+        ids, sample_ids, vectors, squares, row_of = columns
         patches = self.config.patches_field is not None
-        in_view = np.sort(self._rows(row_of, self.current_label_ids if patches else self.current_sample_ids))
-        sub = vectors[in_view]
+        if self.has_view:
+            in_view = np.sort(self._rows(row_of, self.current_label_ids if patches else self.current_sample_ids))
+        else:
+            in_view = np.arange(len(ids))
         k = len(in_view) if k is None else min(k, len(in_view))
 
         out_samples, out_labels, out_dists = [], [] if patches else None, []
         for q in queries:
-            if self.config.metric == "cosine":
-                norms = np.linalg.norm(sub, axis=1) * np.linalg.norm(q)
-                dist = 1.0 - (sub @ q) / np.where(norms == 0, 1.0, norms)
-            else:  # "euclidean": LanceDB's l2 is the squared distance
-                diff = sub - q
-                dist = np.einsum("ij,ij->i", diff, diff)
-            top = np.argpartition(dist, k - 1)[:k] if 0 < k < len(dist) else np.arange(len(dist))
-            top = top[np.argsort(dist[top], kind="stable")]
-            rows = in_view[top]
+            rows, dist = self._nearest(vectors, squares, in_view, q, k)
             out_samples.append((sample_ids if patches else ids)[rows].tolist())
             if patches:
                 out_labels.append(ids[rows].tolist())
-            out_dists.append(dist[top].tolist())
+            out_dists.append(dist.tolist())
 
         if single:
             out_samples, out_dists = out_samples[0], out_dists[0]
             out_labels = out_labels[0] if patches else None
         return (out_samples, out_labels, out_dists) if return_dists else (out_samples, out_labels)
+
+    def _nearest(self, vectors, squares, in_view, q, k) -> tuple[np.ndarray, np.ndarray]:
+        """(table rows, distances) of the k nearest of the rows in_view to q, nearest first, with LanceDB's
+        distances. Candidates come from one product with q (over every row when the view is most of the
+        table: one pass over the matrix costs less than copying most of it); the returned distances are
+        computed directly from the candidates' vectors."""
+        if len(in_view) * 2 >= len(vectors):
+            dots = (vectors @ q)[in_view]
+        else:
+            dots = vectors[in_view] @ q
+        sq = squares[in_view]
+        q2 = float(q @ q)
+        if self.config.metric == "cosine":
+            approx = -dots / np.sqrt(np.maximum(sq, 1e-30))  # the order of 1 - cos
+        else:  # "euclidean": LanceDB's l2 is the squared distance
+            approx = sq - 2 * dots
+        keep = min(len(approx), k + max(16, k))  # margin: float32 rounding can swap near-equal distances
+        top = np.argpartition(approx, keep - 1)[:keep] if 0 < keep < len(approx) else np.arange(len(approx))
+        cand = vectors[in_view[top]]
+        if self.config.metric == "cosine":
+            norms = np.linalg.norm(cand, axis=1) * np.sqrt(q2)
+            dist = 1.0 - (cand @ q) / np.where(norms == 0, 1.0, norms)
+        else:
+            diff = cand - q
+            dist = np.einsum("ij,ij->i", diff, diff)
+        order = np.lexsort((in_view[top], dist))[:k]
+        return in_view[top][order], dist[order]

@@ -194,7 +194,12 @@ def test_lancedb_views_and_id_queries_are_answered_from_memory_as_lancedb_would(
     first = view.first().id  # an image query from the App: by sample id
     assert ranked(view, first, ours)[0] == ranked(view, first, stock)[0]
     assert ranked(dataset, first, ours)[0] == ranked(dataset, first, stock)[0]
-    assert ranked(dataset, q, ours)[0] == ranked(dataset, q, stock)[0]  # the whole dataset: LanceDB's own search
+    hits = vector_cache.stats["hits"]
+    whole = ranked(dataset, q, ours)  # the whole dataset: from memory too, the table fitting the budget
+    assert vector_cache.stats["hits"] > hits, "a whole-table search did not use the vectors in memory"
+    want = ranked(dataset, q, stock)
+    assert whole[0] == want[0]
+    assert np.allclose(whole[1], want[1], rtol=1e-4, atol=1e-5), (whole[1], want[1])
     tables = dataset.load_brain_results(ours)._db.table_names()
     assert not [t for t in tables if t.startswith(ours) and t.endswith("_filter")], tables
 
@@ -204,3 +209,35 @@ def test_lancedb_views_and_id_queries_are_answered_from_memory_as_lancedb_would(
     for key in (ours, stock):
         dataset.load_brain_results(key).add_to_index(q[None], [new.id])
     assert ranked(dataset.skip(7), q, ours)[0][0] == new.id == ranked(dataset.skip(7), q, stock)[0][0]
+    assert ranked(dataset, q, ours)[0][0] == new.id  # and by the next whole-table search
+
+
+def test_a_whole_lancedb_table_is_read_in_the_background_within_the_memory_budget(dataset, monkeypatch):
+    """A whole-table search with the vectors not yet in memory is LanceDB's own scan and starts reading them
+    in the background; the next one searches memory, with the same answers. Past `DINOV2CLIP_VECTOR_CACHE_MB`
+    nothing is read and LanceDB keeps scanning."""
+    pytest.importorskip("lancedb")
+    from fiftyone_dinov2clip import lancedb_index
+
+    ours, stock = lance_pair(dataset, "cosine")
+    q = np.random.default_rng(5).standard_normal(DIM).astype(np.float32)
+    want = ranked(dataset, q, stock)
+    loads, hits = vector_cache.stats["loads"], vector_cache.stats["hits"]
+    scanned = ranked(dataset, q, ours)
+    assert vector_cache.stats["hits"] == hits
+    lancedb_index.wait_for_reads()
+    assert vector_cache.stats["loads"] == loads + 1, "the first whole-table search did not read the table"
+    in_memory = ranked(dataset, q, ours)
+    assert vector_cache.stats["hits"] == hits + 1 and vector_cache.stats["loads"] == loads + 1
+    assert scanned[0] == in_memory[0] == want[0]
+    assert np.allclose(in_memory[1], want[1], rtol=1e-4, atol=1e-5), (in_memory[1], want[1])
+
+    new = fo.Sample(filepath="/nowhere/new.jpg", e=q)  # a new table version, over a tiny budget
+    dataset.add_sample(new)
+    for key in (ours, stock):
+        dataset.load_brain_results(key).add_to_index(q[None], [new.id])
+    monkeypatch.setattr(vector_cache, "CACHE_BYTES", len(dataset) * DIM * 4 - 1)
+    on_disk = ranked(dataset, q, ours)
+    lancedb_index.wait_for_reads()
+    assert vector_cache.stats["loads"] == loads + 1, "a table over the budget was read"
+    assert on_disk[0] == ranked(dataset, q, stock)[0] and on_disk[0][0] == new.id

@@ -68,7 +68,8 @@ class CachedLanceDBSimilarityIndex(LanceDBSimilarityIndex):
             # held two copies (4.4 GiB peak at 1M 512-d rows here, against 2.7 streamed)
             n = table.count_rows()
             dim = table.schema.field("vector").type.list_size
-            columns = ["id", "vector"] + (["sample_id"] if "sample_id" in table.schema.names else [])
+            patches = self.config.patches_field is not None  # then ids are label ids, sample_id the samples'
+            columns = ["id", "vector"] + (["sample_id"] if patches else [])
             matrix = np.empty((n, dim), np.float32)
             ids, sample_ids = [], [] if "sample_id" in columns else None
             at = 0

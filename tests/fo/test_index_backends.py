@@ -241,3 +241,32 @@ def test_a_whole_lancedb_table_is_read_in_the_background_within_the_memory_budge
     lancedb_index.wait_for_reads()
     assert vector_cache.stats["loads"] == loads + 1, "a table over the budget was read"
     assert on_disk[0] == ranked(dataset, q, stock)[0] and on_disk[0][0] == new.id
+
+
+def test_lancedb_patch_indexes_answer_as_lancedb_would(dataset):
+    """An index of object patches (label ids in the table, their samples beside them): searched from memory,
+    whole and in a view, with FiftyOne's own LanceDB index's answers."""
+    pytest.importorskip("lancedb")
+    from fiftyone_dinov2clip import lancedb_index
+
+    rng = np.random.default_rng(7)
+    embeddings = {}
+    for sample in dataset.iter_samples(autosave=True):
+        sample["gt"] = fo.Detections(detections=[fo.Detection(label="thing", bounding_box=[0.1, 0.1, 0.5, 0.5])
+                                                 for _ in range(2)])
+        embeddings[sample.id] = rng.standard_normal((2, DIM)).astype(np.float32)
+    ours, stock = "lance_patches", "stock_patches"
+    for key, backend in ((ours, similarity_backend("lancedb")), (stock, {"backend": "lancedb"})):
+        fob.compute_similarity(dataset, patches_field="gt", embeddings=embeddings, brain_key=key,
+                               table_name=f"{key}_{uuid.uuid4().hex[:8]}", **backend)
+    q = rng.standard_normal(DIM).astype(np.float32)
+    hits = vector_cache.stats["hits"]
+    patches = dataset.to_patches("gt")
+    for view in (patches, patches.skip(9).limit(40)):
+        for _ in range(2):  # the first whole-table search is LanceDB's; the next one, memory's
+            got = ranked(view, q, ours)
+            lancedb_index.wait_for_reads()
+        want = ranked(view, q, stock)
+        assert got[0] == want[0]
+        assert np.allclose(got[1], want[1], rtol=1e-4, atol=1e-5), (got[1], want[1])
+    assert vector_cache.stats["hits"] > hits, "no search came from memory"

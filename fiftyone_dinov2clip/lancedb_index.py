@@ -1,20 +1,21 @@
 """FiftyOne's LanceDB similarity backend, searching the table's vectors kept in memory.
 
 FiftyOne's LanceDB index scans its table on disk for every query, with no ANN index: 0.2 s at 100k rows
-here, 3-4 s at 1M (`bench_app.py`). For anything but the whole dataset it copies the table: a view (a
-sidebar filter in the App, or searching within earlier results) makes it read every row into pandas and
-write a `<table>_filter` table to disk on each query (2.3 s at 100k), and a query by sample id (an image
-query from the App) reads every row into pandas to find that vector. This backend answers all three from the
-table's `id` and `vector` columns, read once per table version (a write to the table makes a new version)
-and kept in the process (`vector_cache.cached`), exactly (no approximation): one matrix-vector product.
-Whole-table searches go to LanceDB itself where the table's vectors would not fit the cache's budget
+here, 3 s at 1M in a plain process and 6-7 s in the App server (`bench_app.py`). For anything but the whole
+dataset it copies the table: a view (a sidebar filter in the App, or searching within earlier results) makes
+it read every row into pandas and write a `<table>_filter` table to disk on each query (2.3 s at 100k), and
+a query by sample id (an image query from the App) reads every row into pandas to find that vector. This
+backend answers all three from the table's `id` and `vector` columns, read once per table version (a write
+to the table makes a new version) and kept in the process (`vector_cache.cached`), exactly (no
+approximation): one matrix-vector product, ~0.2 s at 1M. The read costs about one LanceDB scan (6-9 s at 1M
+here), so it is done by the first search, in its thread: reading on a background thread while that search
+scanned made the first query twice as slow (both read the table through LanceDB's one event loop).
+Whole-table searches stay LanceDB's own scan where the table's vectors would not fit the cache's budget
 (`DINOV2CLIP_VECTOR_CACHE_MB`, 4096 by default: 2M 512-d vectors). Distances are LanceDB's: cosine
 distance (1 - cosine similarity) and squared L2.
 
 An index built with it stores this module's class path in its brain run, as `vector_cache`'s does."""
 from __future__ import annotations
-
-import threading
 
 import numpy as np
 
@@ -26,18 +27,7 @@ from fiftyone.brain.internal.core.lancedb import (LanceDBSimilarity, LanceDBSimi
                                                   LanceDBSimilarityIndex)
 
 from . import vector_cache  # noqa: E402
-from .vector_cache import cached, peek  # noqa: E402
-
-_reading: dict[tuple, threading.Thread] = {}  # (uri, table, version) → the thread reading those columns
-_reading_lock = threading.Lock()
-
-
-def wait_for_reads() -> None:
-    """Until every background read of a table's columns started so far has finished (tests, benchmarks)."""
-    with _reading_lock:
-        threads = list(_reading.values())
-    for thread in threads:
-        thread.join()
+from .vector_cache import cached  # noqa: E402
 
 
 class CachedLanceDBSimilarityConfig(LanceDBSimilarityConfig):
@@ -57,15 +47,11 @@ class CachedLanceDBSimilarityIndex(LanceDBSimilarityIndex):
         """(ids, sample ids for patches or None, float32 vectors, their squared norms, {id: row}) of the whole
         table, as of its version; read now if they are not in memory."""
         table = self._table
-        version = table.version
-        with _reading_lock:
-            reading = _reading.get((*self._cache_key(), version))
-        if reading is not None and reading is not threading.current_thread():
-            reading.join()  # being read in the background: wait for it rather than read it twice
 
         def load():
-            # Streamed into one preallocated matrix: reading the table whole and then joining its chunks
-            # held two copies (4.4 GiB peak at 1M 512-d rows here, against 2.7 streamed)
+            # Streamed into one preallocated matrix: reading the table whole and then joining its chunks can
+            # hold two copies (1M 512-d rows written at once: 4.4 GiB peak here, 2.7 streamed; FiftyOne's own
+            # 1M-row table: 4.2 either way, LanceDB buffering its reads)
             n = table.count_rows()
             dim = table.schema.field("vector").type.list_size
             patches = self.config.patches_field is not None  # then ids are label ids, sample_id the samples'
@@ -90,31 +76,13 @@ class CachedLanceDBSimilarityIndex(LanceDBSimilarityIndex):
                     np.einsum("ij,ij->i", matrix, matrix),
                     {id_: row for row, id_ in enumerate(ids)})
 
-        return cached(self._cache_key(), version, load)
+        return cached(self._cache_key(), table.version, load)
 
-    def _columns_in_memory(self):
-        """The columns if they are in memory for the table's current version. If not, and they would fit the
-        cache's budget (`DINOV2CLIP_VECTOR_CACHE_MB`), start reading them in a background thread (once per
-        table version) and return None: that query is LanceDB's own scan (3-4 s at 1M rows here), which
-        would be slower to wait for the read (6-12 s at 1M); the next ones search memory (~0.2 s)."""
+    def _fits_memory(self) -> bool:
+        """Whether the table's vectors fit the cache's budget (`DINOV2CLIP_VECTOR_CACHE_MB`). Past it, a
+        whole-table search is LanceDB's own scan, which reads the table from disk each time."""
         table = self._table
-        version = table.version
-        columns = peek(self._cache_key(), version)
-        if columns is not None:
-            return columns
-        dim = table.schema.field("vector").type.list_size
-        if table.count_rows() * dim * 4 > vector_cache.CACHE_BYTES:
-            return None
-        reading = (*self._cache_key(), version)
-        with _reading_lock:
-            thread = _reading.get(reading)
-            if thread is None or not thread.is_alive():
-                for done in [r for r, t in _reading.items() if not t.is_alive()]:
-                    del _reading[done]
-                thread = threading.Thread(target=self._columns, name="dinov2clip-lancedb-read", daemon=True)
-                _reading[reading] = thread
-                thread.start()
-        return None
+        return table.count_rows() * table.schema.field("vector").type.list_size * 4 <= vector_cache.CACHE_BYTES
 
     @staticmethod
     def _rows(row_of: dict, ids) -> np.ndarray:
@@ -141,9 +109,9 @@ class CachedLanceDBSimilarityIndex(LanceDBSimilarityIndex):
         if query is None or reverse or aggregation not in (None, "mean") or self._table is None:
             return super()._kneighbors(query=query, k=k, reverse=reverse, aggregation=aggregation,
                                        return_dists=return_dists)  # its own error
-        columns = self._columns() if self.has_view else self._columns_in_memory()
-        if columns is None:
+        if not (self.has_view or self._fits_memory()):
             return super()._kneighbors(query=query, k=k, aggregation=aggregation, return_dists=return_dists)
+        columns = self._columns()
         query = np.asarray(self._parse_neighbors_query(query), np.float32)
         if aggregation == "mean" and query.ndim == 2:
             query = query.mean(axis=0)

@@ -66,17 +66,6 @@ def cached(key: tuple, marker, load):
     return data
 
 
-def peek(key: tuple, marker):
-    """The arrays `cached` keeps for `key` while `marker` is unchanged, or None; never loads."""
-    with _LOCK:
-        hit = _CACHE.get(key)
-        if hit is None or hit[0] != marker:
-            return None
-        _CACHE.move_to_end(key)
-        stats["hits"] += 1
-        return hit[1]
-
-
 class CachedSklearnSimilarityConfig(SklearnSimilarityConfig):
     """`SklearnSimilarityConfig` whose index keeps its vectors in memory between requests."""
 

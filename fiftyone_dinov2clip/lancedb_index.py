@@ -30,6 +30,44 @@ from . import vector_cache  # noqa: E402
 from .vector_cache import cached  # noqa: E402
 
 
+class RowBlocks:
+    """A float32 matrix kept as the row blocks LanceDB read it in: views of its Arrow buffers, never copied
+    into one array. On this VM a fresh 2 GiB array costs ~5 s of first-touch page faults (1M 512-d rows),
+    more than LanceDB's read itself; a product with a vector goes block by block (~1000 blocks at 1M)."""
+
+    def __init__(self, blocks: list[np.ndarray]):
+        self.blocks = blocks
+        self.dim = blocks[0].shape[1] if blocks else 0
+        self.starts = np.cumsum([0] + [len(b) for b in blocks])
+        self.nbytes = sum(b.nbytes for b in blocks)  # vector_cache's budget counts it
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __matmul__(self, q: np.ndarray) -> np.ndarray:
+        return np.concatenate([b @ q for b in self.blocks]) if self.blocks else np.empty(0, np.float32)
+
+    def squares(self) -> np.ndarray:
+        return (np.concatenate([np.einsum("ij,ij->i", b, b) for b in self.blocks]) if self.blocks
+                else np.empty(0, np.float32))
+
+    def __getitem__(self, rows) -> np.ndarray:
+        """Rows by index (an int, or an array of them), copied out in that order."""
+        if np.ndim(rows) == 0:
+            row = int(rows)
+            block = int(np.searchsorted(self.starts, row, side="right")) - 1
+            return self.blocks[block][row - self.starts[block]]
+        rows = np.asarray(rows, np.int64)
+        out = np.empty((len(rows), self.dim), np.float32)
+        block = np.searchsorted(self.starts, rows, side="right") - 1
+        order = np.argsort(block, kind="stable")
+        bounds = np.searchsorted(block[order], np.arange(len(self.blocks) + 1))
+        for b in np.nonzero(np.diff(bounds))[0]:
+            at = order[bounds[b]:bounds[b + 1]]
+            out[at] = self.blocks[b][rows[at] - self.starts[b]]
+        return out
+
+
 class CachedLanceDBSimilarityConfig(LanceDBSimilarityConfig):
     """`LanceDBSimilarityConfig` whose index searches views and answers id queries from memory."""
 
@@ -49,31 +87,21 @@ class CachedLanceDBSimilarityIndex(LanceDBSimilarityIndex):
         table = self._table
 
         def load():
-            # Streamed into one preallocated matrix: reading the table whole and then joining its chunks can
-            # hold two copies (1M 512-d rows written at once: 4.4 GiB peak here, 2.7 streamed; FiftyOne's own
-            # 1M-row table: 4.2 either way, LanceDB buffering its reads)
-            n = table.count_rows()
-            dim = table.schema.field("vector").type.list_size
             patches = self.config.patches_field is not None  # then ids are label ids, sample_id the samples'
             columns = ["id", "vector"] + (["sample_id"] if patches else [])
-            matrix = np.empty((n, dim), np.float32)
-            ids, sample_ids = [], [] if "sample_id" in columns else None
-            at = 0
-            for batch in table.search().select(columns).limit(n).to_batches():
-                rows = batch.num_rows
-                if at + rows > n:
-                    raise RuntimeError(f"LanceDB table {self.config.table_name} grew while being read")
-                matrix[at:at + rows] = (batch.column("vector").flatten().to_numpy(zero_copy_only=False)
-                                        .reshape(rows, dim))
+            blocks, ids, sample_ids = [], [], [] if patches else None
+            for batch in table.search().select(columns).limit(table.count_rows()).to_batches():
+                vectors = batch.column("vector")
+                blocks.append(vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+                              .reshape(batch.num_rows, vectors.type.list_size))
                 ids += batch.column("id").to_pylist()
-                if sample_ids is not None:
+                if patches:
                     sample_ids += batch.column("sample_id").to_pylist()
-                at += rows
-            matrix = matrix[:at]
+            matrix = RowBlocks(blocks)
             return (np.asarray(ids, dtype=object),
                     None if sample_ids is None else np.asarray(sample_ids, dtype=object),
                     matrix,
-                    np.einsum("ij,ij->i", matrix, matrix),
+                    matrix.squares(),
                     {id_: row for row, id_ in enumerate(ids)})
 
         return cached(self._cache_key(), table.version, load)

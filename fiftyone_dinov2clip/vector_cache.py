@@ -37,7 +37,7 @@ def change_marker(dataset) -> tuple:
 
 
 def _nbytes(data) -> int:
-    return sum(a.nbytes for a in data if isinstance(a, np.ndarray))
+    return sum(getattr(a, "nbytes", 0) for a in data)  # arrays, and lancedb_index.RowBlocks
 
 
 def _read_only(data):

@@ -258,3 +258,22 @@ def test_lancedb_patch_indexes_answer_as_lancedb_would(dataset):
         assert got[0] == want[0]
         assert np.allclose(got[1], want[1], rtol=1e-4, atol=1e-5), (got[1], want[1])
     assert vector_cache.stats["hits"] > hits, "no search came from memory"
+
+
+def test_row_blocks_behave_as_the_matrix_they_hold():
+    """The vectors in memory stay in LanceDB's read blocks: products, squared norms and row gathers (in any
+    order, repeated, across blocks) equal those of the one matrix."""
+    pytest.importorskip("lancedb")
+    from fiftyone_dinov2clip.lancedb_index import RowBlocks
+
+    rng = np.random.default_rng(11)
+    matrix = rng.standard_normal((103, 8)).astype(np.float32)
+    blocks = RowBlocks([matrix[a:b] for a, b in ((0, 40), (40, 41), (41, 100), (100, 103))])
+    q = rng.standard_normal(8).astype(np.float32)
+    assert len(blocks) == 103 and blocks.nbytes == matrix.nbytes
+    assert np.allclose(blocks @ q, matrix @ q, rtol=1e-6, atol=1e-6)
+    assert np.allclose(blocks.squares(), (matrix ** 2).sum(axis=1), rtol=1e-5)
+    rows = np.array([102, 0, 40, 40, 39, 41, 5, 101])
+    assert np.array_equal(blocks[rows], matrix[rows])
+    assert np.array_equal(blocks[40], matrix[40]) and np.array_equal(blocks[np.int64(102)], matrix[102])
+    assert blocks[np.array([], np.int64)].shape == (0, 8)

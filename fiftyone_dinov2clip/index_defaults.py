@@ -3,9 +3,9 @@ CLI and the plugin's forms can quote it)."""
 
 # From this many samples a default index is LanceDB's table on disk rather than sklearn: sklearn's first
 # text query in a fresh App server reads every vector from MongoDB (~0.06 s per 1k samples here, 6.7 s at
-# 100k) while LanceDB opens its table (1.9 s at 100k); later queries are fast with either. Measured with
-# benchmarks/bench_app.py: README, "Text search in the App".
+# 100k) while LanceDB reads its table's vectors (a first query of 1.3-1.5 s at 100k); later queries are fast
+# with either. Measured with benchmarks/bench_app.py: README, "Text search in the App".
 LANCEDB_FROM = 30_000
 
-AUTO_HELP = (f"sklearn below {LANCEDB_FROM:,} samples, lancedb from there if installed (its first App query does "
-             "not read every vector); FiftyOne's default backend if you changed it")
+AUTO_HELP = (f"sklearn below {LANCEDB_FROM:,} samples, lancedb from there if installed (its first App query reads "
+             "the vectors from a table on disk, not from MongoDB); FiftyOne's default backend if you changed it")

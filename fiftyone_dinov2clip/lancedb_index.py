@@ -69,7 +69,7 @@ class RowBlocks:
 
 
 class CachedLanceDBSimilarityConfig(LanceDBSimilarityConfig):
-    """`LanceDBSimilarityConfig` whose index searches views and answers id queries from memory."""
+    """`LanceDBSimilarityConfig` whose index searches the table's vectors in memory."""
 
 
 class CachedLanceDBSimilarity(LanceDBSimilarity):

@@ -118,7 +118,8 @@ class CachedLanceDBSimilarityIndex(LanceDBSimilarityIndex):
         object arrays pairwise (a minute for a 50k-sample view of 100k)."""
         return np.fromiter((row_of[i] for i in ids if i in row_of), dtype=np.int64)
 
-    def _parse_neighbors_query(self, query):
+    def _parse_neighbors_query(self, query, columns=None):
+        """Vectors as given; ids looked up in the table's columns (`columns`: as `_kneighbors` fetched them)."""
         if not isinstance(query, str):
             array = np.asarray(query)
             if np.issubdtype(array.dtype, np.number):
@@ -127,7 +128,7 @@ class CachedLanceDBSimilarityIndex(LanceDBSimilarityIndex):
             return super()._parse_neighbors_query(query)
         single = isinstance(query, str)
         wanted = [query] if single else list(query)
-        _, _, vectors, _, row_of = self._columns()
+        _, _, vectors, _, row_of = columns or self._columns()
         rows = self._rows(row_of, wanted)
         if rows.size == 0:
             raise ValueError("Query IDs %s were not found in the index" % wanted)
@@ -140,7 +141,7 @@ class CachedLanceDBSimilarityIndex(LanceDBSimilarityIndex):
         if not (self.has_view or self._fits_memory()):
             return super()._kneighbors(query=query, k=k, aggregation=aggregation, return_dists=return_dists)
         columns = self._columns()
-        query = np.asarray(self._parse_neighbors_query(query), np.float32)
+        query = np.asarray(self._parse_neighbors_query(query, columns), np.float32)
         if aggregation == "mean" and query.ndim == 2:
             query = query.mean(axis=0)
         single = query.ndim == 1

@@ -57,6 +57,40 @@ def test_encode_text_equals_stock_open_clip(tiny_model):
     assert tiny_model.encode_text([]).shape == (0, tiny_model.embed_dim)
 
 
+def test_text_weights_kept_in_the_autocast_dtype_give_the_same_embeddings(tiny_dir):
+    fp32 = dinov2clip.load_encoders(str(tiny_dir), image=False, dtype="fp32")
+    bf16 = dinov2clip.load_encoders(str(tiny_dir), image=False, dtype="bf16")
+    assert fp32.text_encoder.weights_dtype is None and bf16.text_encoder.weights_dtype == torch.bfloat16
+    assert {p.dtype for p in fp32.parameters()} == {torch.float32}  # one cached tower per dtype, never shared
+    dtypes = {name: p.dtype for name, p in bf16.text_encoder.clip.named_parameters()}
+    for name in ("transformer.resblocks.0.attn.in_proj_weight", "transformer.resblocks.0.attn.out_proj.weight",
+                 "transformer.resblocks.0.mlp.c_fc.weight", "transformer.resblocks.0.mlp.c_proj.bias",
+                 "text_projection"):
+        assert dtypes[name] == torch.bfloat16, name  # what autocast runs in bf16 anyway
+    for name in ("token_embedding.weight", "positional_embedding", "ln_final.weight",
+                 "transformer.resblocks.0.ln_1.weight"):
+        assert dtypes[name] == torch.float32, name  # what autocast keeps in fp32
+
+    tokens = fp32.tokenize(CAPTIONS)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        per_call_cast = fp32.text_encoder(tokens)  # autocast casting the fp32 weights on every call
+    with torch.inference_mode():
+        assert torch.equal(bf16.text_encoder(tokens), per_call_cast)  # enters autocast itself
+    ours = bf16.encode_text(CAPTIONS)
+    torch.testing.assert_close(ours, fp32.encode_text(CAPTIONS), atol=2e-2, rtol=0)
+
+    # A CLIP kept as the teacher stays as open_clip built it; its texts come out the same
+    teacher = dinov2clip.load_encoders(str(tiny_dir), image=False, teacher=True, dtype="bf16")
+    assert teacher.text_encoder.weights_dtype is None
+    assert {p.dtype for p in teacher.teacher.parameters()} == {torch.float32}
+    assert torch.equal(teacher.encode_text(CAPTIONS), bf16.encode_text(CAPTIONS))
+    # A text tower attached later (lazy front-ends) is stored the same way
+    image_only = dinov2clip.load(str(tiny_dir), text=False, dtype="bf16")
+    dinov2clip.attach(image_only, text=True)
+    assert image_only.text_encoder.weights_dtype == torch.bfloat16
+    assert torch.equal(image_only.encode_text(CAPTIONS), ours)
+
+
 def test_text_only_load_keeps_no_image_tower(tiny_dir, tiny_model):
     text_only = dinov2clip.load(str(tiny_dir), image=False, dtype="fp32")
     assert text_only.image_encoder is None and text_only.text_encoder.clip.visual is None

@@ -1,7 +1,7 @@
 """FiftyOne's LanceDB similarity backend, searching the table's vectors kept in memory.
 
-FiftyOne's LanceDB index scans its table on disk for every query, with no ANN index: 0.2 s at 100k rows
-here, 3 s at 1M in a plain process and 6-7 s in the App server (`bench_app.py`). For anything but the whole
+FiftyOne's LanceDB index scans its table on disk for every query, with no ANN index: 0.2-0.3 s at 100k
+rows and 3.5 s at 1M in the App server here (`bench_app.py`, README). For anything but the whole
 dataset it copies the table: a view (a sidebar filter in the App, or searching within earlier results) makes
 it read every row into pandas and write a `<table>_filter` table to disk on each query (2.3 s at 100k), and
 a query by sample id (an image query from the App) reads every row into pandas to find that vector. This

@@ -68,7 +68,7 @@ def cmd_bundle(args) -> None:
 def cmd_push(args) -> None:
     from .hub import push
 
-    print(push(args.model_dir, args.repo_id, private=args.private))
+    print(push(args.model_dir, args.repo_id, private=args.private, echo=print))
 
 
 def _load(args, image: bool = True, text: bool = True):

@@ -4,14 +4,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import CONFIG_FILE, read_config
+from .config import CONFIG_FILE, check_relative, read_config
 from .errors import UserError
 
 CARD_FILE = "README.md"
 
 
 def upload_files(model_dir: Path) -> list[str]:
-    """The files a push uploads: config, weights and licence, never temporaries or caches."""
+    """The files a push uploads: config, weights and licence, never temporaries or caches. Every name,
+    including those config.json lists, must resolve (symlinks followed) to a file inside the directory:
+    a crafted config must not make a push upload /root/.ssh/id_rsa."""
     config = read_config(model_dir)
     files = {CONFIG_FILE, *config.weights_sha256}
     for rel in ("dinov2", "clip"):
@@ -20,6 +22,11 @@ def upload_files(model_dir: Path) -> list[str]:
             files.update(p.relative_to(model_dir).as_posix() for p in part.iterdir()
                          if p.is_file() and not p.name.endswith((".tmp", ".part")))
     files.update(p.name for p in model_dir.glob("LICENSE*") if p.is_file())
+    root = model_dir.resolve()
+    for rel in sorted(files):
+        check_relative(rel, f"{model_dir}: {CONFIG_FILE}")
+        if not (root / rel).resolve().is_relative_to(root):
+            raise UserError(f"{model_dir}: {rel} points outside the model directory: refusing to upload it")
     missing = sorted(f for f in files if not (model_dir / f).is_file())
     if missing:
         raise UserError(f"{model_dir}: missing files {', '.join(missing)}")
@@ -74,14 +81,19 @@ def _hub_license(license: str) -> str:
     return key if key in {"apache-2.0", "mit", "bsd-3-clause", "cc-by-4.0", "cc-by-nc-4.0"} else "other"
 
 
-def push(model_dir: str, repo_id: str, private: bool = False, token: str | None = None) -> str:
-    """Upload a model directory (plus a generated README.md) to `repo_id`; returns the commit URL."""
+def push(model_dir: str, repo_id: str, private: bool = False, token: str | None = None, echo=None) -> str:
+    """Upload a model directory (plus a generated README.md) to `repo_id`; returns the commit URL.
+    `echo(line)` is told each file before anything is uploaded (the CLI prints them)."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
     root = Path(model_dir)
     files = upload_files(root)
+    for f in files if echo else ():
+        echo(f"upload {f}")
     card = model_card(root, repo_id).encode()
-    ops = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(root / f)) for f in files if f != CARD_FILE]
+    # the checked, resolved path: what was checked inside the directory is what is read
+    ops = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str((root / f).resolve()))
+           for f in files if f != CARD_FILE]
     ops.append(CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=card))
     api = HfApi(token=token)
     try:

@@ -7,6 +7,7 @@ works before one exists (precompute, the evaluation teacher) and on a model dire
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
@@ -83,14 +84,20 @@ def _local(root: Path | None, section: dict, where: str) -> Path | None:
     return root / check_relative(rel, where)
 
 
-# Hashes of weight files already read in this process, by (path, size, mtime): a file is hashed once per
-# process unless it changes on disk (a long-lived App server builds a model per request).
-_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+# Hashes of weight files already read in this process, by `file_version`: a file is hashed once per process
+# unless it changes on disk (a long-lived App server builds a model per request).
+_FILE_HASHES: dict[tuple, str] = {}
+
+
+def file_version(path: Path) -> tuple:
+    """What a replaced or rewritten file cannot keep: a new file has another inode, and any write or rename
+    sets st_ctime, which (unlike st_mtime) no utime call can put back."""
+    st = path.stat()
+    return str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def verified_sha256(path: Path) -> str:
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    key = file_version(path)
     if key not in _FILE_HASHES:
         _FILE_HASHES[key] = file_sha256(path)
     return _FILE_HASHES[key]
@@ -154,6 +161,7 @@ def build_image_encoder(config: ModelConfig, root: Path | None) -> DinoV2Encoder
 # CLIP text towers built in this process, most recent last (see `build_clip`).
 TEXT_TOWER_CACHE_SIZE = 2
 _TEXT_TOWERS: OrderedDict[str, tuple] = OrderedDict()
+_TEXT_TOWERS_LOCK = threading.Lock()
 
 
 def build_clip(config: ModelConfig, root: Path | None, keep_visual: bool = False, device: str | None = None,
@@ -161,26 +169,27 @@ def build_clip(config: ModelConfig, root: Path | None, keep_visual: bool = False
     """CLIP (text tower only unless `keep_visual`) and its tokenizer. A text tower is built once per process
     for its weights, device and dtype, and reused by later builds (FiftyOne's App server loads a zoo model
     anew for every request): at most TEXT_TOWER_CACHE_SIZE are kept. Weights that changed on disk have other
-    hashes or file stats, hence another key: the cache never serves them. A text tower keeps its matmul
+    hashes or file versions, hence another key: the cache never serves them. A text tower keeps its matmul
     weights in the dtype autocast runs them in (`store_matmul_weights`: same outputs, faster)."""
     c = config.clip
     local = _local(root, c, "clip")
     dtype = resolve_dtype(dtype, torch.device(device or default_device()).type)
     key = None if keep_visual else _text_tower_key(config, root, local, device, dtype)
-    if key in _TEXT_TOWERS:
-        _TEXT_TOWERS.move_to_end(key)
-        clip_model, tokenizer, section = _TEXT_TOWERS[key]
-    else:
-        clip_model, tokenizer = _read_clip(config, root, local, keep_visual)
-        section = {"embed_dim": _clip_embed_dim(clip_model),
-                   "quick_gelu": "quickgelu" in c["model_name"] or bool(getattr(clip_model, "_quick_gelu", False))}
-        if not keep_visual:
-            clip_model.visual = None  # only the text tower is needed for queries
-            store_matmul_weights(clip_model, dtype)
-        if key is not None:
-            _TEXT_TOWERS[key] = (clip_model.eval(), tokenizer, section)
-            while len(_TEXT_TOWERS) > TEXT_TOWER_CACHE_SIZE:
-                _TEXT_TOWERS.popitem(last=False)
+    with _TEXT_TOWERS_LOCK:  # App request threads build models concurrently: one build per tower
+        if key in _TEXT_TOWERS:
+            _TEXT_TOWERS.move_to_end(key)
+            clip_model, tokenizer, section = _TEXT_TOWERS[key]
+        else:
+            clip_model, tokenizer = _read_clip(config, root, local, keep_visual)
+            section = {"embed_dim": _clip_embed_dim(clip_model),
+                       "quick_gelu": "quickgelu" in c["model_name"] or bool(getattr(clip_model, "_quick_gelu", False))}
+            if not keep_visual:
+                clip_model.visual = None  # only the text tower is needed for queries
+                store_matmul_weights(clip_model, dtype)
+            if key is not None:
+                _TEXT_TOWERS[key] = (clip_model.eval(), tokenizer, section)
+                while len(_TEXT_TOWERS) > TEXT_TOWER_CACHE_SIZE:
+                    _TEXT_TOWERS.popitem(last=False)
     if config.projector.get("output_dim") not in (None, section["embed_dim"]):
         raise UserError(f"CLIP {c['model_name']} embeds in {section['embed_dim']}-d; the projector outputs "
                         f"{config.projector['output_dim']}-d")
@@ -192,11 +201,8 @@ def _text_tower_key(config: ModelConfig, root: Path | None, local: Path | None, 
                     dtype: torch.dtype) -> str:
     c = config.clip
     files = _part_files(config, c["path"]) if local is not None else {}
-    stats = {}  # a file edited in place keeps the config's hashes: its size or mtime still tells
-    for rel in files:
-        if (root / rel).is_file():
-            st = (root / rel).stat()
-            stats[rel] = [st.st_size, st.st_mtime_ns]
+    # a file edited in place keeps the config's hashes: its file version still tells
+    stats = {rel: file_version(root / rel) for rel in files if (root / rel).is_file()}
     return json.dumps({"clip": {k: c.get(k) for k in ("model_name", "pretrained", "origin", "path", "text_sha256")},
                        "root": str(root.resolve()) if local is not None else None, "files": files, "stats": stats,
                        "device": str(torch.device(device or default_device())), "dtype": str(dtype)},

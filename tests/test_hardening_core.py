@@ -63,3 +63,39 @@ def test_push_names_what_it_uploads(tiny_dir):
     with pytest.raises(UserError, match="cannot push"):  # offline: the upload itself fails
         push(str(tiny_dir), "acme/tiny", echo=told.append)
     assert told == [f"upload {f}" for f in upload_files(tiny_dir)]
+
+
+# -- 3. a replaced weight file is never trusted from an in-process cache ---------------------------------
+@pytest.fixture(scope="module")
+def other_tiny(tmp_path_factory):
+    """Same architecture as `tiny_dir` (hence same-size weight files), other weights."""
+    return dinov2clip.make_tiny(str(tmp_path_factory.mktemp("other") / "tiny"), seed=1)
+
+
+def replace_keeping_mtime(target: Path, source: Path, in_place: bool) -> None:
+    st = target.stat()
+    assert source.stat().st_size == st.st_size
+    if in_place:
+        shutil.copyfile(source, target)
+    else:
+        shutil.copyfile(source, target.with_name("new"))
+        os.replace(target.with_name("new"), target)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert target.stat().st_mtime_ns == st.st_mtime_ns
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_a_same_size_replacement_with_its_mtime_restored_is_refused(copy_of_tiny, other_tiny, in_place):
+    dinov2clip.load(str(copy_of_tiny), device="cpu", dtype="fp32")  # hashes (and caches) every file
+    replace_keeping_mtime(copy_of_tiny / "dinov2/model.safetensors", other_tiny / "dinov2/model.safetensors",
+                          in_place)
+    with pytest.raises(UserError, match="dinov2/model.safetensors does not match its sha256"):
+        dinov2clip.load(str(copy_of_tiny), device="cpu", dtype="fp32")
+
+
+def test_a_cached_text_tower_is_not_served_for_replaced_weights(copy_of_tiny, other_tiny):
+    dinov2clip.load_encoders(str(copy_of_tiny), image=False, device="cpu", dtype="fp32")
+    replace_keeping_mtime(copy_of_tiny / "clip/open_clip_model.safetensors",
+                          other_tiny / "clip/open_clip_model.safetensors", in_place=True)
+    with pytest.raises(UserError, match="do not match their sha256"):
+        dinov2clip.load_encoders(str(copy_of_tiny), image=False, device="cpu", dtype="fp32")

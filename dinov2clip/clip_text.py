@@ -42,15 +42,17 @@ def check_quickgelu(model_name: str, pretrained: str | None) -> None:
                         f"{pretrained!r} weights (QuickGELU): use {hint!r}")
 
 
-def load_clip(model_name: str, pretrained: str | None = None, root: Path | None = None) -> tuple[nn.Module, object]:
+def load_clip(model_name: str, pretrained: str | None = None, root: Path | None = None,
+              data: bytes | None = None) -> tuple[nn.Module, object]:
     """Return (open_clip CLIP model, tokenizer).
 
     `model_name` is an open_clip name with a pretrained tag or file, or — when `root` is given — a
-    bundled directory holding `open_clip_config.json` + `open_clip_model.safetensors`."""
+    bundled directory holding `open_clip_config.json` + `open_clip_model.safetensors` (`data`: the weight
+    file's bytes, already read and checked)."""
     import open_clip
 
     if root is not None:
-        return _load_bundled_clip(root)
+        return _load_bundled_clip(root, data)
     if open_clip.get_model_config(model_name) is None and not model_name.startswith("hf-hub:"):
         raise UserError(f"unknown open_clip model {model_name!r} (see open_clip.list_models())")
     check_quickgelu(model_name, pretrained)
@@ -64,18 +66,17 @@ def load_clip(model_name: str, pretrained: str | None = None, root: Path | None 
     return model.eval(), open_clip.get_tokenizer(model_name)
 
 
-def _load_bundled_clip(root: Path):
-    """Build from a config dict directly: works on open_clip 2.x (no `local-dir:`) and 3.x."""
-    from open_clip.model import CLIP, CustomTextCLIP
-    from safetensors.torch import load_file
-
-    from open_clip.model import set_model_preprocess_cfg
+def _load_bundled_clip(root: Path, data: bytes | None = None):
+    """Build from a config dict directly: works on open_clip 2.x (no `local-dir:`) and 3.x. The weights are
+    read into memory, never memory-mapped: a mapped file overwritten later would change the loaded model."""
+    from open_clip.model import CLIP, CustomTextCLIP, set_model_preprocess_cfg
+    from safetensors.torch import load
 
     saved = json.loads((root / CLIP_CONFIG_FILE).read_text())
     cfg = saved["model_cfg"]
     cls = CustomTextCLIP if cfg.get("custom_text") else CLIP
     model = cls(**{k: v for k, v in cfg.items() if k != "custom_text"})
-    model.load_state_dict(load_file(str(root / CLIP_WEIGHTS_FILE)), strict=True)
+    model.load_state_dict(load(data if data is not None else (root / CLIP_WEIGHTS_FILE).read_bytes()), strict=True)
     if saved.get("preprocess_cfg"):  # the teacher's own image preprocessing, as open_clip records it
         set_model_preprocess_cfg(model, saved["preprocess_cfg"])
     return model.eval(), tokenizer_from_cfg(cfg)
@@ -104,24 +105,46 @@ def read_clip_text(root: Path) -> tuple[nn.Module, object] | None:
     """The text tower of a bundled CLIP directory and its tokenizer, reading only the text tensors of
     `open_clip_model.safetensors` (~40 % of a ViT-B/16 file) and never building the image tower: what a
     query-only process (the FiftyOne App server) needs. None where this architecture has no text-only build."""
-    from safetensors import safe_open
-
     cfg = json.loads((root / CLIP_CONFIG_FILE).read_text())["model_cfg"]
     model = _text_skeleton(cfg)
     if model is None:
         return None
-    keys = list(model.state_dict())
-    with safe_open(str(root / CLIP_WEIGHTS_FILE), framework="pt") as f:
-        missing = sorted(set(keys) - set(f.keys()))
-        if missing:
-            raise UserError(f"{root / CLIP_WEIGHTS_FILE} lacks the text weights {missing[:3]} (not this open_clip config)")
-        state = {k: f.get_tensor(k) for k in keys}
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(read_tensors(root / CLIP_WEIGHTS_FILE, list(model.state_dict())), strict=True, assign=True)
     still_meta = [name for name, b in model.named_buffers() if b.is_meta and name != "attn_mask"]
     if still_meta:
         return None
     model.attn_mask = causal_mask(model.positional_embedding.shape[0])
     return model.eval(), tokenizer_from_cfg(cfg)
+
+
+def read_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+    """Some tensors of a safetensors file, read into memory (safetensors' own readers memory-map the file,
+    so overwriting it later would change them and truncating it would crash the process): the header and
+    those tensors' bytes are read with plain reads and handed to `safetensors.torch.load` as a smaller file
+    of the same format, which checks them as it checks any file."""
+    from safetensors.torch import load
+
+    with open(path, "rb") as f:
+        try:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        except (ValueError, MemoryError):
+            raise UserError(f"{path} is not a safetensors file") from None
+        missing = sorted(set(keys) - set(header))
+        if missing:
+            raise UserError(f"{path} lacks the text weights {missing[:3]} (not this open_clip config)")
+        start, blobs, sub = f.tell(), [], {}  # the data follows the header
+        offset = 0
+        for key in keys:
+            begin, end = header[key]["data_offsets"]
+            f.seek(start + begin)
+            blobs.append(f.read(end - begin))
+            sub[key] = {**header[key], "data_offsets": [offset, offset + len(blobs[-1])]}
+            offset += len(blobs[-1])
+    head = json.dumps(sub).encode()
+    try:
+        return load(len(head).to_bytes(8, "little") + head + b"".join(blobs))
+    except Exception as e:  # a truncated file reads short
+        raise UserError(f"{path}: cannot read its tensors ({type(e).__name__})") from None
 
 
 def text_tensor_sha256(root: Path) -> str | None:

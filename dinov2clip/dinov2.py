@@ -61,8 +61,10 @@ class DinoV2Encoder(nn.Module):
         return pool_tokens(tokens, self.pooling, self.num_register_tokens)
 
 
-def load_dinov2_backbone(source: str, revision: str | None = None) -> nn.Module:
-    """Load a DINOv2 (or DINOv2-with-registers) backbone from a hub id or a local directory."""
+def load_dinov2_backbone(source: str, revision: str | None = None, state_dict: dict | None = None) -> nn.Module:
+    """Load a DINOv2 (or DINOv2-with-registers) backbone from a hub id or a local directory. `state_dict`
+    (weights already read into memory) replaces the directory's weight files, which transformers would
+    otherwise memory-map: a mapped file overwritten later changes the model, truncated it crashes it."""
     from transformers import AutoConfig, AutoModel
 
     try:
@@ -71,6 +73,15 @@ def load_dinov2_backbone(source: str, revision: str | None = None) -> nn.Module:
         raise UserError(f"cannot load DINOv2 config from {source!r}: {_first_line(e)}") from None
     if config.model_type not in ("dinov2", "dinov2_with_registers"):
         raise UserError(f"{source!r} is a {config.model_type!r} model, not DINOv2")
+    if state_dict is not None:  # transformers reads weights given in memory only without a name to read
+        from transformers import MODEL_MAPPING
+
+        model, info = MODEL_MAPPING[type(config)].from_pretrained(
+            None, config=config, state_dict=state_dict, attn_implementation="sdpa", output_loading_info=True)
+        wrong = sorted({*info["missing_keys"], *info["unexpected_keys"], *(str(k) for k in info["mismatched_keys"])})
+        if wrong:
+            raise UserError(f"the DINOv2 weights in {source} do not fit its config.json: {', '.join(wrong[:3])}")
+        return model.eval()
     try:
         model = AutoModel.from_pretrained(source, revision=revision, trust_remote_code=False,
                                           attn_implementation="sdpa")

@@ -6,7 +6,9 @@ them and refuses a projector trained for other encoders; `load_encoders` never t
 works before one exists (precompute, the evaluation teacher) and on a model directory without one."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import replace
@@ -16,7 +18,7 @@ import torch
 
 from .clip_text import (CLIP_WEIGHTS_FILE, ClipTextEncoder, check_quickgelu, load_clip, read_clip_text,
                         resolve_teacher, store_matmul_weights)
-from .config import ModelConfig, file_sha256, read_config, tensor_sha256, check_relative
+from .config import PROJECTOR_FILE, ModelConfig, file_sha256, read_config, tensor_sha256, check_relative
 from .dinov2 import DinoV2Encoder, check_pooling, load_dinov2_backbone, resolve_dinov2_source
 from .errors import UserError
 from .model import DinoV2Clip, Encoders, default_device, resolve_dtype
@@ -89,11 +91,35 @@ def _local(root: Path | None, section: dict, where: str) -> Path | None:
 _FILE_HASHES: dict[tuple, str] = {}
 
 
-def file_version(path: Path) -> tuple:
+def file_version(path: Path, st: os.stat_result | None = None) -> tuple:
     """What a replaced or rewritten file cannot keep: a new file has another inode, and any write or rename
     sets st_ctime, which (unlike st_mtime) no utime call can put back."""
-    st = path.stat()
+    st = st or path.stat()
     return str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def read_verified(root: Path, config: ModelConfig, rel: str) -> bytes:
+    """The bytes of a weight file, checked against its recorded sha256 (if any). The hash covers exactly the
+    bytes that get loaded, so a file changing between check and read cannot slip through; and they are read
+    into memory, not mapped, so overwriting or truncating the file later cannot change or crash the model."""
+    path = root / check_relative(rel, "weights_sha256")
+    if not path.is_file():
+        raise UserError(f"{root}: missing weight file {rel}")
+    with open(path, "rb") as f:
+        before = file_version(path, os.fstat(f.fileno()))
+        data = f.read()
+        unchanged = file_version(path, os.fstat(f.fileno())) == before  # else hash what was read
+    expected = config.weights_sha256.get(rel)
+    if expected is None:
+        return data
+    digest = _FILE_HASHES.get(before) if unchanged else None
+    if digest is None:
+        digest = hashlib.sha256(data).hexdigest()
+        if unchanged:
+            _FILE_HASHES[before] = digest
+    if digest != expected:
+        raise UserError(f"{root}: {rel} does not match its sha256 in config.json (corrupt or edited)")
+    return data
 
 
 def verified_sha256(path: Path) -> str:
@@ -123,8 +149,10 @@ def build_projector(config: ModelConfig, root: Path | None) -> ProjectorWithResi
     p = config.projector
     local = _local(root, p, "projector")
     if local is not None:
-        _verify_files(root, config, p["path"])
-        projector = load_projector(local)
+        rel = p["path"] if local.suffix else f"{p['path'].rstrip('/')}/{PROJECTOR_FILE}"
+        data = read_verified(root, config, rel)
+        _verify_files(root, config, p["path"], checked_elsewhere=(rel,))
+        projector = load_projector(local, data=data)
     else:
         projector = load_projector(resolve_projector_file(p["source"]))
     got = projector.config
@@ -147,9 +175,17 @@ def build_projector(config: ModelConfig, root: Path | None) -> ProjectorWithResi
 def build_image_encoder(config: ModelConfig, root: Path | None) -> DinoV2Encoder:
     d = config.dinov2
     local = _local(root, d, "dinov2")
+    state_dict = None
     if local is not None:
-        _verify_files(root, config, d["path"])
-    backbone = load_dinov2_backbone(str(local or d["source"]), revision=None if local else d.get("revision"))
+        from safetensors.torch import load as load_safetensors
+
+        shards = [p.relative_to(root).as_posix() for p in sorted(local.glob("*.safetensors"))]
+        state_dict = {}
+        for rel in shards:
+            state_dict.update(load_safetensors(read_verified(root, config, rel)))
+        _verify_files(root, config, d["path"], checked_elsewhere=tuple(shards))
+    backbone = load_dinov2_backbone(str(local or d["source"]), revision=None if local else d.get("revision"),
+                                    state_dict=state_dict or None)
     encoder = DinoV2Encoder(backbone, d["pooling"])
     if config.projector.get("input_dim") not in (None, encoder.output_dim):
         raise UserError(f"DINOv2 {d['source']} with {d['pooling']} pooling gives {encoder.output_dim}-d "
@@ -218,7 +254,7 @@ def _read_clip(config: ModelConfig, root: Path | None, local: Path | None, keep_
         return load_clip(c["model_name"], c.get("pretrained"))
     weights = f"{c['path'].rstrip('/')}/{CLIP_WEIGHTS_FILE}"
     text_only = not keep_visual and c.get("text_sha256") and weights in config.weights_sha256
-    _verify_files(root, config, c["path"], checked_elsewhere=(weights,) if text_only else ())
+    _verify_files(root, config, c["path"], checked_elsewhere=(weights,))
     if text_only:
         loaded = read_clip_text(local)
         if loaded is not None:
@@ -226,8 +262,8 @@ def _read_clip(config: ModelConfig, root: Path | None, local: Path | None, keep_
                 raise UserError(f"{root}: the CLIP text weights in {weights} do not match their sha256 in "
                                 "config.json (corrupt or edited)")
             return loaded
-        _verify_files(root, config, c["path"])  # this open_clip has no text-only build: check the whole file
-    return load_clip(c["model_name"], c.get("pretrained"), root=local)
+    # this open_clip has no text-only build, or the whole CLIP is wanted: check and load the whole file
+    return load_clip(c["model_name"], c.get("pretrained"), root=local, data=read_verified(root, config, weights))
 
 
 def _clip_embed_dim(clip_model) -> int:

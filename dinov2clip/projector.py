@@ -6,6 +6,7 @@ LayerNorm(hidden); Linear(hidden→hidden/2)→GELU→Linear(hidden/2→out); La
 """
 from __future__ import annotations
 
+import io
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -117,20 +118,28 @@ def projector_from_state_dict(sd: dict[str, torch.Tensor]) -> ProjectorWithResid
     return projector.eval()
 
 
-def load_projector(path: str | Path) -> ProjectorWithResiduals:
-    """Load a projector from a reference `.pt` checkpoint, a `projector.safetensors` or a model directory."""
+def load_projector(path: str | Path, data: bytes | None = None) -> ProjectorWithResiduals:
+    """Load a projector from a reference `.pt` checkpoint, a `projector.safetensors` or a model directory.
+    The file is read into memory (or `data`, its bytes already read and checked, is used): a memory-mapped
+    file overwritten later would change the loaded weights."""
     path = Path(path)
     if path.is_dir():
         path = path / "projector.safetensors"
-    if not path.is_file():
-        raise UserError(f"projector file not found: {path}")
+    if data is None:
+        if not path.is_file():
+            raise UserError(f"projector file not found: {path}")
+        data = path.read_bytes()
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
-        sd = load_file(str(path))
+        try:
+            sd = load(data)
+        except Exception as e:  # a truncated or foreign file
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot read projector {path}: {first}") from None
     else:
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as e:  # pickle errors carry multi-line text; keep one line
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"cannot read projector checkpoint {path} with weights_only=True: {first}") from None

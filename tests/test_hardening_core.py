@@ -99,3 +99,39 @@ def test_a_cached_text_tower_is_not_served_for_replaced_weights(copy_of_tiny, ot
                           other_tiny / "clip/open_clip_model.safetensors", in_place=True)
     with pytest.raises(UserError, match="do not match their sha256"):
         dinov2clip.load_encoders(str(copy_of_tiny), image=False, device="cpu", dtype="fp32")
+
+
+# -- 2. loaded weights are in memory: overwriting or truncating their files changes nothing -----------------
+WEIGHTS_CHANGE_UNDER_A_LOADED_MODEL = r"""
+import shutil, sys
+from pathlib import Path
+import numpy as np
+from PIL import Image
+import dinov2clip
+
+mine, other = Path(sys.argv[1]), Path(sys.argv[2])
+image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))
+full = dinov2clip.load(str(mine), device="cpu", dtype="fp32")
+text_only = dinov2clip.load_encoders(str(mine), image=False, device="cpu", dtype="fp32")
+teacher = dinov2clip.load_encoders(str(mine), image=False, teacher=True, device="cpu", dtype="fp32")
+before = [full.encode_image([image]), full.encode_text(["a dog"]), text_only.encode_text(["a dog"]),
+          teacher.encode_text(["a dog"])]
+for rel in ("dinov2/model.safetensors", "projector.safetensors", "clip/open_clip_model.safetensors"):
+    shutil.copyfile(other / rel, mine / rel)  # in place: the same inode, new bytes
+after_overwrite = [full.encode_image([image]), full.encode_text(["a dog"]), text_only.encode_text(["a dog"]),
+                   teacher.encode_text(["a dog"])]
+for rel in ("dinov2/model.safetensors", "projector.safetensors", "clip/open_clip_model.safetensors"):
+    open(mine / rel, "r+b").truncate(64)
+after_truncate = [full.encode_image([image]), full.encode_text(["a dog"]), text_only.encode_text(["a dog"]),
+                  teacher.encode_text(["a dog"])]
+for a, b, c in zip(before, after_overwrite, after_truncate):
+    assert np.array_equal(a.numpy(), b.numpy()) and np.array_equal(a.numpy(), c.numpy())
+print("same")
+"""
+
+
+def test_weights_overwritten_or_truncated_under_a_loaded_model_change_nothing(copy_of_tiny, other_tiny):
+    proc = subprocess.run([sys.executable, "-c", WEIGHTS_CHANGE_UNDER_A_LOADED_MODEL, str(copy_of_tiny),
+                           str(other_tiny)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]  # a memory-mapped file gives SIGBUS (-7) when truncated
+    assert proc.stdout.strip().endswith("same")

@@ -53,6 +53,12 @@ class EmbeddingSet:
             raise UserError(f"shards disagree on the number of DINOv2 patches ({sorted(patches)}): "
                             "they were precomputed with different models or resolutions")
         self.num_patches = patches.pop()
+        # Images without captions (`fit`): the teacher's image embedding stands in for the text side, so
+        # validation recall measures how often a projected image finds its own teacher embedding.
+        captioned = {bool(s["meta"].get("captioned", True)) for s in self.shards}
+        if len(captioned) > 1:
+            raise UserError(f"{', '.join(map(str, dirs))} mixes captioned shards with image-only ones")
+        self.captioned = captioned.pop()
         self.counts = np.array([s["meta"]["count"] for s in self.shards])
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)])
         self.device = torch.device(device)
@@ -114,11 +120,12 @@ class EmbeddingSet:
     def _gather(self, index: np.ndarray, device=None):
         """Rows → float32 (pooled input, clip_image, clip_text) on `device`: float16 crosses to the device,
         the conversion and pooling happen there."""
-        keys = [k for k in ARRAYS if not (k == "dinov2_patch_mean" and self.pooling == "cls")]
+        keys = [k for k in ARRAYS if not (k == "dinov2_patch_mean" and self.pooling == "cls")
+                and not (k == "clip_text" and not self.captioned)]
         t = {k: torch.from_numpy(v).to(device or self.device, non_blocking=True).float()
              for k, v in self.rows(index, keys).items()}
         x = pool(t["dinov2_cls"], t.get("dinov2_patch_mean"), self.pooling, self.num_patches)
-        return x, t["clip_image"], t["clip_text"]
+        return x, t["clip_image"], t["clip_text"] if self.captioned else t["clip_image"]
 
     def batch(self, index) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._resident is not None:

@@ -26,7 +26,7 @@ import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -109,14 +109,27 @@ def read_samples(url: str) -> Iterator[dict]:
             yield current
 
 
+# Captions are cut to this many characters (CLIP reads 77 tokens; img2dataset can deliver 64,000-character
+# alt texts) and counted per shard (meta.json's captions_cut); the cut caption ends with CUT_MARK.
+MAX_CAPTION_CHARS = 1000
+CUT_MARK = "…"
+
+
+def bound_caption(caption: str) -> str:
+    return caption if len(caption) <= MAX_CAPTION_CHARS else caption[:MAX_CAPTION_CHARS - 1] + CUT_MARK
+
+
 def caption_of(sample: dict) -> str | None:
+    """The sample's caption, or None (no caption, an empty one, or a json caption that is not a string:
+    such samples are skipped and counted, never trained on)."""
     if "txt" in sample:
-        return sample["txt"].decode("utf-8", errors="replace").strip()
+        return sample["txt"].decode("utf-8", errors="replace").strip() or None
     if "json" in sample:
         try:
-            return str(json.loads(sample["json"]).get("caption", "")).strip() or None
+            caption = json.loads(sample["json"]).get("caption")
         except (ValueError, AttributeError):
             return None
+        return caption.strip() or None if isinstance(caption, str) else None
     return None
 
 
@@ -220,8 +233,13 @@ def check_one_encoder(found: dict[str, list[str]], where: str) -> str:
 # -- one shard, then the stage -------------------------------------------------------------------
 
 def precompute_shard(enc, url: str, out_dir, batch_size: int = 64, workers: int = 4, bar=None,
-                     source: str | None = None) -> dict:
-    """Reader → mapper → writer for one shard (`enc`: `dinov2clip.Encoders` with the teacher); returns its meta."""
+                     source: str | None = None, samples: Iterable[dict] | None = None, name: str | None = None,
+                     captioned: bool = True) -> dict:
+    """Reader → mapper → writer for one shard (`enc`: `dinov2clip.Encoders` with the teacher); returns its meta.
+
+    `samples` (dicts in `read_samples`' layout) replaces reading `url`, and `name` names the shard: `fit`
+    gives image files this way. `captioned=False`: images alone (`fit`'s MSE needs no caption); clip_text is
+    then zeros and the meta says so."""
     from dinov2clip.preprocess import load_rgb
 
     model = enc
@@ -234,8 +252,9 @@ def precompute_shard(enc, url: str, out_dir, batch_size: int = 64, workers: int 
         data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
         if data is None:
             return key, None, None, "no image"
-        if caption is None:
+        if caption is None and captioned:
             return key, None, None, "no caption"
+        caption = bound_caption(caption or "")
         try:
             image = load_rgb(data)
             return key, caption, (model.preprocess(image), enc.teacher_transform(image)), None
@@ -252,7 +271,7 @@ def precompute_shard(enc, url: str, out_dir, batch_size: int = 64, workers: int 
             parts[k].append(v.numpy())
 
     try:
-        samples = read_samples(url)
+        samples = read_samples(url) if samples is None else samples
         with ThreadPoolExecutor(max(1, workers)) as pool:
             pending: list = []  # decoded pixels waiting for a full batch
             decoding = None  # the full chunk the threads decode while the model runs on the one before
@@ -283,13 +302,14 @@ def precompute_shard(enc, url: str, out_dir, batch_size: int = 64, workers: int 
     dim_d = model.image_encoder.backbone.config.hidden_size
     arrays = {k: (np.concatenate(v) if v else np.zeros((0, dim_d if "dinov2" in k else model.embed_dim), np.float32))
               for k, v in parts.items()}
-    arrays["clip_text"] = model.encode_text(captions).numpy() if captions else np.zeros((0, model.embed_dim),
-                                                                                          np.float32)
+    arrays["clip_text"] = (model.encode_text(captions).numpy() if captions and captioned
+                           else np.zeros((len(captions), model.embed_dim), np.float32))
     if num_patches is None:
         num_patches = 0
     meta = {"source": url, "num_patches": int(num_patches), "num_register_tokens": model.image_encoder.num_register_tokens,
-            "skipped": len(skipped), "skipped_keys": skipped, "encoders": encoders_identity(enc, source or "")}
-    write_shard(out_dir, shard_name(url), arrays, keys, captions, meta)
+            "skipped": len(skipped), "skipped_keys": skipped, "encoders": encoders_identity(enc, source or ""),
+            "captioned": captioned, "captions_cut": sum(c.endswith(CUT_MARK) for c in captions)}
+    write_shard(out_dir, name or shard_name(url), arrays, keys, captions, meta)
     return meta
 
 

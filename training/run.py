@@ -224,7 +224,102 @@ def add_planted(sub) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
-STAGES = {"eval": add_eval, "precompute": add_precompute, "train": add_train, "pipeline": add_pipeline,
+def cmd_fit(args) -> None:
+    from .fit import fit
+    from .quality import summary_line
+
+    result = fit(args.images, args.model, args.out, init=args.init, from_scratch=args.from_scratch,
+                 epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, hidden_dim=args.hidden_dim,
+                 num_blocks=args.num_blocks, val_percent=args.val_percent, queries=args.queries,
+                 template=args.template, labels=args.labels, cache=args.cache, device=args.device, dtype=args.dtype,
+                 encode_batch_size=args.encode_batch_size, workers=args.workers, overwrite=args.overwrite,
+                 seed=args.seed, progress=not args.quiet)
+    c, report = result["counts"], result["quality"]
+    print(f"fit: {c['distinct']} images ({c['train']} train, {c['val']} held out; {c['unreadable']} unreadable, "
+          f"skipped; {c['encoded_now']} encoded now, the rest from the cache)")
+    for path, why in list(result["unreadable"].items())[:5]:
+        print(f"  unreadable: {path}: {why}")
+    if report.get("before"):
+        print(f"held-out quality before: {summary_line(report['before'])}")
+    print(f"held-out quality after:  {summary_line(report)}  ({report['queries_from']})")
+    print(f"model: {result['model']} (epoch {result['selected_epoch']}); report: {report['files']['markdown']}")
+
+
+def add_fit(sub) -> None:
+    p = sub.add_parser("fit", allow_abbrev=False, help="fit a projector to your own images (no captions needed)",
+                       description="Fit a projector to unlabelled images: unit-norm MSE from DINOv2 to the CLIP "
+                                   "teacher's image embedding. Features are cached by content (a rerun encodes "
+                                   "nothing again); a killed run resumes; OUT receives a model directory.")
+    p.set_defaults(func=cmd_fit)
+    p.add_argument("images", nargs="+", metavar="IMAGES", help="image folders (recursive), files or globs")
+    p.add_argument("--model", default=DEFAULT_PRESET,
+                   help=f"the encoders (preset, model directory or hf-hub:org/repo); its projector, if it has one, "
+                        f"is the starting point (default: {DEFAULT_PRESET})")
+    p.add_argument("--out", required=True, metavar="DIR", help="the model directory to write")
+    p.add_argument("--init", default=None, metavar="SOURCE", help="start from this model's projector instead")
+    p.add_argument("--from-scratch", action="store_true", help="start from random weights")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=256, help="training batch (projector steps)")
+    p.add_argument("--lr", type=float, default=1e-3, help="OneCycleLR peak learning rate")
+    p.add_argument("--hidden-dim", type=int, default=2048, help="projector width (from scratch)")
+    p.add_argument("--num-blocks", type=int, default=6, help="projector residual blocks (from scratch)")
+    p.add_argument("--val-percent", type=float, default=10.0, help="share of images held out to select the epoch "
+                                                                   "and report quality (default: 10)")
+    add_query_options(p)
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it is a model directory")
+    p.add_argument("--seed", type=int, default=0)
+    add_encode_options(p)
+
+
+def add_query_options(p) -> None:
+    p.add_argument("--queries", default=None, metavar="FILE", help="query texts, one per line (default: a built-in "
+                                                                   "general vocabulary, or the label classes)")
+    p.add_argument("--labels", default=None, choices=["folder"],
+                   help="folder: each image's class is its parent folder's name (zero-shot accuracy, precision@k)")
+    p.add_argument("--template", default="a photo of a {}", help="query for a class or vocabulary word")
+
+
+def add_encode_options(p) -> None:
+    p.add_argument("--cache", type=Path, default=None, metavar="DIR",
+                   help="feature cache (default: $DINOV2CLIP_CACHE/fit, else ~/.cache/dinov2clip/fit)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--encode-batch-size", type=int, default=32, help="images per encoder batch")
+    p.add_argument("--workers", type=int, default=4, help="image decoding threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def cmd_quality(args) -> None:
+    from .fit import quality
+    from .quality import summary_line
+
+    report = quality(args.images, args.model, args.out, queries=args.queries, template=args.template,
+                     labels=args.labels, max_images=args.max_images, cache=args.cache, device=args.device,
+                     dtype=args.dtype, encode_batch_size=args.encode_batch_size, workers=args.workers,
+                     seed=args.seed, progress=not args.quiet)
+    sampled = report["sampled"]
+    print(f"quality: {report['images']} images" + (f" (a sample of {sampled['of']})" if sampled else "") +
+          f", {report['unreadable']} unreadable, {report['queries']} queries ({report['queries_from']})")
+    print(f"{summary_line(report)}")
+    print(f"wrote {', '.join(Path(p).name for p in report['files'].values())} to {args.out}")
+
+
+def add_quality(sub) -> None:
+    p = sub.add_parser("quality", allow_abbrev=False, help="text search quality on your images, against CLIP",
+                       description="Compare a model with its CLIP teacher on your images: teacher agreement@10/@50 "
+                                   "(% of CLIP on your data), rank correlation, and with labels zero-shot accuracy "
+                                   "and precision@k side by side. Writes quality.json, quality.md, quality.png.")
+    p.set_defaults(func=cmd_quality)
+    p.add_argument("images", nargs="+", metavar="IMAGES", help="image folders (recursive), files or globs")
+    p.add_argument("--model", default=DEFAULT_PRESET, help="the model to judge (preset, directory, hf-hub:)")
+    p.add_argument("--out", required=True, metavar="DIR", help="where quality.json, .md and .png go")
+    p.add_argument("--max-images", type=int, default=5000, help="a seeded sample when there are more")
+    p.add_argument("--seed", type=int, default=0)
+    add_query_options(p)
+    add_encode_options(p)
+
+
+STAGES = {"fit": add_fit, "quality": add_quality, "eval": add_eval, "precompute": add_precompute, "train": add_train, "pipeline": add_pipeline,
           "planted": add_planted}
 
 

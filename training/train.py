@@ -103,6 +103,9 @@ class TrainConfig:
     resident: str = field(default="auto", metadata={"help": "keep all embeddings on the device: auto, yes, no"})
     resident_max_gb: float = field(default=8.0, metadata={"help": "auto: resident when the arrays fit in this"})
     resume: bool = field(default=False, metadata={"help": "continue from checkpoints/last.pt"})
+    init: str = field(default="", metadata={"help": "start from this projector (a model directory, .safetensors or "
+                                                    ".pt) instead of random weights; its dims replace hidden_dim "
+                                                    "and num_blocks"})
     model_source: str = field(default="", metadata={"help": "model directory whose DINOv2/CLIP the output uses "
                                                             "(default: the one recorded by precompute)"})
     recipe: str = field(default="", metadata={"help": "recipe name recorded in provenance"})
@@ -232,6 +235,20 @@ def check_same_encoders(cfg: TrainConfig, train_data: EmbeddingSet) -> None:
                         f"{want[:12]}: the exported model would not match its projector")
 
 
+def initial_projector(cfg: TrainConfig, train_data: EmbeddingSet) -> ProjectorWithResiduals:
+    """Random weights (seeded), or `cfg.init`'s, whose input and output must fit the training data."""
+    if not cfg.init:
+        return ProjectorWithResiduals(train_data.input_dim, train_data.output_dim, cfg.hidden_dim, cfg.num_blocks)
+    from dinov2clip.projector import load_projector
+
+    projector = load_projector(cfg.init)
+    got = (projector.config.input_dim, projector.config.output_dim)
+    if got != (train_data.input_dim, train_data.output_dim):
+        raise UserError(f"--init {cfg.init} maps {got[0]}→{got[1]}, the training data {train_data.input_dim}→"
+                        f"{train_data.output_dim} ({cfg.pooling} pooling)")
+    return projector.float().train()
+
+
 # -- the loop -------------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig) -> dict:
@@ -316,7 +333,10 @@ def _train(cfg: TrainConfig) -> dict:
     steps_per_epoch = len(train_data) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"{len(train_data)} training samples is fewer than one batch of {cfg.batch_size}")
-    projector = ProjectorWithResiduals(train_data.input_dim, train_data.output_dim, cfg.hidden_dim, cfg.num_blocks)
+    if cfg.contrastive_weight and not train_data.captioned:
+        raise UserError(f"{', '.join(map(str, cfg.train))} holds images without captions: the contrastive loss "
+                        "needs captions (use mse_weight only)")
+    projector = initial_projector(cfg, train_data)
     module = Trainee(projector, contrastive=bool(cfg.contrastive_weight)).to(device)
     ddp_args = {"device_ids": [device]} if device.type == "cuda" else {}
     model = torch.nn.parallel.DistributedDataParallel(module, **ddp_args) if world > 1 else module

@@ -1,0 +1,424 @@
+"""A projector fitted to your own images, no captions needed (DESIGN §8).
+
+    python -m training.run fit photos/ 'more/*.jpg' --model reference --out my-model
+    python -m training.run quality photos/ --model my-model --out my-model-quality
+
+The objective is the reference's: unit-norm MSE from the pooled DINOv2 embedding to the CLIP teacher's
+image embedding, so any images are training data. In order:
+1. images → their content hashes; a fixed share is held out for validation, chosen by hash, so an image is
+   on the same side in every run;
+2. features: each split's images in content-defined chunks (a chunk ends after an image whose hash says so,
+   so adding images changes only the chunks they fall into), each chunk one precompute shard written by
+   precompute's own decode/encode path (`precompute_shard`) into a cache keyed by the encoders' towers,
+   dtype and device type, and named by the chunk's content: a rerun, or another fit or quality report over
+   the same images, encodes nothing again, and a killed run loses at most the chunk it was encoding;
+3. the train stage (MSE only, the best validation epoch selected) in a run directory named by everything it
+   depends on, so a killed run resumes from its last epoch;
+4. that epoch → the model directory OUT (provenance: image-set manifest, counts, recipe, init), and the
+   quality report on the held-out images (before and after, when it started from a projector).
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dinov2clip.errors import UserError
+
+from . import quality as q
+
+CHUNK = 256  # mean images per cached feature shard
+FIT_VERSION = 1  # bump when the features this module stores change meaning
+VAL_PERCENT = 10.0  # images held out by default (by hash) to select the epoch and report quality
+
+
+@dataclass
+class Images:
+    """The readable image files of the inputs, by content hash, in hash order (duplicates kept once)."""
+    paths: dict[str, Path]  # sha256 → first path seen with that content
+    unreadable: dict[str, str] = field(default_factory=dict)  # path → why
+    given: int = 0
+
+    @property
+    def manifest_sha256(self) -> str:
+        return hashlib.sha256("".join(sorted(self.paths)).encode()).hexdigest()
+
+
+def find_images(inputs) -> list[Path]:
+    """Folders (recursively, the core's walker), image files and globs."""
+    from dinov2clip.embed import expand_images
+
+    found = []
+    for item in inputs:
+        item = str(item)
+        if not Path(item).exists() and any(c in item for c in "*?["):
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise UserError(f"no file matches {item!r}")
+            found += expand_images(matches)
+        else:
+            found += expand_images([item])
+    return found
+
+
+def hash_images(paths: list[Path]) -> Images:
+    images = Images({}, given=len(paths))
+    for path in paths:
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError as e:
+            images.unreadable[str(path)] = e.strerror or type(e).__name__
+            continue
+        images.paths.setdefault(digest, path)
+    images.paths = dict(sorted(images.paths.items()))
+    return images
+
+
+def split(images: Images, val_percent: float) -> tuple[list[str], list[str]]:
+    """(train, val) hashes: an image is held out when its hash says so (at least one image)."""
+    hashes = list(images.paths)
+    val = [h for h in hashes if int(h[:8], 16) % 10_000 < val_percent * 100]
+    if not val and val_percent > 0:
+        val = hashes[-1:]
+    held = set(val)
+    return [h for h in hashes if h not in held], val
+
+
+def chunks(hashes: list[str]) -> list[list[str]]:
+    """Content-defined chunks of a hash-sorted list: a chunk ends after a hash whose value says so."""
+    out, cur = [], []
+    for h in hashes:
+        cur.append(h)
+        if int(h[8:16], 16) % CHUNK == 0:
+            out.append(cur)
+            cur = []
+    return out + ([cur] if cur else [])
+
+
+def chunk_name(members: list[str]) -> str:
+    return "fit-" + hashlib.sha256("".join(members).encode()).hexdigest()[:24]
+
+
+# -- features --------------------------------------------------------------------------------------
+
+def feature_dir(source: str, device: str | None, dtype: str, cache: Path | None) -> Path:
+    """The feature cache of these encoders' towers at this dtype and device type (what changes the numbers)."""
+    from dinov2clip.model import default_device, resolve_dtype
+    from dinov2clip.sources import cache_dir
+
+    from .precompute import source_fingerprint
+
+    kind = torch.device(device or default_device()).type
+    resolved = str(resolve_dtype(dtype, kind)).removeprefix("torch.")
+    root = Path(cache) if cache else cache_dir() / "fit"
+    return root / "features" / f"{source_fingerprint(source)[:24]}-{kind}-{resolved}-v{FIT_VERSION}"
+
+
+class Encoding:
+    """Encoders loaded only when some chunk is not cached yet; counts what was encoded."""
+
+    def __init__(self, source: str, device, dtype, batch_size: int, workers: int, progress: bool):
+        self.source, self.device, self.dtype = source, device, dtype
+        self.batch_size, self.workers, self.progress = batch_size, workers, progress
+        self.encoders = None
+        self.encoded = 0
+
+    def shard(self, features: Path, name: str, members: list[str], images: Images, bar) -> None:
+        from .precompute import precompute_shard
+
+        if self.encoders is None:
+            from dinov2clip import load_encoders
+
+            self.encoders = load_encoders(self.source, device=self.device, dtype=self.dtype,
+                                          batch_size=self.batch_size, teacher=True)
+
+        def samples():
+            for h in members:
+                path = images.paths[h]
+                try:
+                    data = path.read_bytes()
+                except OSError as e:  # gone or unreadable since it was hashed: recorded as skipped
+                    data = f"unreadable: {e.strerror}".encode()
+                yield {"__key__": h, path.suffix.lower().lstrip(".") or "jpg": data}
+
+        precompute_shard(self.encoders, name, features, self.batch_size, self.workers, bar, source=self.source,
+                         samples=samples(), name=name, captioned=False)
+        self.encoded += len(members)
+
+
+def encode(images: Images, hashes: list[str], features: Path, encoding: Encoding) -> list[str]:
+    """Make sure every chunk of `hashes` is a finished shard under `features`; returns the chunks' names."""
+    from tqdm.auto import tqdm
+
+    from .precompute import clean_partial, is_done
+
+    todo = [(chunk_name(c), c) for c in chunks(hashes)]
+    clean_partial(features, [n for n, _ in todo])
+    missing = [(n, c) for n, c in todo if not is_done(features, n)]
+    if missing:
+        with tqdm(total=sum(len(c) for _, c in missing), desc="encode images (DINOv2 + CLIP teacher)", unit="img",
+                  disable=not encoding.progress, smoothing=0.1) as bar:
+            for name, members in missing:
+                encoding.shard(features, name, members, images, bar)
+    return [n for n, _ in todo]
+
+
+def link_split(features: Path, names: list[str], where: Path) -> Path:
+    """A directory in precompute's layout whose shards are the cached chunks `names` (symlinks)."""
+    shards = where / "shards"
+    shards.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        link = shards / name
+        if not link.is_symlink():
+            link.symlink_to((features / "shards" / name).resolve(), target_is_directory=True)
+    return where
+
+
+def skipped_images(features: Path, names: list[str], images: Images) -> dict[str, str]:
+    """path → why, for the images precompute could not decode (recorded in each shard's meta)."""
+    from .data import meta_of
+
+    out = {}
+    for name in names:
+        for h, why in meta_of(features / "shards" / name).get("skipped_keys", {}).items():
+            out[str(images.paths.get(h, h))] = why
+    return out
+
+
+# -- quality on features ---------------------------------------------------------------------------
+
+def features_of(dirs: list[Path], pooling: str):
+    """(pooled DINOv2 input, teacher image embedding) of every row of these precompute directories."""
+    from .data import EmbeddingSet
+
+    data = EmbeddingSet(dirs, pooling)
+    x, teacher, _ = data.all()
+    return x, torch.nn.functional.normalize(teacher, dim=-1).numpy()
+
+
+def quality_report(projector, x: torch.Tensor, teacher: np.ndarray, text: np.ndarray, queries, labels=None) -> dict:
+    with torch.no_grad():
+        ours = torch.nn.functional.normalize(projector.float().eval()(x).float(), dim=-1).numpy()
+    return q.compare(ours, teacher, text, queries, labels)
+
+
+# -- fit -------------------------------------------------------------------------------------------
+
+def resolve_init(source: str, init: str | None, from_scratch: bool) -> tuple[str | None, object | None]:
+    """(what the fit starts from, its projector): `init`, else the source's own projector unless
+    `from_scratch`; a source whose projector cannot be had starts from scratch, and says so."""
+    from dinov2clip import load
+
+    if from_scratch and init:
+        raise UserError("give --init SOURCE or --from-scratch, not both")
+    if from_scratch:
+        return None, None
+    start = init or source
+    try:
+        model = load(start, image=False, text=False, device="cpu", dtype="fp32")
+    except UserError as e:
+        if init:
+            raise
+        print(f"fit: starting from scratch: {source} has no projector to start from ({e})", file=sys.stderr)
+        return None, None
+    return start, model
+
+
+def fit(inputs, model: str, out, *, init: str | None = None, from_scratch: bool = False, epochs: int = 10,
+        batch_size: int = 256, lr: float = 1e-3, hidden_dim: int = 2048, num_blocks: int = 6,
+        val_percent: float = VAL_PERCENT, queries: str | None = None, template: str = q.TEMPLATE,
+        labels: str | None = None, cache=None, device: str | None = None, dtype: str = "auto",
+        encode_batch_size: int = 32, workers: int = 4, overwrite: bool = False, seed: int = 0,
+        progress: bool = True) -> dict:
+    """Fit a projector to the images of `inputs` (folders, files, globs); write the model directory `out`."""
+    from dinov2clip import load_encoders
+    from dinov2clip.factory import resolve_source
+
+    from .train import TrainConfig, train
+
+    if epochs < 1 or batch_size < 1 or encode_batch_size < 1:
+        raise UserError("epochs, batch size and encode batch size must be ≥ 1")
+    if not 0 < val_percent < 50:
+        raise UserError(f"--val-percent must be between 0 and 50, got {val_percent}")
+    check_out(out, overwrite)
+    config, _ = resolve_source(model)  # a bad source fails here, before any image is read
+    pooling = config.dinov2["pooling"]
+    start, start_model = resolve_init(model, init, from_scratch)
+    if start_model is not None and start_model.config.encoder_fingerprint() != config.encoder_fingerprint():
+        raise UserError(f"--init {start} was trained for encoders {start_model.config.encoders_label()}, "
+                        f"{model} has {config.encoders_label()}: its projector does not fit them")
+
+    images = hash_images(find_images(inputs))
+    if len(images.paths) < 10:
+        raise UserError(f"fit needs at least 10 distinct readable images, found {len(images.paths)} in "
+                        f"{', '.join(map(str, inputs))}" + (f" ({len(images.unreadable)} unreadable)"
+                                                           if images.unreadable else ""))
+    train_hashes, val_hashes = split(images, val_percent)
+    features = feature_dir(model, device, dtype, cache)
+    encoding = Encoding(model, device, dtype, encode_batch_size, workers, progress)
+    train_names = encode(images, train_hashes, features, encoding)
+    val_names = encode(images, val_hashes, features, encoding)
+    skipped = skipped_images(features, train_names + val_names, images)
+
+    recipe = {"version": FIT_VERSION, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
+              "hidden_dim": hidden_dim, "num_blocks": num_blocks, "pooling": pooling, "val_percent": val_percent,
+              "init": start, "init_projector": start_model and start_model.config.projector.get("tensor_sha256")}
+    run_key = hashlib.sha256(json.dumps({"recipe": recipe, "train": train_names, "val": val_names,
+                                         "features": features.name}, sort_keys=True).encode()).hexdigest()[:24]
+    run = features.parent.parent / "runs" / run_key
+    train_dir = link_split(features, train_names, run / "data" / "train")
+    val_dir = link_split(features, val_names, run / "data" / "val")
+    n_train = sum(json.loads((train_dir / "shards" / n / "meta.json").read_text())["count"] for n in train_names)
+    init_file = None
+    if start_model is not None:
+        init_file = run / "init.safetensors"
+        if not init_file.is_file():
+            from dinov2clip.modeldir import write_projector
+
+            run.mkdir(parents=True, exist_ok=True)
+            write_projector(start_model.projector, init_file)
+    cfg = TrainConfig(train=[str(train_dir)], val=[str(val_dir)], out=str(run / "train"), pooling=pooling,
+                      hidden_dim=hidden_dim, num_blocks=num_blocks, epochs=epochs,
+                      batch_size=max(1, min(batch_size, n_train)), lr=lr, mse_weight=1.0, contrastive_weight=0.0,
+                      seed=seed, device=device or "auto", bf16=True, model_source=model, recipe="fit",
+                      init=str(init_file or ""), progress=progress,
+                      resume=(run / "train" / "checkpoints" / "last.pt").is_file())
+    summary = train(cfg) if not (run / "train" / "summary.json").is_file() else \
+        json.loads((run / "train" / "summary.json").read_text())
+
+    # the report on the held-out images: the fitted projector and, where it started from one, its start
+    from dinov2clip.projector import load_projector
+
+    fitted = load_projector(Path(summary["model"]))
+    x, teacher = features_of([val_dir], pooling)
+    vocab, labels_of = queries_for(queries, template, labels, [images.paths[h] for h in val_hashes], skipped)
+    text_model = load_encoders(model, image=False, text=True, device="cpu", dtype="fp32")
+    text = text_model.encode_text(vocab).numpy()
+    rows = kept_rows(val_dir)
+    lab = labels_of(rows, images) if labels_of else None
+    after = quality_report(fitted, x, teacher, text, vocab, lab)
+    before = quality_report(start_model.projector, x, teacher, text, vocab, lab) if start_model else None
+
+    counts = {"images_given": images.given, "distinct": len(images.paths), "unreadable": len(images.unreadable) +
+              len(skipped), "train": n_train, "val": len(x), "encoded_now": encoding.encoded}
+    fit_record = {"image_manifest_sha256": images.manifest_sha256, "counts": counts, "recipe": recipe,
+                  "init": start, "run": run_key, "quality_held_out": {"after": after, "before": before}}
+    model_dir = export(Path(summary["model"]), Path(out), fit_record)
+    report = {**after, "model": str(model_dir), "unreadable": counts["unreadable"],
+              "queries_from": queries_from(queries, labels), "before": before}
+    report["files"] = q.write_report(report, run / "quality")
+    return {"model": str(model_dir), "counts": counts, "unreadable": {**images.unreadable, **skipped},
+            "selected_epoch": summary["selected_epoch"], "quality": report, "run": str(run)}
+
+
+def check_out(out, overwrite: bool) -> None:
+    from dinov2clip.modeldir import is_model_dir
+
+    path = Path(out)
+    if path.is_file():
+        raise UserError(f"--out {out} is a file: give a directory for the model")
+    if path.is_dir() and any(path.iterdir()):
+        if not is_model_dir(path):
+            raise UserError(f"--out {out} is a non-empty folder that is not a dinov2clip model directory: "
+                            "choose another")
+        if not overwrite:
+            raise UserError(f"--out {out} already holds a model: pass --overwrite to replace it")
+
+
+def export(trained: Path, out: Path, record: dict) -> Path:
+    """The trained model directory, with `record` in its provenance, written to `out` (atomically)."""
+    import shutil
+
+    from dinov2clip.config import check_relative, read_config
+    from dinov2clip.modeldir import save_model_dir
+    from dinov2clip.projector import load_projector
+
+    config = read_config(trained)
+    config.provenance = {**config.provenance, "recipe": "fit (training.run fit)", "fit": record}
+
+    def copy_parts(tmp: Path, cfg) -> None:
+        for section in (cfg.dinov2, cfg.clip):
+            rel = section.get("path")
+            if rel:
+                shutil.copytree(trained / check_relative(rel, "fitted model"), tmp / rel)
+
+    config.weights_sha256 = {}
+    config.projector = {k: v for k, v in config.projector.items() if k not in ("tensor_sha256", "path")}
+    return save_model_dir(config, load_projector(trained), out, overwrite=True, extra=copy_parts)
+
+
+def kept_rows(split_dir: Path) -> list[str]:
+    """The content hashes of the rows of a split, in EmbeddingSet's row order (shard name, then row)."""
+    from .precompute import TEXT
+
+    out = []
+    for shard in sorted((split_dir / "shards").iterdir()):
+        out += json.loads((shard / TEXT).read_text())["keys"]
+    return out
+
+
+def queries_for(queries: str | None, template: str, labels: str | None, paths, skipped):
+    """(query texts, labeller or None). `labels="folder"`: each image's class is its parent folder's name."""
+    if "{}" not in template:
+        raise UserError(f"--template must contain {{}} where the class goes, got {template!r}")
+    if labels is None:
+        return (q.read_queries(queries) if queries else [template.format(w) for w in q.VOCABULARY]), None
+    if labels != "folder":
+        raise UserError(f"--labels takes 'folder' (the parent folder's name is the class), got {labels!r}")
+    classes = sorted({Path(p).parent.name for p in paths})
+    if len(classes) < 2:
+        raise UserError("--labels folder needs images in at least two class folders")
+
+    def labeller(rows, images):
+        index = {c: i for i, c in enumerate(classes)}
+        return np.array([index[images.paths[h].parent.name] for h in rows])
+
+    return [template.format(c.replace("_", " ")) for c in classes], labeller
+
+
+def queries_from(queries, labels) -> str:
+    return f"file {queries}" if queries else ("label classes (folders)" if labels else "built-in vocabulary")
+
+
+def quality(inputs, model: str, out, *, queries: str | None = None, template: str = q.TEMPLATE,
+            labels: str | None = None, max_images: int = 5000, cache=None, device: str | None = None,
+            dtype: str = "auto", encode_batch_size: int = 32, workers: int = 4, seed: int = 0,
+            progress: bool = True) -> dict:
+    """The quality report of `model` against its CLIP teacher on (a sample of) the images of `inputs`."""
+    from dinov2clip import load
+
+    if max_images < 2:
+        raise UserError(f"--max-images must be ≥ 2, got {max_images}")
+    trained = load(model, image=False, text=True, device="cpu", dtype="fp32")  # a bad model fails before work
+    images = hash_images(find_images(inputs))
+    hashes = list(images.paths)
+    sampled = len(hashes) > max_images
+    if sampled:
+        hashes = sorted(np.random.default_rng(seed).choice(hashes, max_images, replace=False).tolist())
+    vocab, labels_of = queries_for(queries, template, labels, [images.paths[h] for h in hashes], {})
+    features = feature_dir(model, device, dtype, cache)
+    encoding = Encoding(model, device, dtype, encode_batch_size, workers, progress)
+    # chunked as fit chunks them (its default split), so images a fit encoded are read from the cache
+    train, val = split(Images({h: images.paths[h] for h in hashes}), VAL_PERCENT)
+    names = encode(images, train, features, encoding) + encode(images, val, features, encoding)
+    skipped = skipped_images(features, names, images)
+    run = features.parent.parent / "quality" / hashlib.sha256("".join(names).encode()).hexdigest()[:24]
+    split_dir = link_split(features, names, run)
+    x, teacher = features_of([split_dir], trained.config.dinov2["pooling"])
+    rows = kept_rows(split_dir)
+    text = trained.encode_text(vocab).numpy()
+    report = quality_report(trained.projector, x, teacher, text, vocab, labels_of(rows, images) if labels_of else None)
+    report.update({"model": model, "fingerprint": trained.fingerprint, "images_given": images.given,
+                   "sampled": {"of": len(images.paths), "taken": len(hashes), "seed": seed} if sampled else None,
+                   "unreadable": len(images.unreadable) + len(skipped),
+                   "unreadable_files": {**images.unreadable, **skipped}, "queries_from": queries_from(queries, labels),
+                   "query_texts": vocab, "encoded_now": encoding.encoded})
+    report["files"] = q.write_report(report, out)
+    return report

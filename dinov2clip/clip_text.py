@@ -5,7 +5,9 @@ and only warns, which would silently change every text embedding. We refuse that
 """
 from __future__ import annotations
 
+import inspect
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -66,13 +68,32 @@ def load_clip(model_name: str, pretrained: str | None = None, root: Path | None 
     return model.eval(), open_clip.get_tokenizer(model_name)
 
 
+# A Hugging Face hub id: `name` or `org/name`. Anything else (a path, `..`, `~`) could point transformers at a
+# folder whose configuration names code to run.
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
+
+
+def read_bundled_cfg(root: Path) -> dict:
+    """A bundled `open_clip_config.json`, refused where its text tower or tokenizer would be read from a local
+    folder (transformers looks for a folder of that name first): nothing in or near a model directory runs."""
+    where = root / CLIP_CONFIG_FILE
+    saved = json.loads(where.read_text())
+    text_cfg = saved.get("model_cfg", {}).get("text_cfg", {})
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        name = text_cfg.get(key)
+        if name is not None and (not isinstance(name, str) or not _HUB_ID.fullmatch(name) or ".." in name
+                                 or Path(name).exists()):
+            raise UserError(f"{where}: text_cfg.{key} {name!r} is not a Hugging Face hub id: refusing to load it")
+    return saved
+
+
 def _load_bundled_clip(root: Path, data: bytes | None = None):
     """Build from a config dict directly: works on open_clip 2.x (no `local-dir:`) and 3.x. The weights are
     read into memory, never memory-mapped: a mapped file overwritten later would change the loaded model."""
     from open_clip.model import CLIP, CustomTextCLIP, set_model_preprocess_cfg
     from safetensors.torch import load
 
-    saved = json.loads((root / CLIP_CONFIG_FILE).read_text())
+    saved = read_bundled_cfg(root)
     cfg = saved["model_cfg"]
     cls = CustomTextCLIP if cfg.get("custom_text") else CLIP
     model = cls(**{k: v for k, v in cfg.items() if k != "custom_text"})
@@ -105,7 +126,7 @@ def read_clip_text(root: Path) -> tuple[nn.Module, object] | None:
     """The text tower of a bundled CLIP directory and its tokenizer, reading only the text tensors of
     `open_clip_model.safetensors` (~40 % of a ViT-B/16 file) and never building the image tower: what a
     query-only process (the FiftyOne App server) needs. None where this architecture has no text-only build."""
-    cfg = json.loads((root / CLIP_CONFIG_FILE).read_text())["model_cfg"]
+    cfg = read_bundled_cfg(root)["model_cfg"]
     model = _text_skeleton(cfg)
     if model is None:
         return None
@@ -162,7 +183,10 @@ def tokenizer_from_cfg(cfg: dict):
     text_cfg = cfg.get("text_cfg", {})
     context_length = text_cfg.get("context_length", 77)
     if text_cfg.get("hf_tokenizer_name"):
-        return HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length)
+        # older open_clip passes no keyword arguments on to transformers (and transformers' default asks first)
+        takes = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(HFTokenizer).parameters.values())
+        return HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length,
+                           **({"trust_remote_code": False} if takes else {}))
     return SimpleTokenizer(context_length=context_length)
 
 

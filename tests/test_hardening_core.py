@@ -135,3 +135,37 @@ def test_weights_overwritten_or_truncated_under_a_loaded_model_change_nothing(co
                            str(other_tiny)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]  # a memory-mapped file gives SIGBUS (-7) when truncated
     assert proc.stdout.strip().endswith("same")
+
+
+# -- 4. nothing named by a model directory runs as code ----------------------------------------------------
+def code_folder(folder: Path, marker: Path) -> Path:
+    """A tokenizer/model folder whose configuration names custom code that would leave `marker` if run."""
+    folder.mkdir(parents=True)
+    code = f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import PreTrainedTokenizer as Tok\n"
+    (folder / "tok.py").write_text(code)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["tok.Tok", None]}}))
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "auto_map": {"AutoConfig": "tok.Tok",
+                                                                                        "AutoModel": "tok.Tok"}}))
+    return folder
+
+
+@pytest.mark.parametrize("key", ["hf_tokenizer_name", "hf_model_name"])
+@pytest.mark.parametrize("name", ["ABSOLUTE", "../evil", "evil"])  # the last: a hub-id spelling that is a folder here
+def test_a_bundled_config_naming_a_local_folder_is_refused_and_runs_nothing(copy_of_tiny, tmp_path, monkeypatch,
+                                                                            key, name):
+    marker = tmp_path / "ran"
+    folder = code_folder(tmp_path / "evil", marker)
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub" if name == "../evil" else tmp_path)
+    name = str(folder) if name == "ABSOLUTE" else name
+
+    def edit(cfg):
+        cfg["model_cfg"]["text_cfg"][key] = name
+        if key == "hf_model_name":
+            cfg["model_cfg"]["custom_text"] = True
+    edit_json(copy_of_tiny / "clip" / "open_clip_config.json", edit)
+    for kwargs in ({"image": False}, {"teacher": True}):
+        with pytest.raises(UserError, match=f"text_cfg.{key} .* is not a Hugging Face hub id") as err:
+            dinov2clip.load_encoders(str(copy_of_tiny), device="cpu", **kwargs)
+        assert "\n" not in str(err.value)
+    assert not marker.exists()

@@ -5,14 +5,36 @@ same file never share one, and a cleanup can recognise its own leftovers. Light 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import UserError
+
+# Failures the environment causes, not our code: a read-only or unwritable folder, a full disk or quota.
+ENVIRONMENT_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
+
+
+def environment_errno(exc: BaseException) -> int | None:
+    """The errno of a failure in ENVIRONMENT_ERRNOS: an OSError's own, or the one a Rust-backed writer
+    (safetensors) reports only in its message, as Rust's I/O errors print it ("(os error 28)")."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None and (found := re.search(r"\(os error (\d+)\)", str(exc))):
+        code = int(found.group(1))
+    return code if code in ENVIRONMENT_ERRNOS else None
+
+
+def _refuse_environment(exc: BaseException, what: str, path: Path) -> None:
+    """One line naming the path the user gave (not a temporary name) where the environment stopped a write."""
+    code = environment_errno(exc)
+    if code is not None:
+        raise UserError(f"cannot write {what} {path}: {os.strerror(code)}") from None
+
 
 TMP_MARK = ".tmp-"  # every temporary name holds it: ".<name>.tmp-<pid>-<random>"
 
@@ -38,8 +60,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        _refuse_environment(e, "file", path)
         raise
 
 
@@ -81,21 +105,33 @@ class AtomicDir:
 
     def __enter__(self) -> Path:
         self.check()
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = temp_name(self.out_dir)
-        self.tmp.mkdir()
+        try:
+            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp.mkdir()
+        except OSError as e:
+            _refuse_environment(e, self.what, self.out_dir)
+            raise
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            _refuse_environment(exc, self.what, self.out_dir)
             return False
         old = None
-        if self.out_dir.exists():  # checked again: it may have changed while we worked
-            self.check()
-            old = temp_name(self.out_dir)
-            self.out_dir.rename(old)
-        self.tmp.rename(self.out_dir)
+        try:
+            if self.out_dir.exists():  # checked again: it may have changed while we worked
+                self.check()
+                old = temp_name(self.out_dir)
+                self.out_dir.rename(old)
+            self.tmp.rename(self.out_dir)
+        except BaseException as e:  # put back what was there, leave no temporary behind
+            if old is not None and not self.out_dir.exists():
+                old.rename(self.out_dir)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            _refuse_environment(e, self.what, self.out_dir)
+            raise
         if old is not None:
             shutil.rmtree(old)
         return False

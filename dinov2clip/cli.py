@@ -12,6 +12,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from .atomic import environment_errno
 from .errors import UserError
 from .presets import DEFAULT_PRESET
 
@@ -217,7 +218,8 @@ def _log_crash() -> str:
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None, prog: str = PROG) -> int:
     """Parse (argparse exits 2 on bad flags, before any work), run `args.func`, map errors to exit codes:
-    UserError → one line, 2; Ctrl-C → 130; anything else → one line naming the logged traceback, 1."""
+    UserError or an unwritable or full disk → one line, 2; Ctrl-C → 130; anything else → one line naming the
+    logged traceback, 1."""
     args = parser.parse_args(argv)
     try:
         args.func(args)
@@ -227,11 +229,21 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None, prog: str = PRO
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # anything else is our bug: keep the traceback, show one line
-        print(f"{prog}: unexpected error: {type(e).__name__}: {e} (traceback logged to {_log_crash()})",
-              file=sys.stderr)
-        return 1
+    except Exception as e:
+        code = environment_errno(e)  # a read-only or unwritable folder, a full disk: the user's to fix
+        if code is None:
+            return _unexpected(e, prog)
+        where = " → ".join(str(f) for f in (getattr(e, "filename", None), getattr(e, "filename2", None)) if f)
+        print(f"{prog}: error: {where or 'writing'}: {os.strerror(code)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _unexpected(e: Exception, prog: str) -> int:
+    """Anything else is our bug: keep the traceback, show one line."""
+    print(f"{prog}: unexpected error: {type(e).__name__}: {e} (traceback logged to {_log_crash()})",
+          file=sys.stderr)
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -169,3 +169,32 @@ def test_a_bundled_config_naming_a_local_folder_is_refused_and_runs_nothing(copy
             dinov2clip.load_encoders(str(copy_of_tiny), device="cpu", **kwargs)
         assert "\n" not in str(err.value)
     assert not marker.exists()
+
+
+# -- 6. an unwritable folder or a full disk is the user's one-line error, and leaves nothing behind ----------
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.strip() and "Writing model shards" not in line]
+
+
+def test_an_unwritable_output_folder_is_one_line_exit_2(tmp_path):
+    out = "/sys/dinov2clip-hardening-test"  # no one may create files in sysfs, root included
+    proc = subprocess.run([sys.executable, "-m", "dinov2clip", "make-tiny", out], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 2, proc.stderr
+    [line] = error_lines(proc.stderr)
+    assert line.startswith(f"dinov2clip: error: cannot write model directory {out}: ")
+    assert line.endswith(("Operation not permitted", "Permission denied")) and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("mount, problem", [("ro", "Read-only file system"), ("size=64k", "No space left on device"),
+                                            ("size=300k", "No space left on device")])
+def test_a_read_only_or_full_disk_is_one_line_exit_2_and_leaves_no_temporaries(tmp_path, mount, problem):
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (unshare -rm refused)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = (f"mount -t tmpfs -o {mount} tmpfs {disk} && {sys.executable} -m dinov2clip make-tiny {disk}/out; "
+              f"echo rc=$? >&2; ls -A {disk} >&2")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=600)
+    lines = error_lines(proc.stderr)
+    assert lines == [f"dinov2clip: error: cannot write model directory {disk}/out: {problem}", "rc=2"], proc.stderr

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -13,6 +13,14 @@ from torch import nn
 from .config import ModelConfig
 from .errors import UserError
 from .preprocess import ImageInput, Preprocess, PreprocessConfig
+
+
+# No token of CLIP's vocabulary spans more than 32 characters, so the context_length tokens CLIP keeps of a text
+# lie in its first 32 × context_length characters, unless whitespace runs or HTML entities (which the tokenizer
+# collapses) pad them: cutting there leaves a text that fits CLIP's context as it was, and bounds the tokenizer's
+# work on one that does not (byte-pair merging is quadratic in a word's length: a 40,000-character word without
+# spaces took 46 s in the App before CLIP cut it to 77 tokens). What a text means is its first this many characters.
+TEXT_CHARS_PER_TOKEN = 32
 
 
 def default_device() -> str:
@@ -157,8 +165,18 @@ class Encoders(nn.Module):
         return F.normalize(out.float(), dim=-1).cpu()
 
     def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """Each text is tokenised as its first TEXT_CHARS_PER_TOKEN × context_length characters (see there)."""
         self._require("tokenizer")
-        return self.tokenizer([texts] if isinstance(texts, str) else list(texts))
+        if isinstance(texts, str):
+            texts = [texts]
+        elif isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Iterable):
+            raise UserError(f"texts must be a string or a list of strings, not {type(texts).__name__}")
+        texts = list(texts)
+        wrong = [type(t).__name__ for t in texts if not isinstance(t, str)]
+        if wrong:
+            raise UserError(f"texts must be strings, got a {wrong[0]}")
+        limit = TEXT_CHARS_PER_TOKEN * (getattr(self.tokenizer, "context_length", None) or 77)
+        return self.tokenizer([t[:limit] for t in texts])
 
     def encode_text(self, texts: str | Sequence[str], batch_size: int | None = None,
                     progress: bool = False) -> torch.Tensor:

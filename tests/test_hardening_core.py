@@ -198,3 +198,30 @@ def test_a_read_only_or_full_disk_is_one_line_exit_2_and_leaves_no_temporaries(t
     proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=600)
     lines = error_lines(proc.stderr)
     assert lines == [f"dinov2clip: error: cannot write model directory {disk}/out: {problem}", "rc=2"], proc.stderr
+
+
+# -- 7. text queries are bounded before tokenising, and must be strings --------------------------------------
+def test_a_huge_query_is_cut_before_tokenising_and_non_strings_are_refused(tiny_dir):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from dinov2clip.model import TEXT_CHARS_PER_TOKEN
+
+    class Spy(SimpleTokenizer):  # the real tokenizer, recording the longest text it was given
+        longest = 0
+
+        def __call__(self, texts, *args, **kwargs):
+            Spy.longest = max([Spy.longest, *map(len, texts)])
+            return super().__call__(texts, *args, **kwargs)
+
+    encoders = dinov2clip.load_encoders(str(tiny_dir), image=False, device="cpu", dtype="fp32")
+    encoders.tokenizer = Spy(context_length=77)
+    bound = TEXT_CHARS_PER_TOKEN * 77
+    huge = "".join(chr(ord("a") + (i * 7919) % 26) for i in range(40_000))  # one word, no spaces
+    got = encoders.encode_text([huge, "a dog"])
+    assert Spy.longest <= bound
+    assert (got.numpy() == encoders.encode_text([huge[:bound], "a dog"]).numpy()).all()
+    for wrong in (None, 5, b"a dog", ["a dog", None], [b"a dog"]):
+        with pytest.raises(UserError, match="strings") as err:
+            encoders.encode_text(wrong)
+        assert "\n" not in str(err.value)
+    assert encoders.encode_text([]).shape == (0, encoders.embed_dim)  # nothing asked, nothing given

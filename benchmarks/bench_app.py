@@ -24,11 +24,8 @@ magnifier runs (`@voxel51/panels/similarity_search`, k=25):
   view   a text query while the App shows a filtered view (half the samples), as after a sidebar filter.
 It also times a write to the search panel's execution store until the server's SSE stream announces it
 (what the panel waits for once a run finishes), and the idle server's CPU.
-Backends: `sklearn` and `lancedb` are what dinov2clip builds (below / from 30,000 samples):
-FiftyOne's backends with the vectors kept in memory between requests (`fiftyone_dinov2clip.vector_cache`),
-and with every search answered from the table's vectors in memory, read by the first
-(`fiftyone_dinov2clip.lancedb_index`); `sklearn-stock`
-and `lancedb-stock` are FiftyOne's own.
+Backends: `sklearn` and `lancedb`, FiftyOne's own, as dinov2clip builds them (below / from 30,000 samples;
+docs/fiftyone-indexes.md).
 
 A benchmark, not a test: it reports numbers against the goal (later text query ≤ 1 s and ≤ 1.5× the ready
 request; first query ≤ 3 s), it asserts nothing."""
@@ -53,8 +50,7 @@ from fixtures import reference_model_dir  # noqa: E402  (benchmarks/: this folde
 from report import publish  # noqa: E402
 
 MODEL_NAME = "bench-app-reference"
-BACKENDS = ("sklearn", "sklearn-stock", "lancedb", "lancedb-stock")
-STOCK = {"sklearn-stock": "sklearn", "lancedb-stock": "lancedb"}  # FiftyOne's own backends, as they come
+BACKENDS = ("sklearn", "lancedb")
 QUERIES = ["a dog running on a beach", "a red car parked in the street", "two people riding bicycles",
            "a bowl of fruit on a table", "a city skyline at night", "a cat sleeping on a sofa",
            "a plate of pasta", "snow-covered mountains"]
@@ -117,8 +113,6 @@ def build_dataset(n: int, images: list[str], zoo_name: str, backends: list[str],
     import fiftyone as fo
     import fiftyone.brain as fob
 
-    from fiftyone_dinov2clip.brain import similarity_backend
-
     rng = np.random.default_rng(n)
     ds = fo.Dataset(f"bench-app-{n}", persistent=True)
     start = time.perf_counter()
@@ -131,9 +125,8 @@ def build_dataset(n: int, images: list[str], zoo_name: str, backends: list[str],
     for backend in backends:
         start = time.perf_counter()
         kwargs = {"table_name": f"bench_{n}_{key_of(backend)}"} if "lancedb" in backend else {}  # uri: devdb
-        chosen = {"backend": STOCK[backend]} if backend in STOCK else similarity_backend(backend)
         fob.compute_similarity(ds, embeddings="e", model=zoo_name, brain_key=key_of(backend), progress=False,
-                               **chosen, **kwargs)
+                               backend=backend, **kwargs)
         log(f"[index] {backend} over {n} in {time.perf_counter() - start:.0f} s")
     return ds
 

@@ -24,7 +24,6 @@ from dinov2clip.errors import UserError
 
 from . import registry
 from .index_defaults import LANCEDB_FROM
-from .vector_cache import CachedSklearnSimilarityConfig
 from .zoo import DinoV2ClipModel
 
 logger = logging.getLogger(__name__)
@@ -73,6 +72,32 @@ def _set_field_info(samples, path: str, info: dict) -> None:
     f.save()
 
 
+def _check_distinct(embeddings_field: str, dinov2_field: str | None, brain_key: str | None = None,
+                    dinov2_brain_key: str | None = None) -> None:
+    """One field (or brain key) for both spaces would hold, or index, DINOv2 vectors as CLIP ones."""
+    if dinov2_field and dinov2_field == embeddings_field:
+        raise UserError(f"the CLIP-space and the DINOv2 embeddings need two fields, not one ({dinov2_field!r}): "
+                        "pass another dinov2_field (--dinov2-field)")
+    if dinov2_brain_key and dinov2_brain_key == brain_key:
+        raise UserError(f"the text index and the DINOv2 index need two brain keys, not one ({brain_key!r}): "
+                        "pass another dinov2_brain_key (--dinov2-brain-key)")
+
+
+def _check_batch_size(batch_size) -> None:
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+                                   or batch_size < 1):
+        raise UserError(f"batch size must be a whole number, at least 1, not {batch_size!r}")
+
+
+def _check_finite(ids, vectors: np.ndarray, path: str) -> None:
+    """Refuse to write a NaN or infinite embedding: every search over the field would rank it arbitrarily."""
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        named = [str(i) for i, b in zip(ids, bad) if b]
+        raise UserError(f"{len(named)} non-finite embeddings for field {path!r} (e.g. {', '.join(named[:3])}): "
+                        "nothing written for them; check the model and its inputs")
+
+
 def _check_field(samples, path: str, info: dict) -> None:
     """Refuse to add embeddings of one space to a field holding another's."""
     have = _field_info(samples, path)
@@ -97,6 +122,8 @@ def compute_embeddings(samples, model="dinov2clip-reference", embeddings_field: 
 
     An unreadable image gets no embedding and is reported in `EmbedReport.failed`; every other image
     of its batch is embedded. Works on datasets, views and frames views (`to_frames`)."""
+    _check_distinct(embeddings_field, dinov2_field)
+    _check_batch_size(batch_size)
     model = load(model)
     core = model.core(image=True)
     zoo_name = _zoo_name(model)
@@ -119,7 +146,12 @@ def compute_embeddings(samples, model="dinov2clip-reference", embeddings_field: 
             for f in existing[1:]:
                 expr = expr | (F(f) == None)  # noqa: E711
             todo = samples.match(expr)
-            report.skipped_existing = len(samples) - len(todo)
+            done = samples
+            for f in existing:
+                done = done.exists(f)
+            # counted, not the difference of two counts: samples added or a database restarted between them
+            # made that negative
+            report.skipped_existing = len(done)
     ids, paths = todo.values(["id", "filepath"])
     batch_size = batch_size or model.config.batch_size
     workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
@@ -133,6 +165,9 @@ def compute_embeddings(samples, model="dinov2clip-reference", embeddings_field: 
             if pixels is not None:
                 emb, dino = core.encode_image(pixels, return_dinov2=True)
                 batch_ids = [ids[i] for i in idx]
+                _check_finite([paths[i] for i in idx], emb.numpy(), embeddings_field)
+                if dinov2_field:
+                    _check_finite([paths[i] for i in idx], dino.numpy(), dinov2_field)
                 todo.set_values(embeddings_field, dict(zip(batch_ids, emb.numpy())), key_field="id")
                 if dinov2_field:
                     todo.set_values(dinov2_field, dict(zip(batch_ids, dino.numpy())), key_field="id")
@@ -158,7 +193,9 @@ def compute_similarity(samples, model="dinov2clip-reference", brain_key: str = D
                        dinov2_brain_key: str | None = None, patches_field: str | None = None,
                        backend: str | None = None, batch_size: int | None = None, num_workers: int | None = None,
                        overwrite: bool = False, progress: bool | None = None, **backend_kwargs):
-    """Text-searchable similarity index over `samples`, recorded with the model's `name@version`.
+    """Text-searchable similarity index over `samples`, recorded with the model's `name@version`, built by
+    FiftyOne's own backend (`backend`, or `default_backend`). An index it replaces is cleaned up (its LanceDB
+    table dropped, etc.) once the new one exists.
 
     With `dinov2_field` the DINOv2 embeddings of the same pass are stored too, and with
     `dinov2_brain_key` a second, image-only index is built over them. With `patches_field` the
@@ -167,7 +204,12 @@ def compute_similarity(samples, model="dinov2clip-reference", brain_key: str = D
     Returns `(results, report)`: the text index and an `EmbedReport` (None for patches)."""
     if dinov2_brain_key and not dinov2_field:
         raise UserError("a DINOv2 index (dinov2_brain_key) needs the DINOv2 embeddings stored: pass dinov2_field")
-    backend_kwargs = {**similarity_backend(backend, len(samples)), **backend_kwargs}
+    _check_distinct(embeddings_field, dinov2_field, brain_key, dinov2_brain_key)
+    _check_batch_size(batch_size)
+    backend = backend or default_backend(len(samples))
+    if isinstance(backend, str) and backend not in fob.brain_config.similarity_backends:
+        raise UserError(f"unknown similarity backend {backend!r} (FiftyOne's: "
+                        f"{', '.join(sorted(fob.brain_config.similarity_backends))})")
     zoo_name = registry.resolve(model) if isinstance(model, str) else model.config.zoo_name
     if zoo_name is None:
         raise UserError("pass a registered model name, not an instance: the App reloads the model by name")
@@ -177,43 +219,97 @@ def compute_similarity(samples, model="dinov2clip-reference", brain_key: str = D
         if key in dataset.list_brain_runs() and not overwrite:
             raise UserError(f"brain key {key!r} exists on dataset {dataset.name!r}: pass overwrite=True "
                             "(--overwrite) or choose another key")
-    if any(k in backend_kwargs for k in STORAGE_NAMES):
-        # the new text index would write into the old one's named table: the old run must go first
+    # FiftyOne does not store a LanceDB `uri` with the run: loading the runs again needs it
+    credentials = {"uri": backend_kwargs["uri"]} if backend == "lancedb" and "uri" in backend_kwargs else {}
+    named = any(k in backend_kwargs for k in STORAGE_NAMES)
+    if named:
+        # the new text index would write into the old one's named storage: the old run must go first
         for key in keys:
             if key in dataset.list_brain_runs():
-                dataset.delete_brain_run(key)
+                delete_run(dataset, key, **credentials)
     # New runs are built under temporary keys and replace the old ones only once all exist: a failed or
     # interrupted run leaves the old indexes as they were and no half-registered key.
     tmp = {key: f"{key}_new{secrets.token_hex(3)}" for key in keys}
+    text_kwargs = {"backend": backend, **backend_kwargs}
+    if not named:
+        text_kwargs.update(own_storage(dataset, brain_key, backend))
     try:
         if patches_field:
             results = fob.compute_similarity(samples, patches_field=patches_field, model=zoo_name,
                                              embeddings=embeddings_field, batch_size=batch_size or 32,
                                              num_workers=num_workers, progress=progress,
-                                             brain_key=tmp[brain_key], **backend_kwargs)
+                                             brain_key=tmp[brain_key], **text_kwargs)
             report = None
         else:
             report = compute_embeddings(samples, zoo_name, embeddings_field, dinov2_field, batch_size=batch_size,
                                         num_workers=num_workers, progress=progress)
             results = fob.compute_similarity(samples, embeddings=embeddings_field, model=zoo_name,
-                                             brain_key=tmp[brain_key], **backend_kwargs)
+                                             brain_key=tmp[brain_key], **text_kwargs)
             if dinov2_field and dinov2_brain_key:
-                fob.compute_similarity(samples, embeddings=dinov2_field,
-                                       brain_key=tmp[dinov2_brain_key], **_second_index(backend_kwargs))
+                second = _second_index(backend_kwargs)
+                fob.compute_similarity(samples, embeddings=dinov2_field, brain_key=tmp[dinov2_brain_key],
+                                       backend=backend, **second, **own_storage(dataset, dinov2_brain_key, backend))
+        for key in tmp.values():
+            if key in dataset.list_brain_runs():
+                _check_opens(dataset, key, backend, **credentials)
     except BaseException:
         for key in tmp.values():
             if key in dataset.list_brain_runs():
-                dataset.delete_brain_run(key)
+                delete_run(dataset, key, **credentials)
         raise
     for key, new in tmp.items():
         if key in dataset.list_brain_runs():
-            dataset.delete_brain_run(key)
+            delete_run(dataset, key, **credentials)
         dataset.rename_brain_run(new, key)
     return results, report  # FiftyOne's rename updates the results' key and its results cache
 
 
+def own_storage(dataset, brain_key: str, backend) -> dict:
+    """LanceDB arguments giving an index a table name of its own. FiftyOne would pick a name unique among
+    LanceDB's `table_names()`, which lists a folder's first 10 tables: past 10, two indexes got one table. The
+    random part keeps a rebuilt index from ever reusing the name of the one it replaces."""
+    if backend != "lancedb":
+        return {}
+    return {"table_name": fou.to_slug(f"dinov2clip-{dataset.name}-{brain_key}-{secrets.token_hex(4)}")}
+
+
+def _check_opens(dataset, key: str, backend, **credentials) -> None:
+    """FiftyOne's LanceDB index opens its table only if `table_names()` lists it (a folder's first 10 names,
+    sorted): refuse an index no process could open, rather than one that fails at its first query."""
+    if backend != "lancedb":
+        return
+    results = dataset.load_brain_results(key, cache=False, **credentials)
+    if results.table is None:
+        raise UserError(f"FiftyOne's LanceDB backend finds only the first 10 tables of {results.config.uri} by "
+                        f"name, and this index's table is not among them: give LanceDB a folder of its own (brain "
+                        "config similarity_backends.lancedb.uri) or use backend='sklearn'")
+
+
+def delete_run(dataset, key: str, **credentials) -> None:
+    """Delete a brain run and what its backend stores outside FiftyOne (a LanceDB table, a Qdrant collection):
+    `delete_brain_run` alone leaves those behind. sklearn stores nothing outside the run (its cleanup does
+    nothing) and loading its results would read every vector, so it is not loaded. `credentials`: what the
+    backend's results load with besides FiftyOne's brain config (a LanceDB `uri` given to compute_similarity)."""
+    method = getattr(dataset.get_brain_info(key).config, "method", None)
+    if method != "sklearn":
+        try:
+            results = dataset.load_brain_results(key, cache=False, **credentials)
+            results.cleanup()
+            if method == "lancedb":  # cleanup() drops only the tables table_names() lists: its first 10
+                import lancedb
+
+                db = lancedb.connect(results.config.uri)
+                for table in (results.config.table_name, results.config.table_name + "_filter"):
+                    db.drop_table(table, ignore_missing=True)
+        except Exception as e:  # the run still goes: its storage may already be gone
+            logger.warning("dinov2clip: could not clean up brain run %r's %s index: %s", key, method, e)
+    dataset.delete_brain_run(key)
+
+
 def default_backend(n_samples: int) -> str:
-    """FiftyOne's configured default if the user changed it; else sklearn, or lancedb from LANCEDB_FROM."""
+    """The backend of an index built with none named, one of FiftyOne's own (dinov2clip keeps no vectors of its
+    own: docs/fiftyone-indexes.md): FiftyOne's configured default if the user changed it; else sklearn, or
+    lancedb from LANCEDB_FROM."""
     configured = fob.brain_config.default_similarity_backend
     if configured != "sklearn" or n_samples < LANCEDB_FROM:
         return configured
@@ -223,23 +319,6 @@ def default_backend(n_samples: int) -> str:
                        "using sklearn", n_samples)
         return configured
     return "lancedb"
-
-
-def similarity_backend(backend: str | type | None, n_samples: int = 0) -> dict:
-    """`fob.compute_similarity`'s arguments naming what to build an index with. None: `default_backend(n_samples)`.
-    sklearn becomes the same backend with its vectors kept in memory between App requests (`vector_cache`),
-    lancedb the same backend searching views and answering id queries from memory (`lancedb_index`); any other
-    is FiftyOne's own. The backend is named, our class given as its `config_cls`, so FiftyOne still applies
-    the user's brain config for it (e.g. LanceDB's `uri`)."""
-    if backend is None:
-        backend = default_backend(n_samples)
-    if backend == "lancedb":
-        from .lancedb_index import CachedLanceDBSimilarityConfig
-
-        return {"backend": backend, "config_cls": CachedLanceDBSimilarityConfig}
-    if backend == "sklearn":
-        return {"backend": backend, "config_cls": CachedSklearnSimilarityConfig}
-    return {"backend": backend}
 
 
 def project_field(samples, dinov2_field: str, model="dinov2clip-reference",
@@ -274,9 +353,12 @@ def project_field(samples, dinov2_field: str, model="dinov2clip-reference",
     info = {"space": "clip", "model": _zoo_name(model), "fingerprint": core.fingerprint,
             "encoder_fingerprint": core.encoder_fingerprint, "clip": f"{core.config.clip['model_name']}/{core.config.clip.get('pretrained')}"}
     _check_field(samples, embeddings_field, info)
+    if ids:  # before any write: a non-finite input projects to a non-finite embedding
+        _check_finite(ids, np.stack([np.asarray(v, np.float32).ravel() for v in values]), dinov2_field)
     for start in range(0, len(ids), batch_size):
         x = np.stack(values[start:start + batch_size]).astype(np.float32)
         emb = core.project(x).cpu().numpy()
+        _check_finite(ids[start:start + batch_size], emb, embeddings_field)
         view.set_values(embeddings_field, dict(zip(ids[start:start + batch_size], emb)), key_field="id")
     if ids:
         _set_field_info(samples, embeddings_field, info)
@@ -284,7 +366,7 @@ def project_field(samples, dinov2_field: str, model="dinov2clip-reference",
 
 
 # Backend options that name one index's own storage: the text index keeps the user's; the DINOv2 index gets
-# the backend's default name (derived from its brain key), so the two never write into one table.
+# its own (`own_storage` for LanceDB, else the backend's default name), so the two never write into one table.
 STORAGE_NAMES = ("table_name", "collection_name", "index_name", "namespace")
 
 
@@ -293,7 +375,12 @@ def _second_index(backend_kwargs: dict) -> dict:
 
 
 def sort_by_text(samples, text: str, brain_key: str = DEFAULT_BRAIN_KEY, k: int | None = None):
-    """`samples.sort_by_similarity(text)` with a clear error when the run cannot take text."""
+    """`samples.sort_by_similarity(text)` with a clear error when the run cannot take text, or the text gives
+    no direction to rank by (a NaN or zero query vector ranks arbitrarily)."""
+    if not isinstance(text, str) or not text.strip():
+        raise UserError(f"a text query must be a non-empty string, not {text!r}")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
+        raise UserError(f"k must be a whole number of results, at least 1, not {k!r}")
     dataset = samples._root_dataset
     if brain_key not in dataset.list_brain_runs():
         raise UserError(f"dataset {dataset.name!r} has no brain run {brain_key!r}; compute one with "
@@ -305,4 +392,10 @@ def sort_by_text(samples, text: str, brain_key: str = DEFAULT_BRAIN_KEY, k: int 
                         f"(model={getattr(config, 'model', None)!r}), so it cannot take text queries: recompute "
                         f"it with fiftyone_dinov2clip.compute_similarity(dataset, brain_key={brain_key!r}, "
                         "overwrite=True) or `python -m fiftyone_dinov2clip index DATASET --overwrite`")
-    return samples.sort_by_similarity(text, k=k, brain_key=brain_key)
+    # Encoded here, then searched as a vector: checked first, and a text that looks like a sample id is still
+    # a text (FiftyOne takes such a string for an id).
+    query = np.asarray(dataset.load_brain_results(brain_key).get_model().embed_prompt(text), np.float32)
+    if not np.isfinite(query).all() or not query.any():
+        raise UserError(f"the query {text!r} encodes to a {'zero' if np.isfinite(query).all() else 'non-finite'} "
+                        "vector, which ranks nothing: check the model")
+    return samples.sort_by_similarity(query, k=k, brain_key=brain_key)

@@ -3,12 +3,17 @@
 Each `execute` is one call into `brain`; the forms only collect its arguments. `brain` (the zoo model,
 fiftyone.brain) is imported when a form opens or an operator runs, not when FiftyOne registers the
 plugin in every process that lists operators. A `UserError` is left to propagate: FiftyOne returns its
-one line as the run's `error_message`, which the App shows as the failure notice."""
+one line as the run's `error_message`, which the App shows as the failure notice.
+
+FiftyOne's schema validation of a request is turned off (`disable_schema_validation`): a request it finds
+invalid (k = 0, an empty query) is raised from the App server as HTTP 500, with no message the App shows.
+`execute` checks the values itself, through `brain`, which refuses bad ones with one line."""
 from __future__ import annotations
 
 import fiftyone.core.utils as fou
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
+from dinov2clip.errors import UserError
 
 from . import registry, store_poll, warmup
 from .index_defaults import AUTO_HELP
@@ -40,6 +45,7 @@ class ComputeSimilarity(foo.Operator):
             dynamic=True,
             allow_immediate_execution=True,
             allow_delegated_execution=True,
+            disable_schema_validation=True,  # see the module docstring
         )
 
     def resolve_input(self, ctx):
@@ -80,8 +86,11 @@ class ComputeSimilarity(foo.Operator):
         if ctx.delegated:
             progress = fou.report_progress(lambda pb: ctx.set_progress(progress=pb.progress), dt=5.0)
         params = {**ctx.params, "backend": None if ctx.params.get("backend") == "auto" else ctx.params.get("backend")}
+        model = ctx.params.get("model")
+        if not isinstance(model, str) or not model:
+            raise UserError(f"choose a registered dinov2clip model, not {model!r}")
         results, report = brain.compute_similarity(
-            ctx.target_view(), ctx.params["model"], progress=progress,
+            ctx.target_view(), model, progress=progress,
             **_given(params, "brain_key", "embeddings_field", "dinov2_field", "dinov2_brain_key", "backend",
                      "batch_size", "overwrite"))
         if not ctx.delegated:
@@ -107,6 +116,7 @@ class TextQuery(foo.Operator):
             label="dinov2clip: sort by text",
             description="Sort the current view by similarity to a text query",
             dynamic=True,
+            disable_schema_validation=True,  # see the module docstring
         )
 
     def resolve_input(self, ctx):
@@ -133,8 +143,9 @@ class TextQuery(foo.Operator):
         return types.Property(inputs, view=types.View(label="dinov2clip text search"))
 
     def execute(self, ctx):
-        view = _brain().sort_by_text(_without_last_similarity_sort(ctx.view), ctx.params["query"],
-                                     ctx.params["brain_key"], ctx.params.get("k") or DEFAULT_K)
+        k = ctx.params.get("k")
+        view = _brain().sort_by_text(_without_last_similarity_sort(ctx.view), ctx.params.get("query"),
+                                     ctx.params.get("brain_key"), DEFAULT_K if k is None else k)
         ctx.ops.set_view(view)
         return {"count": len(view)}
 

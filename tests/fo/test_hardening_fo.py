@@ -2,7 +2,10 @@
 leave none behind, one field or key never serves both spaces, an index answers from what it holds now (after
 a rebuild, or an edit by another process), non-finite vectors are never written or searched with, and bad
 operator input gets one line the App shows. Real mongod, real LanceDB, real second processes."""
+import asyncio
+import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -223,3 +226,52 @@ def test_a_query_that_is_no_text_is_refused_in_one_line(dataset, zoo_tiny):
             fod.sort_by_text(dataset, "a dog", k=k)
     sample_id = dataset.first().id  # a text that looks like a sample id is still a text
     assert len(fod.sort_by_text(dataset, sample_id, k=6)) == 6
+
+
+# -- 5. operator input -----------------------------------------------------------------------------
+PLUGIN = "@dinov2clip/dinov2clip"
+COMPUTE = f"{PLUGIN}/compute_dinov2clip_similarity"
+QUERY = f"{PLUGIN}/dinov2clip_text_query"
+
+
+@pytest.fixture(scope="module")
+def plugin(mongod):
+    """The plugin as FiftyOne finds it in its plugins folder: fiftyone.yml and the one-line entry file."""
+    dest = Path(os.environ["FIFTYONE_PLUGINS_DIR"]) / "dinov2clip-hardening"
+    (dest / "fiftyone_dinov2clip").mkdir(parents=True)
+    shutil.copy(REPO / "fiftyone.yml", dest / "fiftyone.yml")
+    shutil.copy(REPO / "fiftyone_dinov2clip" / "plugin.py", dest / "fiftyone_dinov2clip" / "plugin.py")
+    yield dest
+    shutil.rmtree(dest)
+
+
+def run_operator(uri: str, dataset, **params):
+    """The ExecutionResult, as the App server's POST /operators/execute gets it: an exception here is its
+    HTTP 500, which the App shows as no message."""
+    from fiftyone.operators.executor import execute_or_delegate_operator
+
+    request = {"dataset_name": dataset.name, "view": None, "params": params, "request_delegation": False}
+    return asyncio.run(execute_or_delegate_operator(uri, request))
+
+
+@pytest.mark.parametrize("uri, params, message", [
+    (QUERY, {"query": "a dog", "k": 0}, "k must be a whole number of results, at least 1, not 0"),
+    (QUERY, {"query": "a dog", "k": -3}, "k must be a whole number of results, at least 1, not -3"),
+    (QUERY, {"query": ""}, "a text query must be a non-empty string, not ''"),
+    (QUERY, {"query": 7}, "a text query must be a non-empty string, not 7"),
+    (QUERY, {}, "a text query must be a non-empty string, not None"),
+    (COMPUTE, {"model": "{zoo}", "batch_size": 0}, "batch size must be a whole number, at least 1, not 0"),
+    (COMPUTE, {"model": "{zoo}", "backend": "nope"}, "unknown similarity backend 'nope' (FiftyOne's: "),
+    (COMPUTE, {"model": "{zoo}", "dinov2_field": "dinov2clip"}, "the CLIP-space and the DINOv2 embeddings need"),
+    (COMPUTE, {}, "choose a registered dinov2clip model, not None"),
+])
+def test_bad_operator_input_is_one_line_the_app_shows(plugin, dataset, zoo_tiny, uri, params, message):
+    fod.compute_similarity(dataset, zoo_tiny, brain_key="text")
+    params = {k: v.format(zoo=zoo_tiny) if isinstance(v, str) else v for k, v in params.items()}
+    if uri == QUERY:
+        params["brain_key"] = "text"
+    result = run_operator(uri, dataset, **params)
+    assert result.error_message is not None and result.error_message.startswith(message), result.error_message
+    assert "\n" not in result.error_message and "UserError" in result.error
+    assert dataset.list_brain_runs() == ["text"]
+    json.dumps(result.to_json())  # what the server sends back

@@ -228,6 +228,49 @@ def test_a_query_that_is_no_text_is_refused_in_one_line(dataset, zoo_tiny):
     assert len(fod.sort_by_text(dataset, sample_id, k=6)) == 6
 
 
+def blind_model_dir(out: Path) -> Path:
+    """make_tiny's random model, but with CLIP's text projection all zeros: every text encodes to a zero (or, once
+    normalised, a NaN) vector."""
+    import torch
+    from open_clip.model import CLIP
+    from transformers import Dinov2Config, Dinov2Model
+
+    from dinov2clip import modeldir as md
+    from dinov2clip.clip_text import save_clip
+
+    torch.manual_seed(0)
+    spec = md.RANDOM_SIZES["tiny"]
+    dinov2_cfg = Dinov2Config(image_size=224, patch_size=14, **spec["dinov2"])
+    backbone, clip_model = Dinov2Model(dinov2_cfg).eval(), CLIP(**md.TINY_CLIP_CFG).eval()
+    with torch.no_grad():
+        clip_model.text_projection.zero_()
+    projector = md.ProjectorWithResiduals(md.pooled_dim(dinov2_cfg.hidden_size, "mean"),
+                                          md.TINY_CLIP_CFG["embed_dim"], *spec["projector"]).eval()
+    config = md.ModelConfig(
+        dinov2={"source": "dinov2", "pooling": "mean", "class": "Dinov2Model", "hidden_size": dinov2_cfg.hidden_size,
+                "origin": f"sha256:{md.tensor_sha256(backbone.state_dict())}"},
+        clip={"model_name": spec["clip"], "pretrained": None, "embed_dim": md.TINY_CLIP_CFG["embed_dim"],
+              "quick_gelu": True, "origin": f"sha256:{md.tensor_sha256(clip_model.state_dict())}"},
+        projector={}, license=md.TINY_LICENSE, provenance={"recipe": "blind text tower (test)", "seed": 0})
+
+    def add_parts(tmp: Path, cfg) -> None:
+        backbone.save_pretrained(tmp / "dinov2", safe_serialization=True)
+        save_clip(clip_model, md.TINY_CLIP_CFG, tmp / "clip")
+        cfg.dinov2 = {**cfg.dinov2, "path": "dinov2"}
+        cfg.clip = {**cfg.clip, "path": "clip"}
+
+    return md.save_model_dir(config, projector, out, False, extra=add_parts)
+
+
+def test_a_text_that_encodes_to_no_direction_is_refused_in_one_line(dataset, zoo_tiny, tmp_path):
+    from fiftyone_dinov2clip import registry
+
+    blind = registry.register("dinov2clip-test-blind", str(blind_model_dir(tmp_path / "blind")))
+    fod.compute_similarity(dataset, blind)
+    with pytest.raises(UserError, match=r"^the query 'a dog' encodes to a (zero|non-finite) vector, which ranks "):
+        fod.sort_by_text(dataset, "a dog")
+
+
 # -- 5. operator input -----------------------------------------------------------------------------
 PLUGIN = "@dinov2clip/dinov2clip"
 COMPUTE = f"{PLUGIN}/compute_dinov2clip_similarity"

@@ -11,7 +11,9 @@ import torch
 from .errors import UserError
 from .preprocess import PreprocessConfig
 
-FORMAT_VERSION = "1.1"  # 1.1: clip.text_sha256 (optional; 1.0 readers ignore it)
+# 1.1: clip.text_sha256 (optional; 1.0 readers ignore it). 1.2: weights_sha256 also lists the bundled towers'
+# config files (1.x readers verify every file listed there; a 1.1 directory just has fewer hashes).
+FORMAT_VERSION = "1.2"
 CONFIG_FILE = "config.json"
 PROJECTOR_FILE = "projector.safetensors"
 
@@ -27,7 +29,8 @@ class ModelConfig:
     preprocess: dict = field(default_factory=lambda: PreprocessConfig().to_dict())
     license: str = "unknown"
     provenance: dict = field(default_factory=dict)
-    weights_sha256: dict = field(default_factory=dict)  # relative file path → sha256 of the file
+    # relative file path → sha256: every weight file, and every file of the bundled dinov2/ and clip/
+    weights_sha256: dict = field(default_factory=dict)
     format_version: str = FORMAT_VERSION
 
     @property
@@ -56,14 +59,20 @@ class ModelConfig:
 
     def encoder_identity(self, pooling: bool = True) -> dict:
         """What the encoders are: DINOv2 id + revision (+ pooling), CLIP name/pretrained (the name says
-        QuickGELU), preprocessing version. `pooling=False`: the towers alone (precomputed shards hold
-        every pooling)."""
+        QuickGELU), preprocessing version and every preprocessing setting that differs from that version's
+        defaults (a config.json written with the defaults keeps the fingerprint it always had). Bundled files
+        are not named here: their hashes are verified at load (docs/identity.md). `pooling=False`: the towers
+        alone (precomputed shards hold every pooling)."""
         ident = {
             "dinov2": self.dinov2.get("origin") or self.dinov2["source"],
             "dinov2_revision": self.dinov2.get("revision"),
             "clip": self.clip.get("origin") or f"{self.clip['model_name']}/{self.clip.get('pretrained')}",
             "preprocess_version": self.preprocess.get("version"),
         }
+        default = PreprocessConfig().to_dict()
+        changed = {k: v for k, v in self.preprocess.items() if k != "version" and default.get(k) != v}
+        if changed:
+            ident["preprocess"] = changed
         return {**ident, "pooling": self.dinov2["pooling"]} if pooling else ident
 
     def encoder_fingerprint(self, pooling: bool = True) -> str:

@@ -41,9 +41,12 @@ def write_projector(projector: ProjectorWithResiduals, path: Path) -> str:
 
 
 def finish_config(config: ModelConfig, root: Path) -> None:
-    """Record every weight file's sha256 (and a bundled CLIP's text-tensor hash, which lets a query-only
-    process read and check the text tower alone) and write config.json."""
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt"))
+    """Record the sha256 of every weight file and of every other file of the bundled towers (their config
+    files change embeddings too: layer_norm_eps, quick_gelu), all verified at load, and a bundled CLIP's
+    text-tensor hash (which lets a query-only process read and check the text tower alone); write config.json."""
+    towers = {config.dinov2.get("path"), config.clip.get("path")} - {None}
+    files = sorted(p for p in root.rglob("*") if p.is_file() and (
+        p.suffix in (".safetensors", ".bin", ".pt") or p.relative_to(root).parts[0] in towers))
     config.weights_sha256 = {p.relative_to(root).as_posix(): file_sha256(p) for p in files}
     clip = {k: v for k, v in config.clip.items() if k != "text_sha256"}
     if clip.get("path") and (root / clip["path"] / CLIP_WEIGHTS_FILE).is_file():

@@ -12,7 +12,7 @@ import pytest
 
 import dinov2clip
 from dinov2clip import UserError
-from dinov2clip.config import CONFIG_FILE
+from dinov2clip.config import CONFIG_FILE, file_sha256
 from dinov2clip.hub import push, upload_files
 
 
@@ -164,6 +164,8 @@ def test_a_bundled_config_naming_a_local_folder_is_refused_and_runs_nothing(copy
         if key == "hf_model_name":
             cfg["model_cfg"]["custom_text"] = True
     edit_json(copy_of_tiny / "clip" / "open_clip_config.json", edit)
+    digest = file_sha256(copy_of_tiny / "clip" / "open_clip_config.json")  # as a crafted directory would record it
+    edit_json(copy_of_tiny / CONFIG_FILE, lambda c: c["weights_sha256"].update({"clip/open_clip_config.json": digest}))
     for kwargs in ({"image": False}, {"teacher": True}):
         with pytest.raises(UserError, match=f"text_cfg.{key} .* is not a Hugging Face hub id") as err:
             dinov2clip.load_encoders(str(copy_of_tiny), device="cpu", **kwargs)
@@ -225,3 +227,35 @@ def test_a_huge_query_is_cut_before_tokenising_and_non_strings_are_refused(tiny_
             encoders.encode_text(wrong)
         assert "\n" not in str(err.value)
     assert encoders.encode_text([]).shape == (0, encoders.embed_dim)  # nothing asked, nothing given
+
+
+# -- 5. identity covers behaviour: edited tower configs are refused, an edited preprocessing is another model ---
+@pytest.mark.parametrize("rel, edit, loads", [  # every load that reads the tower
+    ("dinov2/config.json", lambda c: c.update(layer_norm_eps=1e-2), [{}, {"text": False}]),
+    ("clip/open_clip_config.json", lambda c: c["model_cfg"].update(quick_gelu=False),
+     [{}, {"image": False}, {"teacher": True}]),
+])
+def test_an_edited_tower_config_is_refused_at_load(copy_of_tiny, rel, edit, loads):
+    edit_json(copy_of_tiny / rel, edit)
+    for kwargs in loads:
+        with pytest.raises(UserError, match=f"{rel} does not match its sha256") as err:
+            dinov2clip.load(str(copy_of_tiny), device="cpu", **kwargs)
+        assert "\n" not in str(err.value)
+
+
+def test_an_edited_preprocessing_block_is_other_encoders(copy_of_tiny, tiny_dir):
+    ours = dinov2clip.load_encoders(str(tiny_dir), image=False, text=False)
+    edit_json(copy_of_tiny / CONFIG_FILE, lambda c: c["preprocess"].update(resize=288))
+    edited = dinov2clip.load_encoders(str(copy_of_tiny), image=False, text=False)
+    assert edited.encoder_fingerprint != ours.encoder_fingerprint
+    assert edited.config.encoder_fingerprint(pooling=False) != ours.config.encoder_fingerprint(pooling=False)
+    with pytest.raises(UserError, match="was trained for encoders"):  # its projector saw other pixels
+        dinov2clip.load(str(copy_of_tiny), device="cpu")
+
+
+def test_a_directory_written_before_config_hashes_still_loads(copy_of_tiny, tiny_model):
+    edit_json(copy_of_tiny / CONFIG_FILE, lambda c: c.update(format_version="1.1", weights_sha256={
+        k: v for k, v in c["weights_sha256"].items() if not k.endswith(".json")}))
+    old = dinov2clip.load(str(copy_of_tiny), device="cpu", dtype="fp32")
+    assert old.fingerprint == tiny_model.fingerprint
+    assert (old.encode_text(["a dog"]).numpy() == tiny_model.encode_text(["a dog"]).numpy()).all()

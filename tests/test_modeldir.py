@@ -35,7 +35,8 @@ def test_config_records_license_provenance_version_and_hashes(tiny_dir):
     assert cfg["provenance"]["seed"] == 0
     assert cfg["embed_dim"] == cfg["projector"]["output_dim"] == 32
     assert set(cfg["weights_sha256"]) == {"projector.safetensors", "dinov2/model.safetensors",
-                                          "clip/open_clip_model.safetensors"}
+                                          "clip/open_clip_model.safetensors", "dinov2/config.json",
+                                          "clip/open_clip_config.json"}
     for rel, digest in cfg["weights_sha256"].items():
         assert file_sha256(tiny_dir / rel) == digest
     assert cfg["dinov2"]["path"] == "dinov2" and cfg["clip"]["path"] == "clip"

@@ -364,21 +364,26 @@ def kept_rows(split_dir: Path) -> list[str]:
     return out
 
 
-def queries_for(queries: str | None, template: str, labels: str | None, paths, skipped):
-    """(query texts, labeller or None). `labels="folder"`: each image's class is its parent folder's name."""
+def queries_for(queries: str | None, template: str, labels, paths, skipped):
+    """(query texts, labeller or None). `labels="folder"`: each image's class is its parent folder's name; a
+    dict: path → class (None: unlabelled, left out of the labelled figures)."""
     if "{}" not in template:
         raise UserError(f"--template must contain {{}} where the class goes, got {template!r}")
     if labels is None:
         return (q.read_queries(queries) if queries else [template.format(w) for w in q.VOCABULARY]), None
-    if labels != "folder":
+    if labels == "folder":
+        label_of = {str(p): Path(p).parent.name for p in paths}
+    elif isinstance(labels, dict):
+        label_of = {str(p): labels.get(str(p)) for p in paths}
+    else:
         raise UserError(f"--labels takes 'folder' (the parent folder's name is the class), got {labels!r}")
-    classes = sorted({Path(p).parent.name for p in paths})
+    classes = sorted({c for c in label_of.values() if c is not None})
     if len(classes) < 2:
-        raise UserError("--labels folder needs images in at least two class folders")
+        raise UserError(f"labels name {len(classes)} class(es) among these images: zero-shot needs at least two")
 
     def labeller(rows, images):
         index = {c: i for i, c in enumerate(classes)}
-        return np.array([index[images.paths[h].parent.name] for h in rows])
+        return np.array([index.get(label_of.get(str(images.paths[h])), -1) for h in rows])
 
     return [template.format(c.replace("_", " ")) for c in classes], labeller
 

@@ -89,12 +89,14 @@ def rank_correlation(model_scores: np.ndarray, teacher_scores: np.ndarray) -> fl
 
 
 def zero_shot_accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
-    """scores [classes, images]: the share of images whose best class is their label."""
-    return float(np.mean(scores.argmax(axis=0) == labels))
+    """scores [classes, images]: the share of labelled images (label ≥ 0) whose best class is their label."""
+    known = labels >= 0
+    return float(np.mean(scores[:, known].argmax(axis=0) == labels[known]))
 
 
 def precision_at_k(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Mean over classes of the share of the class prompt's top-k images that carry that class."""
+    """Mean over classes of the share of the class prompt's top-k images that carry that class (an unlabelled
+    image carries none)."""
     k = min(k, scores.shape[1])
     top = _topk(scores, k)
     return float(np.mean([(labels[row] == c).mean() for c, row in enumerate(top)]))
@@ -113,6 +115,7 @@ def compare(model_images: np.ndarray, teacher_images: np.ndarray, text: np.ndarr
     for k in ks:
         out[f"teacher_agreement@{k}"] = teacher_agreement(ours, theirs, k)
     if labels is not None:
+        out["labelled_images"] = int((labels >= 0).sum())
         zs = {"model": zero_shot_accuracy(ours, labels), "clip": zero_shot_accuracy(theirs, labels)}
         out["zero_shot_accuracy"] = {**zs, "ratio": zs["model"] / zs["clip"] if zs["clip"] else None}
         for k in ks:

@@ -224,14 +224,36 @@ def add_planted(sub) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
+def images_and_labels(args):
+    """IMAGES, or a FiftyOne dataset's (or saved view's) files; labels from folders or a label field."""
+    if (args.view or args.label_field) and not args.dataset:
+        raise UserError("--view and --label-field need --dataset")
+    if bool(args.images) == bool(args.dataset):
+        raise UserError("give IMAGES (folders, files, globs) or --dataset NAME, one of the two")
+    if args.label_field and args.labels:
+        raise UserError("give --labels folder or --label-field, not both")
+    if not args.dataset:
+        return args.images, args.labels
+    from fiftyone_dinov2clip.fitting import image_paths, labels_of, samples_of
+
+    samples = samples_of(args.dataset, args.view)
+    return image_paths(samples), labels_of(samples, args.label_field) if args.label_field else None
+
+
 def cmd_fit(args) -> None:
     from .fit import fit
     from .quality import summary_line
 
-    result = fit(args.images, args.model, args.out, init=args.init, from_scratch=args.from_scratch,
+    images, labels = images_and_labels(args)
+    if args.register:
+        from fiftyone_dinov2clip.registry import NAME_RE
+
+        if not NAME_RE.match(args.register):
+            raise UserError(f"--register {args.register!r}: use letters, digits, - and _")
+    result = fit(images, args.model, args.out, init=args.init, from_scratch=args.from_scratch,
                  epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, hidden_dim=args.hidden_dim,
                  num_blocks=args.num_blocks, val_percent=args.val_percent, queries=args.queries,
-                 template=args.template, labels=args.labels, cache=args.cache, device=args.device, dtype=args.dtype,
+                 template=args.template, labels=labels, cache=args.cache, device=args.device, dtype=args.dtype,
                  encode_batch_size=args.encode_batch_size, workers=args.workers, overwrite=args.overwrite,
                  seed=args.seed, progress=not args.quiet)
     c, report = result["counts"], result["quality"]
@@ -243,6 +265,10 @@ def cmd_fit(args) -> None:
         print(f"held-out quality before: {summary_line(report['before'])}")
     print(f"held-out quality after:  {summary_line(report)}  ({report['queries_from']})")
     print(f"model: {result['model']} (epoch {result['selected_epoch']}); report: {report['files']['markdown']}")
+    if args.register:
+        from fiftyone_dinov2clip.registry import register
+
+        print(f"registered for FiftyOne as {register(args.register, result['model'])}")
 
 
 def add_fit(sub) -> None:
@@ -251,7 +277,7 @@ def add_fit(sub) -> None:
                                    "teacher's image embedding. Features are cached by content (a rerun encodes "
                                    "nothing again); a killed run resumes; OUT receives a model directory.")
     p.set_defaults(func=cmd_fit)
-    p.add_argument("images", nargs="+", metavar="IMAGES", help="image folders (recursive), files or globs")
+    add_inputs(p)
     p.add_argument("--model", default=DEFAULT_PRESET,
                    help=f"the encoders (preset, model directory or hf-hub:org/repo); its projector, if it has one, "
                         f"is the starting point (default: {DEFAULT_PRESET})")
@@ -267,8 +293,17 @@ def add_fit(sub) -> None:
                                                                    "and report quality (default: 10)")
     add_query_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it is a model directory")
+    p.add_argument("--register", default=None, metavar="NAME", help="register the model for FiftyOne as NAME")
     p.add_argument("--seed", type=int, default=0)
     add_encode_options(p)
+
+
+def add_inputs(p) -> None:
+    p.add_argument("images", nargs="*", metavar="IMAGES", help="image folders (recursive), files or globs")
+    p.add_argument("--dataset", default=None, metavar="NAME", help="a FiftyOne dataset's images instead")
+    p.add_argument("--view", default=None, metavar="NAME", help="a saved view of --dataset")
+    p.add_argument("--label-field", default=None, metavar="FIELD",
+                   help="a Classification field of --dataset: classes for zero-shot accuracy and precision@k")
 
 
 def add_query_options(p) -> None:
@@ -293,8 +328,9 @@ def cmd_quality(args) -> None:
     from .fit import quality
     from .quality import summary_line
 
-    report = quality(args.images, args.model, args.out, queries=args.queries, template=args.template,
-                     labels=args.labels, max_images=args.max_images, cache=args.cache, device=args.device,
+    images, labels = images_and_labels(args)
+    report = quality(images, args.model, args.out, queries=args.queries, template=args.template,
+                     labels=labels, max_images=args.max_images, cache=args.cache, device=args.device,
                      dtype=args.dtype, encode_batch_size=args.encode_batch_size, workers=args.workers,
                      seed=args.seed, progress=not args.quiet)
     sampled = report["sampled"]
@@ -310,7 +346,7 @@ def add_quality(sub) -> None:
                                    "(% of CLIP on your data), rank correlation, and with labels zero-shot accuracy "
                                    "and precision@k side by side. Writes quality.json, quality.md, quality.png.")
     p.set_defaults(func=cmd_quality)
-    p.add_argument("images", nargs="+", metavar="IMAGES", help="image folders (recursive), files or globs")
+    add_inputs(p)
     p.add_argument("--model", default=DEFAULT_PRESET, help="the model to judge (preset, directory, hf-hub:)")
     p.add_argument("--out", required=True, metavar="DIR", help="where quality.json, .md and .png go")
     p.add_argument("--max-images", type=int, default=5000, help="a seeded sample when there are more")

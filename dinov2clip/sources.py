@@ -29,8 +29,10 @@ def url_cache_path(url: str) -> Path:
     return cache_dir() / "downloads" / f"{digest}-{Path(url.split('?')[0]).name or 'file'}"
 
 
-_BRING_YOUR_OWN = ("train one with `python -m training.run --config CONFIG.yaml`, or pass a projector "
-                   "you have (projector=PATH to a .pt/.safetensors file or model directory)")
+_BRING_YOUR_OWN = ("fit one to your own images, no captions needed: `python -m training.run fit IMAGES --model "
+                   "reference --out my-model`, then use `--model my-model`; or pass a projector you have "
+                   "(--projector PATH on the command line, projector=PATH in Python: a .pt/.safetensors file or "
+                   "model directory)")
 
 
 def fetch_url(url: str, timeout: float = 60.0) -> Path:

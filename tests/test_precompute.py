@@ -184,3 +184,33 @@ def test_an_unreadable_shard_is_skipped_named_and_retried(shards, tiny_dir, tmp_
                             capture_output=True, text=True, timeout=300)
     errors = [line for line in strict.stderr.splitlines() if "error" in line]
     assert strict.returncode == 2 and len(errors) == 1 and "--strict" in errors[0] and "Traceback" not in strict.stderr
+
+
+def test_captions_bounded_and_bad_ones_skipped(tmp_path, tiny_dir):
+    """A 64,000-character alt text is cut (and counted); an empty caption, a blank one and a json caption that
+    is not a string are skipped and named, never trained on."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, "PNG")
+    members = {"long.png": buf.getvalue(), "long.txt": b"x" * 64_000, "empty.png": buf.getvalue(), "empty.txt": b"",
+               "blank.png": buf.getvalue(), "blank.txt": b"  \n ", "num.png": buf.getvalue(),
+               "num.json": json.dumps({"caption": 42}).encode(), "ok.png": buf.getvalue(),
+               "ok.json": json.dumps({"caption": "a red square"}).encode()}
+    tar_path = tmp_path / "captions.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    summary = pc.precompute(str(tiny_dir), [str(tar_path)], tmp_path / "out", batch_size=4, device="cpu",
+                            dtype="fp32", workers=1, progress=False)
+    assert summary["samples"] == 2 and summary["skipped"] == 3
+    meta = json.loads((tmp_path / "out" / "shards" / "captions" / pc.META).read_text())
+    assert set(meta["skipped_keys"]) == {"empty", "blank", "num"} and meta["captions_cut"] == 1
+    captions = dict(zip(*json.loads((tmp_path / "out" / "shards" / "captions" / pc.TEXT).read_text()).values()))
+    assert len(captions["long"]) == pc.MAX_CAPTION_CHARS and captions["long"].endswith(pc.CUT_MARK)
+    assert captions["ok"] == "a red square"

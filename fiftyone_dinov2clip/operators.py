@@ -1,4 +1,5 @@
-"""FiftyOne operators: build a text-searchable similarity index, and sort the App's view by text.
+"""FiftyOne operators: build a text-searchable similarity index, sort the App's view by text, fit a projector
+to the view's images, and judge a model's text search on them against its CLIP teacher.
 
 Each `execute` is one call into `brain`; the forms only collect its arguments. `brain` (the zoo model,
 fiftyone.brain) is imported when a form opens or an operator runs, not when FiftyOne registers the
@@ -9,6 +10,8 @@ FiftyOne's schema validation of a request is turned off (`disable_schema_validat
 invalid (k = 0, an empty query) is raised from the App server as HTTP 500, with no message the App shows.
 `execute` checks the values itself, through `brain`, which refuses bad ones with one line."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import fiftyone.core.utils as fou
 import fiftyone.operators as foo
@@ -22,6 +25,13 @@ DEFAULT_K = 25
 BACKENDS = ("auto", "sklearn", "lancedb")  # auto: brain.default_backend (by the dataset's size)
 REGISTER_HINT = ("register one with `python -m fiftyone_dinov2clip register-presets` or "
                  "`python -m fiftyone_dinov2clip register NAME SOURCE`, then reopen this form")
+
+
+# Images in the view above which fit and quality forms default to "Schedule": encoding them (and training)
+# outlasts what an App request should hold the server for.
+DELEGATE_AT = 500
+QUALITY_RUN_KEY = "dinov2clip_quality"
+QUALITY_METHOD = "dinov2clip_quality"
 
 
 def _brain():
@@ -168,8 +178,218 @@ def _without_last_similarity_sort(view):
     return fov.DatasetView._build(view._root_dataset, view._serialize()[:-1])
 
 
+class _LongRunning(foo.Operator):
+    """Fit and quality encode every image of the view: both run immediately or delegated, and a large view
+    defaults to delegated in the App's execution menu."""
+
+    def resolve_execution_options(self, ctx):
+        from fiftyone.operators.executor import ExecutionOptions
+
+        return ExecutionOptions(allow_immediate_execution=True, allow_delegated_execution=True,
+                                default_choice_to_delegated=len(ctx.target_view()) >= DELEGATE_AT)
+
+
+class FitProjector(_LongRunning):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="fit_projector",
+            label="dinov2clip: fit a model to these images",
+            description="Fit a dinov2clip projector to the images of the current view (no captions needed) "
+                        "and write a model directory",
+            dynamic=True,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+            disable_schema_validation=True,  # see the module docstring
+        )
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        inputs.view_target(ctx)
+        _model_input(inputs, "the encoders, and the projector the fit starts from: a registered zoo model or "
+                             "a model directory")
+        inputs.str("out", required=True, label="Output directory",
+                   description="absolute path of the model directory to write")
+        inputs.int("epochs", default=10, min=1, label="Epochs")
+        inputs.str("register", label="Register as (optional)",
+                   description="also register the fitted model in the FiftyOne zoo under this name")
+        inputs.bool("from_scratch", default=False, label="From scratch",
+                    description="start from random weights, not the base model's projector")
+        inputs.bool("overwrite", default=False, label="Overwrite", description="replace a model already there")
+        inputs.int("hidden_dim", min=1, label="Hidden width (optional)", description="empty: training's default")
+        inputs.int("num_blocks", min=1, label="Residual blocks (optional)", description="empty: training's default")
+        return types.Property(inputs, view=types.View(label="dinov2clip: fit a model to these images"))
+
+    def execute(self, ctx):
+        from training.fit import fit
+        from training.quality import summary_line
+
+        from . import fitting
+
+        params = ctx.params
+        source = _model_source(params.get("model"))
+        out = _out_dir(params.get("out"))
+        name = params.get("register") or None
+        if name is not None:
+            registry.check_name(name)  # a bad name is refused before the fit, not after it
+        sizes = {k: _whole(params, k) for k in ("epochs", "hidden_dim", "num_blocks")}
+        sizes = {k: v for k, v in sizes.items() if v is not None}
+        paths = fitting.image_paths(ctx.target_view())
+        if ctx.delegated:  # fit reports no finer progress than its stages
+            ctx.set_progress(progress=0.0, label=f"encoding and fitting {len(paths)} images")
+        result = fit(paths, source, out, from_scratch=bool(params.get("from_scratch")),
+                     overwrite=bool(params.get("overwrite")), progress=ctx.delegated, **sizes)
+        registered = registry.register(name, result["model"]) if name else None
+        if ctx.delegated:
+            ctx.set_progress(progress=1.0, label="done")
+        report, counts = result["quality"], result["counts"]
+        return {"model_dir": result["model"], "quality": summary_line(report), "registered": registered,
+                "images": counts["distinct"], "train": counts["train"], "held_out": counts["val"],
+                "unreadable": counts["unreadable"], "selected_epoch": result["selected_epoch"],
+                "report": report["files"]["markdown"]}
+
+    def resolve_output(self, ctx):
+        outputs = types.Object()
+        outputs.str("model_dir", label="Model directory")
+        outputs.str("quality", label="Quality on the held-out images, against the CLIP teacher")
+        outputs.str("registered", label="Registered zoo model")
+        outputs.int("images", label="Distinct images")
+        outputs.int("train", label="Training images")
+        outputs.int("held_out", label="Held-out images")
+        outputs.int("unreadable", label="Unreadable images (skipped)")
+        outputs.int("selected_epoch", label="Selected epoch")
+        outputs.str("report", label="Quality report")
+        return types.Property(outputs, view=types.View(label="dinov2clip: fitted model"))
+
+
+class TextSearchQuality(_LongRunning):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="text_search_quality",
+            label="dinov2clip: text search quality on these images",
+            description="Compare a dinov2clip model's text search with its CLIP teacher's on the images of the "
+                        "current view; stored as a run on the dataset",
+            dynamic=True,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+            disable_schema_validation=True,  # see the module docstring
+        )
+
+    def resolve_input(self, ctx):
+        import fiftyone as fo
+
+        inputs = types.Object()
+        inputs.view_target(ctx)
+        _model_input(inputs, "the model to judge: a registered zoo model or a model directory")
+        fields = ctx.dataset.get_field_schema(embedded_doc_type=fo.Classification)
+        if fields:
+            choices = types.Dropdown(label="Label field (optional)",
+                                     description="a Classification field: adds zero-shot accuracy and "
+                                                 "precision@k, with 'a photo of a {label}' as the prompts")
+            for name in fields:
+                choices.add_choice(name, label=name)
+            inputs.str("label_field", view=choices)
+        inputs.str("out", required=True, label="Output directory",
+                   description="absolute path where quality.json, quality.md and quality.png go")
+        inputs.str("run_key", default=QUALITY_RUN_KEY, label="Run key",
+                   description="the report is stored as this run on the dataset")
+        inputs.bool("overwrite", default=False, label="Overwrite", description="replace a run with this key")
+        return types.Property(inputs, view=types.View(label="dinov2clip: text search quality"))
+
+    def execute(self, ctx):
+        from training.fit import quality
+        from training.quality import summary_line
+
+        from . import fitting
+
+        params = ctx.params
+        source = _model_source(params.get("model"))
+        out = _out_dir(params.get("out"))
+        key = params.get("run_key") or QUALITY_RUN_KEY
+        if not isinstance(key, str) or not key.isidentifier():
+            raise UserError(f"run key {key!r}: use letters, digits and _, not starting with a digit")
+        if ctx.dataset.has_run(key) and not params.get("overwrite"):
+            raise UserError(f"run key {key!r} exists on dataset {ctx.dataset.name!r}: choose another or overwrite")
+        view = ctx.target_view()
+        field = params.get("label_field") or None
+        labels = fitting.labels_of(view, field) if field else None
+        paths = fitting.image_paths(view)
+        if not paths:
+            raise UserError("the view has no images")
+        if ctx.delegated:  # quality reports no finer progress than its stages
+            ctx.set_progress(progress=0.0, label=f"encoding and scoring {len(paths)} images")
+        report = quality(paths, source, out, labels=labels, progress=ctx.delegated)
+        # a FiftyOne run: parameters in its config (listed with the dataset), the report in its results
+        config = view.init_run(method=QUALITY_METHOD, model=params.get("model"), source=source, label_field=field,
+                               out=out, images=report["images"])
+        view.register_run(key, config, overwrite=True)
+        view.save_run_results(key, view.init_run_results(key, report=report, summary=summary_line(report)))
+        if ctx.delegated:
+            ctx.set_progress(progress=1.0, label="done")
+        return {"run_key": key, "quality": summary_line(report), "images": report["images"],
+                "unreadable": report["unreadable"], "report": report["files"]["markdown"]}
+
+    def resolve_output(self, ctx):
+        outputs = types.Object()
+        outputs.str("run_key", label="Run key")
+        outputs.str("quality", label="Against the CLIP teacher")
+        outputs.int("images", label="Images")
+        outputs.int("unreadable", label="Unreadable images (skipped)")
+        outputs.str("report", label="Report")
+        return types.Property(outputs, view=types.View(label="dinov2clip: text search quality"))
+
+
+def _model_input(inputs, description: str) -> None:
+    """Registered zoo models offered by name; a model directory can be typed instead."""
+    names = registry.registered()
+    choices = types.AutocompleteView(label="Model", description=description, allow_user_input=True)
+    for name in names:
+        choices.add_choice(name, label=name)
+    inputs.str("model", required=True, default=names[-1] if names else None, view=choices)
+
+
+def _model_source(model) -> str:
+    """What training reads: a registered zoo name → the source it was registered from; anything else (a model
+    directory, a preset) as given, which training refuses in one line when it cannot load it."""
+    if not isinstance(model, str) or not model.strip():
+        raise UserError(f"choose a dinov2clip model (a registered zoo model or a model directory), not {model!r}")
+    model = model.strip()
+    path = Path(model).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    if model.partition("@")[0] in {n.partition("@")[0] for n in registry.registered()}:
+        return registry.spec(model)["source"]
+    return model
+
+
+def _out_dir(out) -> str:
+    """An absolute path: the App server and a delegated executor run in different working directories."""
+    if not isinstance(out, str) or not out.strip():
+        raise UserError(f"give an output directory, not {out!r}")
+    path = Path(out.strip()).expanduser()
+    if not path.is_absolute():
+        raise UserError(f"output directory {out!r} must be an absolute path")
+    if path.is_file():
+        raise UserError(f"output directory {out} is a file: give a directory")
+    return str(path)
+
+
+def _whole(params: dict, name: str) -> int | None:
+    """An optional whole number ≥ 1; the App sends numbers as JSON, so 10.0 is 10."""
+    value = params.get(name)
+    if value in (None, ""):
+        return None
+    whole = isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
+    if not whole or value < 1:
+        raise UserError(f"{name.replace('_', ' ')} must be a whole number ≥ 1, got {value!r}")
+    return int(value)
+
+
 def register(p):
     p.register(ComputeSimilarity)
     p.register(TextQuery)
+    p.register(FitProjector)
+    p.register(TextSearchQuality)
     warmup.start()  # App server: torch/open_clip imported while the page loads
     store_poll.apply()  # App server: the search panel learns sooner that a run finished

@@ -76,7 +76,7 @@ def _load(args, image: bool = True, text: bool = True):
     from .factory import load
 
     return load(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                image=image, text=text)
+                image=image, text=text, projector=args.projector)
 
 
 def positive_int(text: str) -> int:
@@ -111,7 +111,8 @@ def cmd_embed(args) -> None:
         print(f"skipped: {msg}", file=sys.stderr)
     model_ref = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
     save_embeddings(Path(args.out), emb, [str(p) for p in kept],
-                    {"model": model_ref, "fingerprint": model.fingerprint, "embed_dim": model.embed_dim,
+                    {"model": model_ref, "projector": args.projector, "fingerprint": model.fingerprint,
+                     "embed_dim": model.embed_dim,
                      "skipped": len(failures), "created": datetime.datetime.now().isoformat(timespec="seconds")})
     print(f"embedded {len(kept)} images, skipped {len(failures)} unreadable → {args.out}")
 
@@ -124,7 +125,8 @@ def cmd_search(args) -> None:
 
     emb, items, meta = load_embeddings(Path(args.file))
     args.model = args.model or meta["model"]
-    fingerprint = resolve_source(args.model)[0].known_fingerprint()
+    args.projector = args.projector or meta.get("projector")
+    fingerprint = None if args.projector else resolve_source(args.model)[0].known_fingerprint()
     if fingerprint:  # a model directory names its projector: the text tower suffices
         model = load_encoders(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                               image=False)
@@ -157,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default=DEFAULT_PRESET if required_model else None,
                        help=f"model directory, preset name or hf-hub:org/repo (default: {DEFAULT_PRESET}"
                             + ("" if required_model else "; search: the model recorded in FILE") + ")")
+        p.add_argument("--projector", default=None, metavar="PATH",
+                       help="use this projector (.pt/.safetensors file, model directory, URL or hf-hub:) with "
+                            "the model's encoders" + ("" if required_model else "; search: the one recorded in FILE"))
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
         p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
         p.add_argument("--batch-size", type=int, default=32)

@@ -332,8 +332,28 @@ def load(source: str = DEFAULT_PRESET, device: str | None = None, dtype="auto", 
     config, root = resolve_source(source)
     if projector is not None:
         config.projector = {"source": projector, **_trained_for(projector)}
-    return build(config, root, device=device, dtype=dtype, batch_size=batch_size, image=image, text=text,
-                 teacher=teacher or keep_clip_visual)
+    model = build(config, root, device=device, dtype=dtype, batch_size=batch_size, image=image, text=text,
+                  teacher=teacher or keep_clip_visual)
+    demo_notice(config, source)
+    return model
+
+
+_NOTICED: set[str] = set()
+
+
+def demo_notice(config: ModelConfig, source: str) -> None:
+    """Say once per process, for a model whose towers are random demo weights, what it can serve. (Logged,
+    not warned: a CLI user sees the plain line, and every front-end loads through here.)"""
+    demo = config.provenance.get("demo")
+    if not demo or str(source) in _NOTICED:
+        return
+    _NOTICED.add(str(source))
+    import logging
+
+    logging.getLogger("dinov2clip").warning(
+        f"note: {source} is a demo model ({demo}): it finds only what its training data showed it. For your own "
+        "images, fit a model: python -m training.run fit IMAGES --model reference --out my-model "
+        "(README: A model for your images)")
 
 
 def _trained_for(projector: str) -> dict:

@@ -183,7 +183,8 @@ def make_tiny(out_dir: str, seed: int = 0, pooling: str = "mean", overwrite: boo
         clip={"model_name": spec["clip"], "pretrained": None, "embed_dim": clip_cfg["embed_dim"],
               "quick_gelu": True, "origin": f"sha256:{tensor_sha256(clip_model.state_dict())}"},
         projector={}, license=TINY_LICENSE,
-        provenance={"recipe": f"random {size} model (dinov2clip make-tiny)", "seed": seed},
+        provenance={"recipe": f"random {size} model (dinov2clip make-tiny)", "seed": seed,
+                    "demo": "random-weight DINOv2 and CLIP towers"},
     )
 
     def add_parts(tmp: Path, cfg: ModelConfig) -> None:

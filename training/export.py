@@ -101,6 +101,7 @@ def export_model(cfg: TrainConfig, projector, train_data: EmbeddingSet, metrics:
         "data_manifest_sha256": train_data.data_sha256, "seed": cfg.seed, "git_sha": git_sha(),
         "selected_epoch": best["epoch"], "selected_on": selected_on, "selection_metric": cfg.select_metric,
         "metrics": metrics, "base_model": str(source),
+        **({"demo": base.provenance["demo"]} if base.provenance.get("demo") else {}),  # random towers stay a demo
     }
 
     def copy_parts(tmp: Path, config) -> None:

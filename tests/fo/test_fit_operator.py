@@ -43,6 +43,14 @@ def fitted(labelled, zoo_tiny, tmp_path_factory):
     return run(FIT, labelled, model=zoo_tiny, out=str(out), register=name, **SMALL), out, name
 
 
+def test_plugin_registers_fit_and_quality(plugin):
+    import fiftyone.operators as foo
+
+    registry = foo.OperatorRegistry()
+    assert [e for e in registry.list_errors() if "dinov2clip" in e] == []
+    assert {op.uri for op in registry.list_operators(builtin=False)} >= {FIT, QUALITY}
+
+
 def test_fit_immediately_writes_and_registers_a_model(fitted):
     import dinov2clip
 

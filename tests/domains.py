@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.synthetic import COLOURS, SHAPES, shape_image
+from training.synthetic import COLOURS, SHAPES, draw_shape, shape_image
 
 CLASSES = [f"{c} shape" for c in COLOURS]
 TEACHER_CLIP = {"embed_dim": 32, "quick_gelu": True,
@@ -19,20 +19,10 @@ TEACHER_CLIP = {"embed_dim": 32, "quick_gelu": True,
 
 
 def noisy_shape_image(rng, colour: str, shape: str, size: int = 96):
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
-    img = Image.fromarray(rng.integers(0, 256, (size, size, 3)).astype(np.uint8))
-    draw = ImageDraw.Draw(img)
-    r = rng.uniform(0.15, 0.3) * size
-    cx, cy = rng.uniform(r, size - r, 2)
-    fill = COLOURS[colour]
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif shape == "square":
-        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    else:
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-    return img
+    noise = Image.fromarray(rng.integers(0, 256, (size, size, 3)).astype(np.uint8))
+    return draw_shape(rng, noise, colour, shape, (0.15, 0.3))
 
 
 def draw(domain: str, rng, colour: str, shape: str):

@@ -27,12 +27,19 @@ SHAPES = ("circle", "square", "triangle")
 
 def shape_image(rng: np.random.Generator, colour: str, shape: str, size: int = 64):
     """One RGB image: a `colour` `shape` at a random place and scale on a dark random background."""
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     bg = tuple(int(v) for v in rng.integers(0, 90, 3))
-    img = Image.new("RGB", (size, size), bg)
+    return draw_shape(rng, Image.new("RGB", (size, size), bg), colour, shape, (0.2, 0.4))
+
+
+def draw_shape(rng: np.random.Generator, img, colour: str, shape: str, scale=(0.2, 0.4)):
+    """Draw a `colour` `shape` on `img` at a random place, its radius a random share (`scale`) of the size."""
+    from PIL import ImageDraw
+
+    size = img.size[0]
     draw = ImageDraw.Draw(img)
-    r = rng.uniform(0.2, 0.4) * size
+    r = rng.uniform(*scale) * size
     cx, cy = rng.uniform(r, size - r, 2)
     fill = COLOURS[colour]
     if shape == "circle":

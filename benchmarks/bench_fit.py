@@ -7,7 +7,7 @@ images costs here, split into encoding and training (is training the bottleneck?
     python benchmarks/bench_fit.py --quick             # the tiny model, 64 JPEGs, 1 repeat (CI: it runs)
 
 Images: random-noise JPEGs 320×240, as files for fit and in one webdataset tar (with captions) for
-precompute; each repeat starts from empty caches, and the two commands alternate. Training: `fit`'s own
+precompute; each repeat starts from empty caches, in ABBA order. Training: `fit`'s own
 train config (MSE, the reference projector 768→2048×6→512 at reference size) on synthetic features of
 the precompute format. A benchmark, not a test: it prints figures, it asserts nothing.
 """
@@ -127,9 +127,11 @@ def main() -> None:
             model = str(reference_model_dir(args.model_dir, home))
         folder, tar = write_images(home, args.images)
         rates = {"precompute": [], "fit": []}
-        for r in range(args.repeats):
-            rates["precompute"].append(time_precompute(model, tar, home / f"pre{r}", args))
-            rates["fit"].append(time_fit_encode(model, folder, home / f"cache{r}", args))
+        for r in range(args.repeats):  # ABBA order: a drift in the machine's speed hits both alike
+            order = ("precompute", "fit") if r % 2 == 0 else ("fit", "precompute")
+            for which in order:
+                rates[which].append(time_precompute(model, tar, home / f"pre{r}", args) if which == "precompute"
+                                    else time_fit_encode(model, folder, home / f"cache{r}", args))
             print(f"repeat {r + 1}: precompute {rates['precompute'][-1]:.2f} img/s, fit {rates['fit'][-1]:.2f} img/s",
                   flush=True)
         train_rate = time_training(home / "train", args)

@@ -4,6 +4,10 @@ zero-shot accuracy must rise, by more than the spread between two fits that diff
 
 The teacher is a tiny CLIP trained here to name the colour of a shape on both domains (tests/domains.py): a
 random teacher knows no words, so its zero-shot accuracy would be chance and the test would say nothing."""
+import json
+import os
+from pathlib import Path
+
 import pytest
 
 from domains import colour_teacher_model, write_domain
@@ -37,6 +41,8 @@ def shift(tmp_path_factory, monkeypatch_module):
     for seed in (0, 1):
         fit([b], teacher, work / f"on-B-{seed}", init=str(work / "on-A"), seed=seed, **COMMON)
         out[f"after-{seed}"] = figures(judged(str(work / f"on-B-{seed}"), f"q-after-{seed}"))
+    if os.environ.get("DINOV2CLIP_TEST_ARTIFACTS"):  # CI keeps the figures (docs/fit.md quotes a run)
+        Path(os.environ["DINOV2CLIP_TEST_ARTIFACTS"], "fit-domain-shift.json").write_text(json.dumps(out, indent=2))
     return out
 
 

@@ -37,10 +37,12 @@ class EmbedReport:
     embedded: int = 0
     skipped_existing: int = 0
     failed: list = field(default_factory=list)  # (filepath, reason)
+    projected: int | None = None  # a model over a stored field: how many samples were projected from it
 
     def __str__(self) -> str:
         s = f"embedded {self.embedded} images, {len(self.failed)} unreadable (skipped)"
-        return s + (f", {self.skipped_existing} already had embeddings" if self.skipped_existing else "")
+        s += f", {self.skipped_existing} already had embeddings" if self.skipped_existing else ""
+        return s + (f", {self.projected} projected from the stored field" if self.projected is not None else "")
 
 
 def load(model="dinov2clip-reference", **kwargs) -> DinoV2ClipModel:
@@ -114,14 +116,17 @@ def _check_field(samples, path: str, info: dict) -> None:
                         "field, or delete it first")
 
 
-def compute_embeddings(samples, model="dinov2clip-reference", embeddings_field: str = DEFAULT_FIELD,
+def compute_embeddings(samples, model="dinov2clip-reference", embeddings_field: str | None = DEFAULT_FIELD,
                        dinov2_field: str | None = None, batch_size: int | None = None,
                        num_workers: int | None = None, skip_existing: bool = True,
                        progress: bool | None = None) -> EmbedReport:
     """Embed every image of `samples` lacking `embeddings_field` (or `dinov2_field`), in one pass.
 
     An unreadable image gets no embedding and is reported in `EmbedReport.failed`; every other image
-    of its batch is embedded. Works on datasets, views and frames views (`to_frames`)."""
+    of its batch is embedded. Works on datasets, views and frames views (`to_frames`). `embeddings_field=None`
+    stores the DINOv2 embeddings alone (a model over a stored field fills it for new samples this way)."""
+    if not embeddings_field and not dinov2_field:
+        raise UserError("nothing to store: give embeddings_field, dinov2_field or both")
     _check_distinct(embeddings_field, dinov2_field)
     _check_batch_size(batch_size)
     model = load(model)
@@ -131,7 +136,8 @@ def compute_embeddings(samples, model="dinov2clip-reference", embeddings_field: 
                  "encoder_fingerprint": core.encoder_fingerprint,
                  "clip": f"{core.config.clip['model_name']}/{core.config.clip.get('pretrained')}"}
     dino_info = {"space": "dinov2", "model": zoo_name, "fingerprint": core.fingerprint, **core.dinov2_provenance}
-    _check_field(samples, embeddings_field, clip_info)
+    if embeddings_field:
+        _check_field(samples, embeddings_field, clip_info)
     if dinov2_field:
         _check_field(samples, dinov2_field, dino_info)
 
@@ -165,21 +171,24 @@ def compute_embeddings(samples, model="dinov2clip-reference", embeddings_field: 
             if pixels is not None:
                 emb, dino = core.encode_image(pixels, return_dinov2=True)
                 batch_ids = [ids[i] for i in idx]
-                _check_finite([paths[i] for i in idx], emb.numpy(), embeddings_field)
+                if embeddings_field:
+                    _check_finite([paths[i] for i in idx], emb.numpy(), embeddings_field)
                 if dinov2_field:
                     _check_finite([paths[i] for i in idx], dino.numpy(), dinov2_field)
-                todo.set_values(embeddings_field, dict(zip(batch_ids, emb.numpy())), key_field="id")
+                if embeddings_field:
+                    todo.set_values(embeddings_field, dict(zip(batch_ids, emb.numpy())), key_field="id")
                 if dinov2_field:
                     todo.set_values(dinov2_field, dict(zip(batch_ids, dino.numpy())), key_field="id")
                 if not claimed:  # provenance with the first values, so an interrupted run resumes
-                    _set_field_info(samples, embeddings_field, clip_info)
+                    if embeddings_field:
+                        _set_field_info(samples, embeddings_field, clip_info)
                     if dinov2_field:
                         _set_field_info(samples, dinov2_field, dino_info)
                     claimed = True
                 report.embedded += len(idx)
             bar.update(len(idx) + len(failures))
 
-    if samples.get_field(embeddings_field) is not None:
+    if embeddings_field and samples.get_field(embeddings_field) is not None:
         _set_field_info(samples, embeddings_field, clip_info)
     if dinov2_field and samples.get_field(dinov2_field) is not None:
         _set_field_info(samples, dinov2_field, dino_info)
@@ -202,6 +211,12 @@ def compute_similarity(samples, model="dinov2clip-reference", brain_key: str = D
     objects' crops are embedded (FiftyOne's own patch pipeline, calling this model).
 
     Returns `(results, report)`: the text index and an `EmbedReport` (None for patches)."""
+    stored = stored_field(model)
+    if stored and patches_field:
+        raise UserError(f"{model} projects the DINOv2 vectors stored in field {stored['field']!r} and embeds no "
+                        "image itself: object patches need a model with its own DINOv2")
+    if stored:
+        dinov2_field = stored["field"]  # the model's input: its DINOv2 index, if any, is over that field
     if dinov2_brain_key and not dinov2_field:
         raise UserError("a DINOv2 index (dinov2_brain_key) needs the DINOv2 embeddings stored: pass dinov2_field")
     _check_distinct(embeddings_field, dinov2_field, brain_key, dinov2_brain_key)
@@ -241,8 +256,12 @@ def compute_similarity(samples, model="dinov2clip-reference", brain_key: str = D
                                              brain_key=tmp[brain_key], **text_kwargs)
             report = None
         else:
-            report = compute_embeddings(samples, zoo_name, embeddings_field, dinov2_field, batch_size=batch_size,
-                                        num_workers=num_workers, progress=progress)
+            if stored:  # a model over a stored field: the field filled where missing, then projected
+                report = embed_from_field(samples, zoo_name, embeddings_field, batch_size=batch_size,
+                                          num_workers=num_workers, progress=progress)
+            else:
+                report = compute_embeddings(samples, zoo_name, embeddings_field, dinov2_field,
+                                            batch_size=batch_size, num_workers=num_workers, progress=progress)
             results = fob.compute_similarity(samples, embeddings=embeddings_field, model=zoo_name,
                                              brain_key=tmp[brain_key], **text_kwargs)
             if dinov2_field and dinov2_brain_key:
@@ -333,17 +352,20 @@ def project_field(samples, dinov2_field: str, model="dinov2clip-reference",
     core = model.core()
     want = core.dinov2_provenance
     have = provenance or _field_info(samples, dinov2_field)
-    if have is None:
+    stored = core.config.dinov2 if core.config.dinov2.get("field") else None
+    if stored:
+        _check_producer(dinov2_field, stored["producer"], have, _zoo_name(model))
+    elif have is None:
         raise UserError(
             f"field {dinov2_field!r} does not say which DINOv2 and pooling produced it (FiftyOne's own "
             f"DINOv2 zoo models store CLS tokens; this projector takes {want['pooling']}-pooled "
             f"{want['source']} tokens): recompute it with compute_embeddings(dinov2_field=...), or pass "
             "provenance={'source': ..., 'pooling': ...} if you know it")
-    if have.get("encoder_fingerprint") not in (None, want["encoder_fingerprint"]):
+    if not stored and have.get("encoder_fingerprint") not in (None, want["encoder_fingerprint"]):
         raise UserError(f"field {dinov2_field!r} holds embeddings of encoders {have['encoder_fingerprint'][:12]}; "
                         f"{_zoo_name(model)} projects those of {want['encoder_fingerprint'][:12]}: recompute the "
                         "field with this model")
-    for key in ("source", "pooling"):
+    for key in ("source", "pooling") if not stored else ():
         if have.get(key) != want[key]:
             raise UserError(f"field {dinov2_field!r} holds {have.get('pooling')}-pooled {have.get('source')} "
                             f"embeddings; {_zoo_name(model)} projects {want['pooling']}-pooled {want['source']} "
@@ -363,6 +385,76 @@ def project_field(samples, dinov2_field: str, model="dinov2clip-reference",
     if ids:
         _set_field_info(samples, embeddings_field, info)
     return len(ids)
+
+
+# -- models over a stored DINOv2 field (`training.run fit --from-field`) ----------------------------------------
+
+def stored_field(model) -> dict | None:
+    """The DINOv2 section of a model whose input is a stored field (field, producer, hidden_size), else None.
+    Read from its config: no weights are loaded."""
+    section = load(model).core_config().dinov2
+    return section if section.get("field") else None
+
+
+def _producer_info(producer: dict) -> dict:
+    """What a field filled by a FiftyOne zoo model records, so a later fit or index knows its producer."""
+    return {"space": "dinov2", "model": producer["model"], "producer": producer}
+
+
+def _check_producer(path: str, producer: dict, have: dict | None, model_name: str) -> None:
+    """A model over a stored field projects only vectors of the model that wrote its training field."""
+    if producer["kind"] == "dinov2clip":
+        got = (have or {}).get("encoder_fingerprint") or ((have or {}).get("producer") or {}).get("encoder_fingerprint")
+        if got != producer.get("encoder_fingerprint"):
+            raise UserError(f"field {path!r} was not written by {producer['model']} (encoders "
+                            f"{str(producer.get('encoder_fingerprint'))[:12]}), whose vectors {model_name} projects: "
+                            "use the field it was fitted on, or fit it on this one")
+        return
+    if have is not None and have.get("producer") != producer:
+        raise UserError(f"field {path!r} records that {have.get('model')} wrote it; {model_name} projects vectors "
+                        f"of {producer['model']}: use the field it was fitted on, or fit it on this one")
+
+
+def fill_field(samples, stored: dict, batch_size: int | None = None, num_workers: int | None = None,
+               progress: bool | None = None) -> EmbedReport:
+    """Give the samples that lack the stored field a value from its producer, opening only their images: our own
+    zoo model (its DINOv2 alone) or the FiftyOne zoo model the field was fitted as written by."""
+    from fiftyone import ViewField as F
+
+    path, producer = stored["field"], stored["producer"]
+    exists = samples.get_field(path) is not None
+    todo = samples.match(F(path) == None) if exists else samples  # noqa: E711 (a MongoDB expression)
+    report = EmbedReport(skipped_existing=len(samples.exists(path)) if exists else 0)
+    if not len(todo):
+        return report
+    if exists:  # a field another model wrote since the fit: its vectors would be projected as the producer's
+        _check_producer(path, producer, _field_info(samples, path), "this model")
+    if producer["kind"] == "dinov2clip":
+        filled = compute_embeddings(todo, producer["model"], embeddings_field=None, dinov2_field=path,
+                                    batch_size=batch_size, num_workers=num_workers, skip_existing=False,
+                                    progress=progress)
+        report.embedded, report.failed = filled.embedded, filled.failed
+        return report
+    ids, paths = todo.values(["id", "filepath"])
+    todo.compute_embeddings(foz.load_zoo_model(producer["model"]), embeddings_field=path, batch_size=batch_size,
+                            num_workers=num_workers, skip_failures=True, progress=progress)
+    _set_field_info(samples, path, _producer_info(producer))
+    done = set(samples.select(ids).exists(path).values("id"))
+    report.embedded = len(done)
+    report.failed = [(p, f"{producer['model']} could not embed it") for i, p in zip(ids, paths) if i not in done]
+    return report
+
+
+def embed_from_field(samples, model, embeddings_field: str = DEFAULT_FIELD, batch_size: int | None = None,
+                     num_workers: int | None = None, progress: bool | None = None) -> EmbedReport:
+    """A model over a stored field: samples lacking the field get it from its producer, then every sample is
+    projected from the field (no other image is opened)."""
+    stored = stored_field(model)
+    if stored is None:
+        raise UserError(f"{model} embeds images itself: use compute_embeddings")
+    report = fill_field(samples, stored, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    report.projected = project_field(samples, stored["field"], model, embeddings_field)
+    return report
 
 
 # Backend options that name one index's own storage: the text index keeps the user's; the DINOv2 index gets

@@ -185,9 +185,12 @@ def _one_at_a_time(name: str):
 
 
 def _index(args, zoo_name: str):
-    from .brain import compute_similarity
+    from .brain import compute_similarity, stored_field
 
     dataset = open_dataset(args.target, args.dataset_name)
+    stored = stored_field(zoo_name)
+    if stored:  # a model fitted on a stored field projects that field; its DINOv2 index is over it too
+        args.dinov2_field = stored["field"]
     if not args.overwrite:
         args.overwrite = _rerun_of_ours(dataset, zoo_name, args)
     _, report = compute_similarity(dataset, zoo_name, brain_key=args.brain_key,

@@ -238,10 +238,7 @@ def fit(inputs, model: str, out, *, init: str | None = None, from_scratch: bool 
         encode_batch_size: int = 32, workers: int = 4, overwrite: bool = False, seed: int = 0,
         progress: bool = True) -> dict:
     """Fit a projector to the images of `inputs` (folders, files, globs); write the model directory `out`."""
-    from dinov2clip import load_encoders
     from dinov2clip.factory import resolve_source
-
-    from .train import TrainConfig, train
 
     if epochs < 1 or batch_size < 1 or encode_batch_size < 1:
         raise UserError("epochs, batch size and encode batch size must be ≥ 1")
@@ -270,6 +267,35 @@ def fit(inputs, model: str, out, *, init: str | None = None, from_scratch: bool 
     recipe = {"version": FIT_VERSION, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
               "hidden_dim": hidden_dim, "num_blocks": num_blocks, "pooling": pooling, "val_percent": val_percent,
               "init": start, "init_projector": start_model and start_model.config.projector.get("tensor_sha256")}
+    trained = train_stage(features, train_names, val_names, recipe, start_model, model, device, progress)
+    after, before = held_out_quality(trained, model, images, val_hashes, skipped, start_model, queries, template,
+                                     labels)
+    counts = {"images_given": images.given, "distinct": len(images.paths), "unreadable": len(images.unreadable) +
+              len(skipped), "train": trained.n_train, "val": after["images"], "encoded_now": encoding.encoded}
+    fit_record = {"image_manifest_sha256": images.manifest_sha256, "counts": counts, "recipe": recipe,
+                  "init": start, "run": trained.run_key, "quality_held_out": {"after": after, "before": before}}
+    return export_and_report(trained, out, fit_record, after, before, queries, labels,
+                             {**images.unreadable, **skipped})
+
+
+@dataclass
+class Trained:
+    """A finished train stage: its run directory (named by everything it depends on) and summary."""
+    run: Path
+    run_key: str
+    val_dir: Path
+    n_train: int
+    summary: dict
+    pooling: str
+
+
+def train_stage(features: Path, train_names: list[str], val_names: list[str], recipe: dict, start_model,
+                model_source: str, device: str | None, progress: bool) -> Trained:
+    """The train stage (MSE only, the best validation epoch selected) over cached shards `features`/`names`, in
+    a run directory named by the recipe and the shards, so a killed run resumes from its last epoch.
+    `model_source` is what the trained model directory is built from ("" : the shards' recorded config)."""
+    from .train import TrainConfig, train
+
     run_key = hashlib.sha256(json.dumps({"recipe": recipe, "train": train_names, "val": val_names,
                                          "features": features.name}, sort_keys=True).encode()).hexdigest()[:24]
     run = features.parent.parent / "runs" / run_key
@@ -284,38 +310,46 @@ def fit(inputs, model: str, out, *, init: str | None = None, from_scratch: bool 
 
             run.mkdir(parents=True, exist_ok=True)
             write_projector(start_model.projector, init_file)
-    cfg = TrainConfig(train=[str(train_dir)], val=[str(val_dir)], out=str(run / "train"), pooling=pooling,
-                      hidden_dim=hidden_dim, num_blocks=num_blocks, epochs=epochs,
-                      batch_size=max(1, min(batch_size, n_train)), lr=lr, mse_weight=1.0, contrastive_weight=0.0,
-                      seed=seed, device=device or "auto", bf16=True, model_source=model, recipe="fit",
-                      init=str(init_file or ""), progress=progress,
+    cfg = TrainConfig(train=[str(train_dir)], val=[str(val_dir)], out=str(run / "train"), pooling=recipe["pooling"],
+                      hidden_dim=recipe["hidden_dim"], num_blocks=recipe["num_blocks"], epochs=recipe["epochs"],
+                      batch_size=max(1, min(recipe["batch_size"], n_train)), lr=recipe["lr"], mse_weight=1.0,
+                      contrastive_weight=0.0, seed=recipe["seed"], device=device or "auto", bf16=True,
+                      model_source=model_source, recipe="fit", init=str(init_file or ""), progress=progress,
                       resume=(run / "train" / "checkpoints" / "last.pt").is_file())
     summary = train(cfg) if not (run / "train" / "summary.json").is_file() else \
         json.loads((run / "train" / "summary.json").read_text())
+    return Trained(run, run_key, val_dir, n_train, summary, recipe["pooling"])
 
-    # the report on the held-out images: the fitted projector and, where it started from one, its start
+
+def held_out_quality(trained: Trained, model: str, images: Images, val_hashes: list[str], skipped: dict,
+                     start_model, queries, template: str, labels) -> tuple[dict, dict | None]:
+    """The report on the held-out images: the fitted projector and, where it started from one, its start.
+    `model` gives the text tower (CLIP's)."""
+    from dinov2clip import load_encoders
     from dinov2clip.projector import load_projector
 
-    fitted = load_projector(Path(summary["model"]))
-    x, teacher = features_of([val_dir], pooling)
+    fitted = load_projector(Path(trained.summary["model"]))
+    x, teacher = features_of([trained.val_dir], trained.pooling)
     vocab, labels_of = queries_for(queries, template, labels, [images.paths[h] for h in val_hashes], skipped)
     text_model = load_encoders(model, image=False, text=True, device="cpu", dtype="fp32")
     text = text_model.encode_text(vocab).numpy()
-    rows = kept_rows(val_dir)
+    rows = kept_rows(trained.val_dir)
     lab = labels_of(rows, images) if labels_of else None
     after = quality_report(fitted, x, teacher, text, vocab, lab)
     before = quality_report(start_model.projector, x, teacher, text, vocab, lab) if start_model else None
+    return after, before
 
-    counts = {"images_given": images.given, "distinct": len(images.paths), "unreadable": len(images.unreadable) +
-              len(skipped), "train": n_train, "val": len(x), "encoded_now": encoding.encoded}
-    fit_record = {"image_manifest_sha256": images.manifest_sha256, "counts": counts, "recipe": recipe,
-                  "init": start, "run": run_key, "quality_held_out": {"after": after, "before": before}}
-    model_dir = export(Path(summary["model"]), Path(out), fit_record)
-    report = {**after, "model": str(model_dir), "unreadable": counts["unreadable"],
+
+def export_and_report(trained: Trained, out, fit_record: dict, after: dict, before: dict | None, queries, labels,
+                      unreadable: dict, parts: Path | None = None) -> dict:
+    """The model directory OUT (the trained one, `fit_record` in its provenance; bundled towers from `parts`,
+    else from the trained directory) and the quality report files; what `fit` returns."""
+    model_dir = export(Path(trained.summary["model"]), Path(out), fit_record, parts)
+    report = {**after, "model": str(model_dir), "unreadable": fit_record["counts"]["unreadable"],
               "queries_from": queries_from(queries, labels), "before": before}
-    report["files"] = q.write_report(report, run / "quality")
-    return {"model": str(model_dir), "counts": counts, "unreadable": {**images.unreadable, **skipped},
-            "selected_epoch": summary["selected_epoch"], "quality": report, "run": str(run)}
+    report["files"] = q.write_report(report, trained.run / "quality")
+    return {"model": str(model_dir), "counts": fit_record["counts"], "unreadable": unreadable,
+            "selected_epoch": trained.summary["selected_epoch"], "quality": report, "run": str(trained.run)}
 
 
 def check_out(out, overwrite: bool) -> None:
@@ -332,8 +366,9 @@ def check_out(out, overwrite: bool) -> None:
             raise UserError(f"--out {out} already holds a model: pass --overwrite to replace it")
 
 
-def export(trained: Path, out: Path, record: dict) -> Path:
-    """The trained model directory, with `record` in its provenance, written to `out` (atomically)."""
+def export(trained: Path, out: Path, record: dict, parts: Path | None = None) -> Path:
+    """The trained model directory, with `record` in its provenance, written to `out` (atomically); its bundled
+    towers are copied from `parts` (default: the trained directory)."""
     import shutil
 
     from dinov2clip.config import check_relative, read_config
@@ -347,7 +382,7 @@ def export(trained: Path, out: Path, record: dict) -> Path:
         for section in (cfg.dinov2, cfg.clip):
             rel = section.get("path")
             if rel:
-                shutil.copytree(trained / check_relative(rel, "fitted model"), tmp / rel)
+                shutil.copytree((parts or trained) / check_relative(rel, "fitted model"), tmp / rel)
 
     config.weights_sha256 = {}
     config.projector = {k: v for k, v in config.projector.items() if k not in ("tensor_sha256", "path")}

@@ -241,22 +241,18 @@ def images_and_labels(args):
 
 
 def cmd_fit(args) -> None:
-    from .fit import fit
     from .quality import summary_line
 
-    images, labels = images_and_labels(args)
-    if args.register:
-        from fiftyone_dinov2clip.registry import NAME_RE
-
-        if not NAME_RE.match(args.register):
-            raise UserError(f"--register {args.register!r}: use letters, digits, - and _")
-    result = fit(images, args.model, args.out, init=args.init, from_scratch=args.from_scratch,
-                 epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, hidden_dim=args.hidden_dim,
-                 num_blocks=args.num_blocks, val_percent=args.val_percent, queries=args.queries,
-                 template=args.template, labels=labels, cache=args.cache, device=args.device, dtype=args.dtype,
-                 encode_batch_size=args.encode_batch_size, workers=args.workers, overwrite=args.overwrite,
-                 seed=args.seed, progress=not args.quiet)
+    if (args.producer or args.max_train_images) and not args.from_field:
+        raise UserError("--producer and --max-train-images go with --from-field")
+    if args.from_field:
+        result = fit_from_field(args)
+    else:
+        result = fit_images(args)
     c, report = result["counts"], result["quality"]
+    if "without_field" in c:
+        print(f"fit: field {args.from_field!r}: {c['without_field']} of {c['samples']} samples without it and "
+              f"{c['non_finite']} non-finite, left out")
     print(f"fit: {c['distinct']} images ({c['train']} train, {c['val']} held out; {c['unreadable']} unreadable, "
           f"skipped; {c['encoded_now']} encoded now, the rest from the cache)")
     for path, why in list(result["unreadable"].items())[:5]:
@@ -269,6 +265,45 @@ def cmd_fit(args) -> None:
         from fiftyone_dinov2clip.registry import register
 
         print(f"registered for FiftyOne as {register(args.register, result['model'])}")
+
+
+def fit_images(args) -> dict:
+    from .fit import fit
+
+    images, labels = images_and_labels(args)
+    check_register(args)
+    return fit(images, args.model, args.out, init=args.init, from_scratch=args.from_scratch,
+               epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, hidden_dim=args.hidden_dim,
+               num_blocks=args.num_blocks, val_percent=args.val_percent, queries=args.queries,
+               template=args.template, labels=labels, cache=args.cache, device=args.device, dtype=args.dtype,
+               encode_batch_size=args.encode_batch_size, workers=args.workers, overwrite=args.overwrite,
+               seed=args.seed, progress=not args.quiet)
+
+
+def fit_from_field(args) -> dict:
+    """--from-field: the projector's input is a dataset field's stored DINOv2 vectors (training/fit_field.py)."""
+    from .fit_field import fit_field
+
+    if not args.dataset or args.images:
+        raise UserError("--from-field reads a FiftyOne dataset's field: give --dataset NAME and no IMAGES")
+    if args.labels:
+        raise UserError("--from-field takes --label-field for zero-shot labels, not --labels folder")
+    check_register(args)
+    return fit_field(args.dataset, args.from_field, args.model, args.out, view=args.view, producer=args.producer,
+                     max_train_images=args.max_train_images, label_field=args.label_field, init=args.init,
+                     from_scratch=args.from_scratch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                     hidden_dim=args.hidden_dim, num_blocks=args.num_blocks, val_percent=args.val_percent,
+                     queries=args.queries, template=args.template, cache=args.cache, device=args.device,
+                     dtype=args.dtype, encode_batch_size=args.encode_batch_size, workers=args.workers,
+                     overwrite=args.overwrite, seed=args.seed, progress=not args.quiet)
+
+
+def check_register(args) -> None:
+    if args.register:
+        from fiftyone_dinov2clip.registry import NAME_RE
+
+        if not NAME_RE.match(args.register):
+            raise UserError(f"--register {args.register!r}: use letters, digits, - and _")
 
 
 def add_fit(sub) -> None:
@@ -295,6 +330,14 @@ def add_fit(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it is a model directory")
     p.add_argument("--register", default=None, metavar="NAME", help="register the model for FiftyOne as NAME")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--from-field", default=None, metavar="FIELD",
+                   help="the DINOv2 embeddings stored in this field of --dataset are the projector's input; CLIP "
+                        "reads only the training sample's images, and the model indexes the dataset from the field")
+    p.add_argument("--producer", default=None, metavar="ZOO_MODEL",
+                   help="with --from-field: the FiftyOne zoo model that wrote the field (e.g. dinov2-vitb14-torch), "
+                        "when the field does not record it; it embeds new samples")
+    p.add_argument("--max-train-images", type=int, default=None, metavar="N",
+                   help="with --from-field: train on a seeded sample of at most N of the samples with the field")
     add_encode_options(p)
 
 

@@ -130,6 +130,11 @@ def compute_embeddings(samples, model="dinov2clip-reference", embeddings_field: 
     _check_distinct(embeddings_field, dinov2_field)
     _check_batch_size(batch_size)
     model = load(model)
+    stored = model.core_config().dinov2.get("field")
+    if stored:  # its DINOv2 section names a field, not a DINOv2 to load
+        raise UserError(f"{_zoo_name(model)} projects the DINOv2 vectors stored in field {stored!r} and embeds no "
+                        "image itself: use compute_similarity (or embed_from_field), which fills the field from its "
+                        "producer first")
     core = model.core(image=True)
     zoo_name = _zoo_name(model)
     clip_info = {"space": "clip", "model": zoo_name, "fingerprint": core.fingerprint,

@@ -65,7 +65,7 @@ def producer_of(samples, field: str, named: str | None) -> dict:
         raise UserError(f"field {field!r} holds {info.get('space')}-space embeddings of {info.get('model')}, "
                         "not DINOv2 ones: name the field that holds the DINOv2 embeddings")
     if info is not None and info.get("producer"):
-        recorded = info["producer"]
+        recorded = dict(info["producer"])  # a plain dict: MongoDB's document dict does not serialise
     elif info is not None:
         recorded = {"kind": "dinov2clip", "model": info.get("model"), "source": info.get("source"),
                     "pooling": info.get("pooling"), "encoder_fingerprint": info.get("encoder_fingerprint")}

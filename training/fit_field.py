@@ -202,8 +202,9 @@ def fit_field(dataset: str, field: str, model: str, out, *, view: str | None = N
 
     images = hash_images([Path(p) for p in chosen])  # reads the training sample's files, no other
     if len(images.paths) < 10:
+        unreadable = f" ({len(images.unreadable)} unreadable)" if images.unreadable else ""
         raise UserError(f"fit needs at least 10 distinct readable images with field {field!r}, found "
-                        f"{len(images.paths)}" + (f" ({len(images.unreadable)} unreadable)" if images.unreadable else ""))
+                        f"{len(images.paths)}{unreadable}")
     vectors = {h: by_path[str(p)] for h, p in images.paths.items()}
     config = field_config(source_config, field, found, width)
     train_hashes, val_hashes = split(images, val_percent)

@@ -171,6 +171,12 @@ def test_field_written_by_compute_embeddings_fits_and_indexes_from_the_field(our
     assert fitted.encode_text(["a red circle"]).shape == (1, tiny.embed_dim)
 
     index_and_check(ds, out)  # the training sample without the field: its image exists, the producer embeds it
+    from dinov2clip.errors import UserError
+    from fiftyone_dinov2clip.brain import compute_embeddings
+    from fiftyone_dinov2clip.cli import ensure_model
+
+    with pytest.raises(UserError, match="embeds no image itself"):  # never loads a DINOv2 named 'field:dino'
+        compute_embeddings(ds, ensure_model(str(out)), embeddings_field="other")
     for p in hidden:  # a new sample: embedded by the producer (our tiny model), then projected
         os.rename(p + ".gone", p)
     ds.add_sample(fo.Sample(filepath=str(Path(hidden[0]).with_name("new.png"))))
@@ -205,6 +211,12 @@ def test_field_written_by_another_model_fits_with_its_producer(foreign, tiny_dir
     assert "embedded 1 images" in res.stdout
     ds.reload()
     assert len(ds.exists("emb")) == len(ds)
+
+    # the field now records its producer (the index filled it): a rerun needs no --producer and encodes nothing
+    again = fit("--dataset", ds.name, "--view", "train", "--from-field", "emb", "--model", tiny_dir, "--out", out,
+                "--overwrite")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "0 encoded now" in again.stdout
 
 
 def test_wrong_width_or_unknown_producer_is_refused_in_one_line(foreign, tiny_dir, tmp_path):

@@ -352,7 +352,8 @@ def project_field(samples, dinov2_field: str, model="dinov2clip-reference",
 
     The field must say what it holds (written by `compute_embeddings(dinov2_field=...)`, or declared
     with `provenance={"source": ..., "pooling": ...}`) and match the projector's input; a mismatch is
-    refused with the reason. Returns how many embeddings were written."""
+    refused with the reason. A model fitted on a stored field (`fit --from-field`) projects only vectors of the
+    producer it was fitted on. Returns how many embeddings were written."""
     model = load(model)
     core = model.core()
     want = core.dinov2_provenance

@@ -174,6 +174,11 @@ def build_projector(config: ModelConfig, root: Path | None) -> ProjectorWithResi
 
 def build_image_encoder(config: ModelConfig, root: Path | None) -> DinoV2Encoder:
     d = config.dinov2
+    if d.get("field"):  # fitted on vectors stored in a FiftyOne field (`fit --from-field`): no tower of its own
+        producer = (d.get("producer") or {}).get("model", "its producer")
+        raise UserError(f"this model projects the DINOv2 vectors stored in FiftyOne field {d['field']!r} (written "
+                        f"by {producer}); it embeds no image itself: embed images with {producer}, then project "
+                        "them (python -m fiftyone_dinov2clip index DATASET --model MODEL does both)")
     local = _local(root, d, "dinov2")
     state_dict = None
     if local is not None:

@@ -169,6 +169,10 @@ def test_field_written_by_compute_embeddings_fits_and_indexes_from_the_field(our
     tiny = dinov2clip.load(str(tiny_dir), image=False, device="cpu", dtype="fp32")
     assert fitted.encoder_fingerprint != tiny.encoder_fingerprint  # never taken for a real DINOv2's input
     assert fitted.encode_text(["a red circle"]).shape == (1, tiny.embed_dim)
+    from dinov2clip.errors import UserError as CoreError
+
+    with pytest.raises(CoreError, match="embeds no image itself"):  # no DINOv2 named 'field:dino' is looked up
+        dinov2clip.load(str(out), device="cpu", dtype="fp32")
 
     index_and_check(ds, out)  # the training sample without the field: its image exists, the producer embeds it
     from dinov2clip.errors import UserError

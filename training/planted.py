@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -128,15 +129,18 @@ def run_planted(out, n_train: int = 200_000, n_eval: int = 5_000, in_dim: int = 
               "linear_ceiling_pct": linear_ceiling(figures["n_train"], figures["n_test"], figures["in_dim"],
                                                    figures["out_dim"], seed=figures["seed"])}
     for loss in losses:
-        mse, con, directions = LOSSES[loss]
-        cfg = TrainConfig(train=[str(out / "data" / "train")], val=[str(out / "data" / "val")],
-                          test=[str(out / "data" / "test")], out=str(out / loss), pooling="cls",
-                          hidden_dim=proj_hidden, num_blocks=num_blocks, epochs=epochs, batch_size=batch_size, lr=lr,
-                          mse_weight=mse, contrastive_weight=con,
-                          contrastive_directions=directions, ks=[1], select_metric="image_retrieval_recall@1",
-                          seed=seed, progress=progress, resume=True, cpu_threads=cpu_threads, **train_options)
-        train(cfg)
-        scored = trained_recall(out / loss, sets["test"], proj_hidden, num_blocks)
+        if loss == "fit":  # fit's own data path: image-only shards, its train stage and epoch selection
+            run_dir = fit_path(out, sets, proj_hidden, num_blocks, epochs, batch_size, lr, seed, progress, cpu_threads)
+        else:
+            run_dir = out / loss
+            train(TrainConfig(train=[str(out / "data" / "train")], val=[str(out / "data" / "val")],
+                              test=[str(out / "data" / "test")], out=str(run_dir), pooling="cls",
+                              hidden_dim=proj_hidden, num_blocks=num_blocks, epochs=epochs, batch_size=batch_size,
+                              lr=lr, mse_weight=LOSSES[loss][0], contrastive_weight=LOSSES[loss][1],
+                              contrastive_directions=LOSSES[loss][2], ks=[1],
+                              select_metric="image_retrieval_recall@1", seed=seed, progress=progress, resume=True,
+                              cpu_threads=cpu_threads, **train_options))
+        scored = trained_recall(run_dir, sets["test"], proj_hidden, num_blocks)
         r1 = result[f"{loss}_r1"] = scored["target"]
         result[f"{loss}_r1_text"], result[f"{loss}_epoch"] = scored["text"], scored["epoch"]
         result[f"{loss}_pct_of_true"] = 100 * r1 / result["true_map_r1"]
@@ -144,3 +148,36 @@ def run_planted(out, n_train: int = 200_000, n_eval: int = 5_000, in_dim: int = 
         result[f"{loss}_pass"] = r1 >= 0.9 * result["true_map_r1"] and r1 >= result["ridge_r1"] + 0.10
     (out / "figures.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def fit_path(out: Path, sets: dict, hidden: int, num_blocks: int, epochs: int, batch_size: int, lr: float, seed: int,
+             progress: bool, cpu_threads: int) -> Path:
+    """The planted train and val pairs as `fit` stores images (no captions), trained by `fit`'s train stage
+    (MSE, the epoch selected on image↔teacher recall); returns its training run directory."""
+    from .fit import train_stage
+    from .precompute import write_shard
+
+    features = out / "fit" / "features" / "planted"
+    names = {}
+    for split in ("train", "val"):
+        data = sets[split]
+        names[split] = []
+        for i, shard in enumerate(data.shards):
+            name = f"{split}-{i:05d}"
+            if not (features / "shards" / name / "meta.json").is_file():
+                arrays = {k: np.asarray(shard[k]) for k in ("dinov2_cls", "dinov2_patch_mean", "clip_image")}
+                arrays["clip_text"] = np.zeros_like(arrays["clip_image"])
+                count = shard["meta"]["count"]
+                write_shard(features, name, arrays, [str(j) for j in range(count)], [""] * count,
+                            {"num_patches": shard["meta"]["num_patches"], "captioned": False,
+                             "encoders": shard["meta"].get("encoders")})
+            names[split].append(name)
+    recipe = {"version": "planted", "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
+              "hidden_dim": hidden, "num_blocks": num_blocks, "pooling": "cls"}
+    threads = torch.get_num_threads()
+    if cpu_threads:
+        torch.set_num_threads(cpu_threads)
+    try:
+        return train_stage(features, names["train"], names["val"], recipe, None, "", "cpu", progress).run / "train"
+    finally:
+        torch.set_num_threads(threads)

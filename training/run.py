@@ -218,9 +218,9 @@ def add_planted(sub) -> None:
     p.add_argument("--num-blocks", type=int, default=2, help="trained projector residual blocks")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--losses", nargs="+", default=["mse", "contrastive"],
-                   choices=["mse", "contrastive", "contrastive-both"],  # planted.LOSSES, named here without torch
+                   choices=["mse", "contrastive", "contrastive-both", "fit"],  # planted.LOSSES + fit's path
                    help="losses to train (default: mse contrastive); contrastive is InfoNCE's text→image half, "
-                        "contrastive-both CLIP's symmetric form")
+                        "contrastive-both CLIP's symmetric form, fit: MSE through fit's own data path")
     p.add_argument("--quiet", action="store_true")
 
 

@@ -214,7 +214,7 @@ def quality_report(projector, x: torch.Tensor, teacher: np.ndarray, text: np.nda
 def resolve_init(source: str, init: str | None, from_scratch: bool) -> tuple[str | None, object | None]:
     """(what the fit starts from, its projector): `init`, else the source's own projector unless
     `from_scratch`; a source whose projector cannot be had starts from scratch, and says so."""
-    from dinov2clip import load
+    from dinov2clip.factory import build, resolve_source
 
     if from_scratch and init:
         raise UserError("give --init SOURCE or --from-scratch, not both")
@@ -222,7 +222,8 @@ def resolve_init(source: str, init: str | None, from_scratch: bool) -> tuple[str
         return None, None
     start = init or source
     try:
-        model = load(start, image=False, text=False, device="cpu", dtype="fp32")
+        # the projector alone, checked against its encoders (`build`, not `load`: no demo notice while fitting)
+        model = build(*resolve_source(start), device="cpu", dtype="fp32", image=False, text=False)
     except UserError as e:
         if init:
             raise
@@ -247,16 +248,15 @@ def fit(inputs, model: str, out, *, init: str | None = None, from_scratch: bool 
     check_out(out, overwrite)
     config, _ = resolve_source(model)  # a bad source fails here, before any image is read
     pooling = config.dinov2["pooling"]
-    start, start_model = resolve_init(model, init, from_scratch)
-    if start_model is not None and start_model.config.encoder_fingerprint() != config.encoder_fingerprint():
-        raise UserError(f"--init {start} was trained for encoders {start_model.config.encoders_label()}, "
-                        f"{model} has {config.encoders_label()}: its projector does not fit them")
-
-    images = hash_images(find_images(inputs))
+    images = hash_images(find_images(inputs))  # bad input fails before any weight is read
     if len(images.paths) < 10:
         raise UserError(f"fit needs at least 10 distinct readable images, found {len(images.paths)} in "
                         f"{', '.join(map(str, inputs))}" + (f" ({len(images.unreadable)} unreadable)"
                                                            if images.unreadable else ""))
+    start, start_model = resolve_init(model, init, from_scratch)
+    if start_model is not None and start_model.config.encoder_fingerprint() != config.encoder_fingerprint():
+        raise UserError(f"--init {start} was trained for encoders {start_model.config.encoders_label()}, "
+                        f"{model} has {config.encoders_label()}: its projector does not fit them")
     train_hashes, val_hashes = split(images, val_percent)
     features = feature_dir(model, device, dtype, cache)
     encoding = Encoding(model, device, dtype, encode_batch_size, workers, progress)

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training import fit as fitmod
-from training import quality as q
-from training.synthetic import COLOURS, SHAPES, shape_image
+pytest.importorskip("matplotlib", reason="fit's report has a plot (matplotlib: the [train] extra)")
+from training import fit as fitmod  # noqa: E402
+from training import quality as q  # noqa: E402
+from training.synthetic import COLOURS, SHAPES, shape_image  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -171,7 +172,7 @@ def test_teacher_against_itself_is_exactly_one():
 
 
 def test_metrics_against_known_values():
-    from scipy.stats import spearmanr
+    spearmanr = pytest.importorskip("scipy.stats", reason="scipy checks the rank correlation").spearmanr
 
     teacher = np.array([[5.0, 4, 3, 2, 1, 0]])
     model = np.array([[5.0, 0, 4, 1, 3, 2]])  # top-2: {0, 2} vs the teacher's {0, 1}

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from domains import colour_teacher_model, write_domain
-from training.fit import fit, quality
+pytest.importorskip("matplotlib", reason="fit's report has a plot (matplotlib: the [train] extra)")
+from domains import colour_teacher_model, write_domain  # noqa: E402
+from training.fit import fit, quality  # noqa: E402
 
 COMMON = dict(epochs=10, batch_size=64, hidden_dim=64, num_blocks=2, device="cpu", dtype="fp32", progress=False,
               labels="folder", template="a {}")

@@ -210,3 +210,32 @@ def test_queries_file(tmp_path):
     path.write_text("# nothing\n")
     with pytest.raises(Exception, match="no query"):
         q.read_queries(path)
+
+
+def test_fit_reads_webdataset_shards_without_captions(tmp_path, tiny_dir):
+    """Shards as img2dataset writes them, minus captions: their images split by content hash as files are, each
+    shard cached as two chunks named by its bytes (a rerun encodes nothing); a corrupt image is counted."""
+    from training.synthetic import write_shapes_shards
+
+    shards = write_shapes_shards(tmp_path / "wds", 60, per_shard=30, seed=4, corrupt=1)
+    for shard in shards:  # drop the captions: fit needs none
+        import tarfile
+
+        kept = tmp_path / "kept.tar"
+        with tarfile.open(shard) as src, tarfile.open(kept, "w") as dst:
+            for member in src.getmembers():
+                if not member.name.endswith((".txt", ".json")):
+                    dst.addfile(member, src.extractfile(member))
+        kept.replace(shard)
+    env = {"DINOV2CLIP_CACHE": str(tmp_path / "cache")}
+    assert [p.name for p in shards] == ["shapes-00000.tar", "shapes-00001.tar"]
+    spec = str(tmp_path / "wds" / "shapes-{00000..00001}.tar")  # a brace range, as for precompute
+    res = cli("fit", spec, "--model", tiny_dir, "--out", tmp_path / "m", "--from-scratch", *SMALL, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "fit: 59 images (" in res.stdout and "59 of them from 2 webdataset shards" in res.stdout
+    assert "1 unreadable" in res.stdout
+    record = json.loads((tmp_path / "m" / "config.json").read_text())["provenance"]["fit"]["counts"]
+    assert record["train"] + record["val"] == 59 and record["val"] >= 1
+    again = cli("fit", *map(str, shards), "--model", tiny_dir, "--out", tmp_path / "m2", "--from-scratch", *SMALL,
+                env=env)
+    assert again.returncode == 0 and "0 encoded now" in again.stdout, again.stderr

@@ -131,14 +131,6 @@ class Encoding:
         self.encoded = 0
 
     def shard(self, features: Path, name: str, members: list[str], images: Images, bar) -> None:
-        from .precompute import precompute_shard
-
-        if self.encoders is None:
-            from dinov2clip import load_encoders
-
-            self.encoders = load_encoders(self.source, device=self.device, dtype=self.dtype,
-                                          batch_size=self.batch_size, teacher=True)
-
         def samples():
             for h in members:
                 path = images.paths[h]
@@ -148,9 +140,71 @@ class Encoding:
                     data = f"unreadable: {e.strerror}".encode()
                 yield {"__key__": h, path.suffix.lower().lstrip(".") or "jpg": data}
 
-        precompute_shard(self.encoders, name, features, self.batch_size, self.workers, bar, source=self.source,
-                         samples=samples(), name=name, captioned=False)
-        self.encoded += len(members)
+        self.write(features, name, samples(), bar)
+
+    def write(self, features: Path, name: str, samples, bar, url: str | None = None) -> None:
+        """One cached shard from `samples` (dicts in webdataset's layout), through precompute's own path."""
+        from .precompute import precompute_shard
+
+        if self.encoders is None:
+            from dinov2clip import load_encoders
+
+            self.encoders = load_encoders(self.source, device=self.device, dtype=self.dtype,
+                                          batch_size=self.batch_size, teacher=True)
+        meta = precompute_shard(self.encoders, url or name, features, self.batch_size, self.workers, bar,
+                                source=self.source, samples=samples, name=name, captioned=False)
+        self.encoded += json.loads((features / "shards" / name / "meta.json").read_text())["count"] + meta["skipped"]
+
+
+# -- webdataset shards (captions, if any, are not used) ---------------------------------------------
+
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def is_shard(item) -> bool:
+    item = str(item)
+    return item.endswith(SHARD_SUFFIXES) or "://" in item or ("{" in item and ".." in item)
+
+
+def held_out(digest: str, val_percent: float) -> bool:
+    return int(digest[:8], 16) % 10_000 < val_percent * 100
+
+
+def encode_shards(urls: list[str], features: Path, encoding: Encoding, val_percent: float) -> tuple[list, list]:
+    """Each shard as two cached chunks, its held-out images (by the hash of their bytes, as for files) and the
+    rest, named by the hash of the shard's bytes. A shard's first read hashes it; each missing chunk reads it
+    again and keeps its side's samples."""
+    import fsspec
+    from tqdm.auto import tqdm
+
+    from .precompute import IMAGE_EXTS, UnreadableShard, clean_partial, is_done, read_samples
+
+    def side_of(sample) -> str:
+        data = next((sample[e] for e in IMAGE_EXTS if e in sample), b"")
+        return "val" if held_out(hashlib.sha256(data).hexdigest(), val_percent) else "train"
+
+    names = {"train": [], "val": []}
+    for url in urls:
+        digest = hashlib.sha256()
+        try:
+            with fsspec.open(url, "rb") as f:
+                while block := f.read(1 << 22):
+                    digest.update(block)
+        except OSError as e:
+            raise UserError(f"cannot read shard {url}: {e.strerror or type(e).__name__}") from None
+        base = f"fit-wds-{digest.hexdigest()[:24]}"
+        clean_partial(features, [f"{base}-train", f"{base}-val"])
+        for side in ("train", "val"):
+            name = f"{base}-{side}"
+            if not is_done(features, name):
+                with tqdm(desc=f"encode {Path(url).name} ({side})", unit="img", disable=not encoding.progress) as bar:
+                    try:
+                        encoding.write(features, name, (s for s in read_samples(url) if side_of(s) == side), bar,
+                                       url=url)
+                    except UnreadableShard as e:
+                        raise UserError(str(e)) from None
+            names[side].append(name)
+    return names["train"], names["val"]
 
 
 def encode(images: Images, hashes: list[str], features: Path, encoding: Encoding) -> list[str]:
@@ -168,6 +222,10 @@ def encode(images: Images, hashes: list[str], features: Path, encoding: Encoding
             for name, members in missing:
                 encoding.shard(features, name, members, images, bar)
     return [n for n, _ in todo]
+
+
+def meta_count(features: Path, name: str) -> int:
+    return json.loads((features / "shards" / name / "meta.json").read_text())["count"]
 
 
 def link_split(features: Path, names: list[str], where: Path) -> Path:
@@ -248,8 +306,13 @@ def fit(inputs, model: str, out, *, init: str | None = None, from_scratch: bool 
     check_out(out, overwrite)
     config, _ = resolve_source(model)  # a bad source fails here, before any image is read
     pooling = config.dinov2["pooling"]
-    images = hash_images(find_images(inputs))  # bad input fails before any weight is read
-    if len(images.paths) < 10:
+    from .precompute import expand_shards
+
+    shards = expand_shards([i for i in inputs if is_shard(i)]) if any(is_shard(i) for i in inputs) else []
+    if shards and labels is not None:
+        raise UserError("--labels and --label-field take image files; webdataset shards carry no such labels")
+    images = hash_images(find_images([i for i in inputs if not is_shard(i)]))  # bad input fails before any weight
+    if len(images.paths) < 10 and not shards:
         raise UserError(f"fit needs at least 10 distinct readable images, found {len(images.paths)} in "
                         f"{', '.join(map(str, inputs))}" + (f" ({len(images.unreadable)} unreadable)"
                                                            if images.unreadable else ""))
@@ -262,7 +325,14 @@ def fit(inputs, model: str, out, *, init: str | None = None, from_scratch: bool 
     encoding = Encoding(model, device, dtype, encode_batch_size, workers, progress)
     train_names = encode(images, train_hashes, features, encoding)
     val_names = encode(images, val_hashes, features, encoding)
+    if shards:
+        more = encode_shards(shards, features, encoding, val_percent)
+        train_names, val_names = train_names + more[0], val_names + more[1]
     skipped = skipped_images(features, train_names + val_names, images)
+    from_shards = sum(meta_count(features, n) for n in train_names + val_names if n.startswith("fit-wds-"))
+    if len(images.paths) + from_shards < 10:
+        raise UserError(f"fit needs at least 10 readable images, found {len(images.paths) + from_shards} in "
+                        f"{', '.join(map(str, inputs))}")
 
     recipe = {"version": FIT_VERSION, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
               "hidden_dim": hidden_dim, "num_blocks": num_blocks, "pooling": pooling, "val_percent": val_percent,
@@ -270,7 +340,8 @@ def fit(inputs, model: str, out, *, init: str | None = None, from_scratch: bool 
     trained = train_stage(features, train_names, val_names, recipe, start_model, model, device, progress)
     after, before = held_out_quality(trained, model, images, val_hashes, skipped, start_model, queries, template,
                                      labels)
-    counts = {"images_given": images.given, "distinct": len(images.paths), "unreadable": len(images.unreadable) +
+    counts = {"images_given": images.given, "distinct": len(images.paths), "from_shards": from_shards,
+              "shards": len(shards), "unreadable": len(images.unreadable) +
               len(skipped), "train": trained.n_train, "val": after["images"], "encoded_now": encoding.encoded}
     fit_record = {"image_manifest_sha256": images.manifest_sha256, "counts": counts, "recipe": recipe,
                   "init": start, "run": trained.run_key, "quality_held_out": {"after": after, "before": before}}

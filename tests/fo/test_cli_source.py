@@ -19,7 +19,7 @@ import fiftyone as fo
 import fiftyone.zoo as foz
 
 from fiftyone_dinov2clip import cli
-from fiftyone_dinov2clip.devdb import free_port
+from support.devdb import free_port
 from fiftyone_dinov2clip.zoo import DinoV2ClipModel
 
 REPO = Path(__file__).resolve().parents[2]

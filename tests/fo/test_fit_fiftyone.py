@@ -12,7 +12,7 @@ pytest.importorskip("fiftyone.zoo", reason="fiftyone is not installed (pip insta
 
 import fiftyone as fo
 
-from fiftyone_dinov2clip.devdb import free_port
+from support.devdb import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = ("--epochs", "3", "--hidden-dim", "32", "--num-blocks", "1", "--batch-size", "32", "--device", "cpu",

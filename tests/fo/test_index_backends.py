@@ -113,6 +113,6 @@ def brute_force_of(ds, field, query, k):
 
 
 def in_configured_uri(ds, brain_key) -> bool:
-    """Whether the index's table is where the user's brain config (here: devdb's variable) puts LanceDB's."""
+    """Whether the index's table is where the user's brain config (here: tests/support/devdb.py's variable) puts LanceDB's."""
     table = ds.get_brain_info(brain_key).config.table_name
     return (Path(os.environ["FIFTYONE_BRAIN_SIMILARITY_LANCEDB_URI"]) / f"{table}.lance").is_dir()

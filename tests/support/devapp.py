@@ -76,7 +76,7 @@ def install_plugin(plugins_dir: Path) -> Path:
     """This checkout's FiftyOne plugin, laid out as `fiftyone plugins download` leaves it, in `plugins_dir`."""
     import shutil
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # tests/support/devapp.py -> the checkout
     target = Path(plugins_dir) / "dinov2clip"
     (target / "fiftyone_dinov2clip").mkdir(parents=True, exist_ok=True)
     shutil.copy(root / "fiftyone.yml", target / "fiftyone.yml")

@@ -116,3 +116,45 @@ def in_configured_uri(ds, brain_key) -> bool:
     """Whether the index's table is where the user's brain config (here: tests/support/devdb.py's variable) puts LanceDB's."""
     table = ds.get_brain_info(brain_key).config.table_name
     return (Path(os.environ["FIFTYONE_BRAIN_SIMILARITY_LANCEDB_URI"]) / f"{table}.lance").is_dir()
+
+
+@pytest.mark.parametrize("backend", ["sklearn", "lancedb"])
+def test_index_contract_on_the_installed_fiftyone_brain(backend, zoo_tiny, image_folder):
+    """What every default backend dinov2clip builds must do on the fiftyone-brain installed (CI runs this on the
+    pinned release and on the newest one): get_embeddings, remove_from_index, add_to_index, and text and vector
+    sorts equal to a brute-force ranking of what the index holds."""
+    import fiftyone_dinov2clip as fod
+
+    if backend == "lancedb":
+        pytest.importorskip("lancedb")
+    ds = fo.Dataset(f"dinov2clip-contract-{uuid.uuid4().hex[:8]}")
+    try:
+        ds.add_samples([fo.Sample(filepath=str(p)) for p in sorted(image_folder.iterdir())
+                        if p.name != "corrupt.jpg"])
+        results, _ = fod.compute_similarity(ds, zoo_tiny, backend=backend, brain_key="contract")
+        ids = ds.values("id")
+        stored = np.stack(ds.values("dinov2clip")).astype(np.float32)
+        got, got_ids, _ = results.get_embeddings()
+        order = [list(got_ids).index(i) for i in ids]
+        np.testing.assert_allclose(np.asarray(got)[order], stored, rtol=1e-5, atol=1e-6)
+
+        model = fod.load(zoo_tiny)
+        q = np.asarray(model.embed_prompt("a red square"), np.float64)
+        assert fod.sort_by_text(ds, "a red square", brain_key="contract", k=4).values("id") == \
+            brute_force_of(ds, "dinov2clip", q, 4)
+        assert ds.sort_by_similarity(stored[2], brain_key="contract", k=3).values("id") == \
+            brute_force_of(ds, "dinov2clip", stored[2].astype(np.float64), 3)
+
+        gone = ids[0]
+        results.remove_from_index(sample_ids=[gone])
+        results.save()
+        ds.clear_cache()
+        left = ds.sort_by_similarity(stored[0], brain_key="contract", k=len(ids)).values("id")
+        assert gone not in left and len(left) == len(ids) - 1
+        results = ds.load_brain_results("contract")
+        results.add_to_index(stored[:1], [gone])
+        results.save()
+        ds.clear_cache()
+        assert ds.sort_by_similarity(stored[0], brain_key="contract", k=1).values("id") == [gone]
+    finally:
+        ds.delete()

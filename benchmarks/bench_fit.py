@@ -3,11 +3,12 @@
 `precompute_shard`, so they should match), the projector's training samples/s, and what a fit of 10,000
 images costs here, split into encoding and training (is training the bottleneck?).
 
-    python benchmarks/bench_fit.py                     # reference-size random model, 96 JPEGs, 2 repeats
-    python benchmarks/bench_fit.py --quick             # the tiny model, 64 JPEGs, 1 repeat (CI: it runs)
+    python benchmarks/bench_fit.py                     # reference-size random model, 32 and 96 JPEGs, 2 repeats
+    python benchmarks/bench_fit.py --quick             # the tiny model, 21 and 64 JPEGs, 1 repeat (CI: it runs)
 
 Images: random-noise JPEGs 320×240, as files for fit and in one webdataset tar (with captions) for
-precompute; each repeat starts from empty caches, in ABBA order. Training: `fit`'s own
+precompute; images/s is the marginal rate between a third of --images and --images (model loading and other
+fixed costs cancel); each repeat starts from empty caches, in ABBA order. Training: `fit`'s own
 train config (MSE, the reference projector 768→2048×6→512 at reference size) on synthetic features of
 the precompute format. A benchmark, not a test: it prints figures, it asserts nothing.
 """
@@ -50,28 +51,28 @@ def write_images(root: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
     return folder, tar_path
 
 
-def time_precompute(model: str, tar: Path, work: Path, args) -> float:
+def time_precompute(model: str, root: Path, work: Path, args) -> float:
     from training.precompute import precompute
 
     start = time.perf_counter()
-    summary = precompute(model, [str(tar)], work, batch_size=args.batch_size, dtype=args.dtype, device="cpu",
-                         workers=args.workers, progress=False)
-    assert summary["samples"] == args.images, summary
-    return args.images / (time.perf_counter() - start)
+    summary = precompute(model, [str(root / "images.tar")], work, batch_size=args.batch_size, dtype=args.dtype,
+                         device="cpu", workers=args.workers, progress=False)
+    assert summary["samples"] == len(list((root / "images").iterdir())), summary
+    return time.perf_counter() - start
 
 
-def time_fit_encode(model: str, folder: Path, cache: Path, args) -> float:
+def time_fit_encode(model: str, root: Path, cache: Path, args) -> float:
     from training import fit
 
     start = time.perf_counter()
-    images = fit.hash_images(fit.find_images([folder]))
+    images = fit.hash_images(fit.find_images([root / "images"]))
     features = fit.feature_dir(model, "cpu", args.dtype, cache)
     encoding = fit.Encoding(model, "cpu", args.dtype, args.batch_size, args.workers, progress=False)
     train, val = fit.split(images, fit.VAL_PERCENT)
     fit.encode(images, train, features, encoding)
     fit.encode(images, val, features, encoding)
-    assert encoding.encoded == args.images
-    return args.images / (time.perf_counter() - start)
+    assert encoding.encoded == len(images.paths)
+    return time.perf_counter() - start
 
 
 def time_training(work: Path, args) -> float:
@@ -125,15 +126,21 @@ def main() -> None:
             model = str(dinov2clip.make_tiny(str(home / "tiny"), seed=0))
         else:
             model = str(reference_model_dir(args.model_dir, home))
-        folder, tar = write_images(home, args.images)
-        rates = {"precompute": [], "fit": []}
+        sizes = {"small": args.images // 3, "large": args.images}
+        for size, n in sizes.items():
+            write_images(home / size, n)
+        rates, seconds = {"precompute": [], "fit": []}, {}
         for r in range(args.repeats):  # ABBA order: a drift in the machine's speed hits both alike
             order = ("precompute", "fit") if r % 2 == 0 else ("fit", "precompute")
             for which in order:
-                rates[which].append(time_precompute(model, tar, home / f"pre{r}", args) if which == "precompute"
-                                    else time_fit_encode(model, folder, home / f"cache{r}", args))
-            print(f"repeat {r + 1}: precompute {rates['precompute'][-1]:.2f} img/s, fit {rates['fit'][-1]:.2f} img/s",
-                  flush=True)
+                for size in sizes:  # the marginal rate between two sizes leaves out fixed costs (loading)
+                    timer = time_precompute if which == "precompute" else time_fit_encode
+                    seconds[which, size] = timer(model, home / size, home / f"{which}-{size}-{r}", args)
+                rates[which].append((sizes["large"] - sizes["small"]) /
+                                    (seconds[which, "large"] - seconds[which, "small"]))
+            print(f"repeat {r + 1}: marginal images/s: precompute {rates['precompute'][-1]:.2f}, fit "
+                  f"{rates['fit'][-1]:.2f} (whole runs of {sizes['large']}: {seconds['precompute', 'large']:.1f} s and "
+                  f"{seconds['fit', 'large']:.1f} s)", flush=True)
         train_rate = time_training(home / "train", args)
     finally:
         shutil.rmtree(home, ignore_errors=True)
@@ -143,14 +150,15 @@ def main() -> None:
     encode_s, train_s = 10_000 / enc, 10_000 * 0.9 * epochs / train_rate
     dtype = str(resolve_dtype(args.dtype, "cpu")).removeprefix("torch.")
     table = "\n".join([
-        "| | images/s (median) | ratio |", "| --- | --- | --- |",
+        "| | images/s (median of marginal rates) | ratio |", "| --- | --- | --- |",
         f"| precompute (webdataset tar) | {pre:.2f} | 1.00 |",
         f"| fit's encoding (image files) | {enc:.2f} | {enc / pre:.2f} |",
         "", "| fit of 10,000 images (fit defaults: 10 epochs, 10 % held out) | seconds |", "| --- | --- |",
         f"| encoding (DINOv2 + CLIP teacher) | {encode_s:.0f} |",
         f"| projector training ({train_rate:.0f} samples/s) | {train_s:.0f} |",
     ])
-    notes = (f"{'tiny' if args.quick else 'reference-size'} random model, {args.images} JPEGs 320×240, batch "
+    notes = (f"{'tiny' if args.quick else 'reference-size'} random model, marginal rate between {args.images // 3} "
+             f"and {args.images} JPEGs 320×240, batch "
              f"{args.batch_size}, {args.workers} decode threads, dtype {dtype}, {args.repeats} repeat(s); "
              f"{torch.get_num_threads()} torch threads on {platform.processor() or platform.machine()}.")
     publish({"precompute_images_per_s": rates["precompute"], "fit_images_per_s": rates["fit"],

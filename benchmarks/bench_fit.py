@@ -98,6 +98,16 @@ def time_training(work: Path, args) -> float:
     return args.train_rows / (time.perf_counter() - start) if summary is not None else float("nan")
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="the tiny model, 64 images, 1 repeat")
@@ -160,7 +170,7 @@ def main() -> None:
     notes = (f"{'tiny' if args.quick else 'reference-size'} random model, marginal rate between {args.images // 3} "
              f"and {args.images} JPEGs 320×240, batch "
              f"{args.batch_size}, {args.workers} decode threads, dtype {dtype}, {args.repeats} repeat(s); "
-             f"{torch.get_num_threads()} torch threads on {platform.processor() or platform.machine()}.")
+             f"{torch.get_num_threads()} torch threads on {cpu_name()}.")
     publish({"precompute_images_per_s": rates["precompute"], "fit_images_per_s": rates["fit"],
              "train_samples_per_s": train_rate, "fit_10k_encode_s": encode_s, "fit_10k_train_s": train_s,
              "dtype": dtype, "quick": args.quick, "images": args.images}, table, notes, args.out)

@@ -160,9 +160,19 @@ class Encoders(nn.Module):
     @torch.inference_mode()
     def encode_teacher(self, pixels: torch.Tensor) -> torch.Tensor:
         """Teacher-preprocessed pixels → the CLIP image embedding, float32, L2-normalised, on CPU."""
-        with self.autocast():
+        autocast = contextlib.nullcontext() if self.teacher_dtype == torch.float32 else \
+            torch.autocast(self.device.type, dtype=self.teacher_dtype)
+        with autocast:
             out = self.teacher.encode_image(pixels.to(self.device, non_blocking=True))
         return F.normalize(out.float(), dim=-1).cpu()
+
+    @property
+    def teacher_dtype(self) -> torch.dtype:
+        """What the teacher's image tower runs in: the model's dtype, but fp32 on a CPU. Under CPU bf16 autocast,
+        PyTorch runs a linear layer on the non-contiguous input of open_clip's batch-first attention as a bmm with
+        the weight copied for every image: a fixed cost of seconds per batch of two or more images, where fp32 is
+        linear in the batch and no slower for a full one (docs/upstream/pytorch-cpu-bf16-linear-bmm.md)."""
+        return torch.float32 if self.device.type == "cpu" else self.dtype
 
     def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
         """Each text is tokenised as its first TEXT_CHARS_PER_TOKEN × context_length characters (see there)."""

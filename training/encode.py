@@ -28,7 +28,7 @@ from dinov2clip.preprocess import load_rgb
 
 from .datasets import RetrievalSet
 
-PIPELINE_VERSION = 1  # bump when this module changes the numbers it produces
+PIPELINE_VERSION = 2  # bump when this module changes the numbers it produces (2: the teacher in fp32 on CPU)
 
 
 def load_models(source: str, device: str | None = None, dtype="auto", batch_size: int = 32):
@@ -110,7 +110,8 @@ def embed_set(models, ds: RetrievalSet, cache: EmbeddingCache, skip_unreadable: 
         "dinov2": {**images, "kind": "dinov2", "encoder": dinov2_identity(models),
                    "preprocess": model.config.preprocess},
         "teacher": {**images, "kind": "clip-image", "encoder": clip_identity(models),
-                    "preprocess": models.teacher_preprocess},
+                    "preprocess": models.teacher_preprocess,
+                    "teacher_dtype": str(models.teacher_dtype).removeprefix("torch.")},
         "text": {**common, "kind": "clip-text", "encoder": clip_identity(models),
                  "captions": hashlib.sha256("\n".join(ds.captions).encode()).hexdigest()},
     }

@@ -35,7 +35,7 @@ from dinov2clip.errors import UserError
 from . import quality as q
 
 CHUNK = 256  # mean images per cached feature shard
-FIT_VERSION = 1  # bump when the features this module stores change meaning
+FIT_VERSION = 2  # bump when the features this module stores change meaning (2: the teacher in fp32 on CPU)
 VAL_PERCENT = 10.0  # images held out by default (by hash) to select the epoch and report quality
 
 

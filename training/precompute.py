@@ -151,7 +151,8 @@ def encoders_identity(enc, source: str) -> dict:
     pooling: a shard holds every pooling); shards with different fingerprints never mix."""
     cfg = enc.config
     return {"fingerprint": cfg.encoder_fingerprint(pooling=False), "source": source, "config": cfg.to_dict(),
-            "teacher_preprocess": enc.teacher_preprocess, "dtype": str(enc.dtype).removeprefix("torch.")}
+            "teacher_preprocess": enc.teacher_preprocess, "dtype": str(enc.dtype).removeprefix("torch."),
+            "teacher_dtype": str(enc.teacher_dtype).removeprefix("torch.")}
 
 
 def load_encoders(source: str, device: str | None = None, dtype="auto", batch_size: int = 64):

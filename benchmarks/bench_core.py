@@ -55,6 +55,7 @@ from dinov2clip.model import DinoV2Clip  # noqa: E402
 from dinov2clip.preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from dinov2clip.projector import ProjectorWithResiduals  # noqa: E402
 
+from fixtures import cpu_name  # noqa: E402  (benchmarks/fixtures.py: run as a script, this folder is on sys.path)
 from report import publish  # benchmarks/report.py: run as a script, this folder is on sys.path
 
 CLIP_ARCH = "ViT-B-16-quickgelu"
@@ -609,17 +610,7 @@ def environment() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "open_clip": open_clip.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(),
-            "processor": _cpu_name()}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+            "processor": cpu_name()}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

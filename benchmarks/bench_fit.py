@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import platform
 import shutil
 import sys
 import tarfile
@@ -29,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fixtures import reference_model_dir  # noqa: E402
+from fixtures import cpu_name, reference_model_dir  # noqa: E402
 from report import publish  # noqa: E402
 
 
@@ -96,16 +95,6 @@ def time_training(work: Path, args) -> float:
     start = time.perf_counter()
     summary = train(cfg)
     return args.train_rows / (time.perf_counter() - start) if summary is not None else float("nan")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

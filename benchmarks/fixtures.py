@@ -1,6 +1,7 @@
 """What several benchmark scripts set up the same way."""
 from __future__ import annotations
 
+import platform
 import time
 from pathlib import Path
 
@@ -19,3 +20,14 @@ def reference_model_dir(model_dir: str | None, home: Path, seed: int = 0, log=pr
     dinov2clip.make_tiny(str(path), seed=seed, size="reference")
     log(f"[model] built in {time.perf_counter() - start:.0f} s")
     return path
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), for the line that says where a figure came from."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -490,10 +490,7 @@ def sort_by_text(samples, text: str, brain_key: str = DEFAULT_BRAIN_KEY, k: int 
                         f"(model={getattr(config, 'model', None)!r}), so it cannot take text queries: recompute "
                         f"it with fiftyone_dinov2clip.compute_similarity(dataset, brain_key={brain_key!r}, "
                         "overwrite=True) or `python -m fiftyone_dinov2clip index DATASET --overwrite`")
-    # Encoded here, then searched as a vector: checked first, and a text that looks like a sample id is still
-    # a text (FiftyOne takes such a string for an id).
+    # Encoded here (the model refuses a text with no direction), then searched as a vector: a text that looks
+    # like a sample id is still a text (FiftyOne takes such a string for an id).
     query = np.asarray(dataset.load_brain_results(brain_key).get_model().embed_prompt(text), np.float32)
-    if not np.isfinite(query).all() or not query.any():
-        raise UserError(f"the query {text!r} encodes to a {'zero' if np.isfinite(query).all() else 'non-finite'} "
-                        "vector, which ranks nothing: check the model")
     return samples.sort_by_similarity(query, k=k, brain_key=brain_key)

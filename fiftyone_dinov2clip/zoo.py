@@ -269,9 +269,16 @@ class DinoV2ClipModel(fout.TorchImageModel, fom.PromptMixin):
         return self.embed_prompts([prompt])[0]
 
     def embed_prompts(self, prompts):
-        """Texts → float32 [N, D] unit vectors, in the same space as the image embeddings."""
-        prompts = [self.config.query_prefix + p for p in prompts]
-        return self.text_encoders().encode_text(prompts).numpy()
+        """Texts → float32 [N, D] unit vectors, in the same space as the image embeddings. A text that encodes
+        to a zero or non-finite vector is refused: every index would rank by it arbitrarily (FiftyOne's own
+        text search, the App's magnifier included, calls this)."""
+        emb = self.text_encoders().encode_text([self.config.query_prefix + p for p in prompts]).numpy()
+        bad = ~np.isfinite(emb).all(axis=1) | ~emb.any(axis=1)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise UserError(f"the query {prompts[i]!r} encodes to a {'zero' if np.isfinite(emb[i]).all() else 'non-finite'}"
+                            " vector, which ranks nothing: check the model")
+        return emb
 
     # -- zero-shot classification ---------------------------------------------------------
     def _get_text_features(self) -> torch.Tensor:

@@ -277,6 +277,9 @@ def test_a_text_that_encodes_to_no_direction_is_refused_in_one_line(dataset, zoo
     fod.compute_similarity(dataset, blind)
     with pytest.raises(UserError, match=r"^the query 'a dog' encodes to a (zero|non-finite) vector, which ranks "):
         fod.sort_by_text(dataset, "a dog")
+    # FiftyOne's own text search (the App's magnifier) goes through the model: refused there too
+    with pytest.raises(UserError, match=r"^the query 'a cat' encodes to a (zero|non-finite) vector, which ranks "):
+        dataset.sort_by_similarity("a cat", k=2, brain_key="dinov2clip")
 
 
 # -- 5. operator input -----------------------------------------------------------------------------

@@ -180,7 +180,20 @@ def _without_last_similarity_sort(view):
 
 class _LongRunning(foo.Operator):
     """Fit and quality encode every image of the view: both run immediately or delegated, and a large view
-    defaults to delegated in the App's execution menu."""
+    defaults to delegated in the App's execution menu. Subclasses name themselves in NAME, LABEL, DESCRIPTION."""
+    NAME = LABEL = DESCRIPTION = ""
+
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name=self.NAME,
+            label=self.LABEL,
+            description=self.DESCRIPTION,
+            dynamic=True,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+            disable_schema_validation=True,  # see the module docstring
+        )
 
     def resolve_execution_options(self, ctx):
         from fiftyone.operators.executor import ExecutionOptions
@@ -190,18 +203,10 @@ class _LongRunning(foo.Operator):
 
 
 class FitProjector(_LongRunning):
-    @property
-    def config(self):
-        return foo.OperatorConfig(
-            name="fit_projector",
-            label="dinov2clip: fit a model to these images",
-            description="Fit a dinov2clip projector to the images of the current view (no captions needed) "
-                        "and write a model directory",
-            dynamic=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
-            disable_schema_validation=True,  # see the module docstring
-        )
+    NAME = "fit_projector"
+    LABEL = "dinov2clip: fit a model to these images"
+    DESCRIPTION = ("Fit a dinov2clip projector to the images of the current view (no captions needed) and write "
+                   "a model directory")
 
     def resolve_input(self, ctx):
         inputs = types.Object()
@@ -218,7 +223,7 @@ class FitProjector(_LongRunning):
         inputs.bool("overwrite", default=False, label="Overwrite", description="replace a model already there")
         inputs.int("hidden_dim", min=1, label="Hidden width (optional)", description="empty: training's default")
         inputs.int("num_blocks", min=1, label="Residual blocks (optional)", description="empty: training's default")
-        return types.Property(inputs, view=types.View(label="dinov2clip: fit a model to these images"))
+        return types.Property(inputs, view=types.View(label=self.LABEL))
 
     def execute(self, ctx):
         from training.fit import fit
@@ -263,18 +268,10 @@ class FitProjector(_LongRunning):
 
 
 class TextSearchQuality(_LongRunning):
-    @property
-    def config(self):
-        return foo.OperatorConfig(
-            name="text_search_quality",
-            label="dinov2clip: text search quality on these images",
-            description="Compare a dinov2clip model's text search with its CLIP teacher's on the images of the "
-                        "current view; stored as a run on the dataset",
-            dynamic=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
-            disable_schema_validation=True,  # see the module docstring
-        )
+    NAME = "text_search_quality"
+    LABEL = "dinov2clip: text search quality on these images"
+    DESCRIPTION = ("Compare a dinov2clip model's text search with its CLIP teacher's on the images of the current "
+                   "view; stored as a run on the dataset")
 
     def resolve_input(self, ctx):
         import fiftyone as fo

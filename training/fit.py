@@ -22,7 +22,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,11 +83,16 @@ def hash_images(paths: list[Path]) -> Images:
 def split(images: Images, val_percent: float) -> tuple[list[str], list[str]]:
     """(train, val) hashes: an image is held out when its hash says so (at least one image)."""
     hashes = list(images.paths)
-    val = [h for h in hashes if int(h[:8], 16) % 10_000 < val_percent * 100]
+    val = [h for h in hashes if held_out(h, val_percent)]
     if not val and val_percent > 0:
         val = hashes[-1:]
     held = set(val)
     return [h for h in hashes if h not in held], val
+
+
+def held_out(digest: str, val_percent: float) -> bool:
+    """Whether an image (by the sha256 of its bytes) is held out: the same answer in every run."""
+    return int(digest[:8], 16) % 10_000 < val_percent * 100
 
 
 def chunks(hashes: list[str]) -> list[list[str]]:
@@ -153,7 +157,7 @@ class Encoding:
                                           batch_size=self.batch_size, teacher=True)
         meta = precompute_shard(self.encoders, url or name, features, self.batch_size, self.workers, bar,
                                 source=self.source, samples=samples, name=name, captioned=False)
-        self.encoded += json.loads((features / "shards" / name / "meta.json").read_text())["count"] + meta["skipped"]
+        self.encoded += meta_count(features, name) + meta["skipped"]
 
 
 # -- webdataset shards (captions, if any, are not used) ---------------------------------------------
@@ -164,10 +168,6 @@ SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 def is_shard(item) -> bool:
     item = str(item)
     return item.endswith(SHARD_SUFFIXES) or "://" in item or ("{" in item and ".." in item)
-
-
-def held_out(digest: str, val_percent: float) -> bool:
-    return int(digest[:8], 16) % 10_000 < val_percent * 100
 
 
 def encode_shards(urls: list[str], features: Path, encoding: Encoding, val_percent: float) -> tuple[list, list]:
@@ -209,18 +209,26 @@ def encode_shards(urls: list[str], features: Path, encoding: Encoding, val_perce
 
 def encode(images: Images, hashes: list[str], features: Path, encoding: Encoding) -> list[str]:
     """Make sure every chunk of `hashes` is a finished shard under `features`; returns the chunks' names."""
+    return encode_chunks(hashes, features, chunk_name,
+                         lambda name, members, bar: encoding.shard(features, name, members, images, bar),
+                         "encode images (DINOv2 + CLIP teacher)", encoding.progress)
+
+
+def encode_chunks(hashes: list[str], features: Path, name_of, write, desc: str, progress: bool) -> list[str]:
+    """The chunks of `hashes`, named by `name_of(members)`: those not yet finished under `features` are written
+    by `write(name, members, bar)` (a killed writer's temporaries removed first); returns every chunk's name."""
     from tqdm.auto import tqdm
 
     from .precompute import clean_partial, is_done
 
-    todo = [(chunk_name(c), c) for c in chunks(hashes)]
+    todo = [(name_of(c), c) for c in chunks(hashes)]
     clean_partial(features, [n for n, _ in todo])
     missing = [(n, c) for n, c in todo if not is_done(features, n)]
     if missing:
-        with tqdm(total=sum(len(c) for _, c in missing), desc="encode images (DINOv2 + CLIP teacher)", unit="img",
-                  disable=not encoding.progress, smoothing=0.1) as bar:
+        with tqdm(total=sum(len(c) for _, c in missing), desc=desc, unit="img", disable=not progress,
+                  smoothing=0.1) as bar:
             for name, members in missing:
-                encoding.shard(features, name, members, images, bar)
+                write(name, members, bar)
     return [n for n, _ in todo]
 
 
@@ -299,6 +307,8 @@ def fit(inputs, model: str, out, *, init: str | None = None, from_scratch: bool 
     """Fit a projector to the images of `inputs` (folders, files, globs); write the model directory `out`."""
     from dinov2clip.factory import resolve_source
 
+    from .precompute import expand_shards
+
     if epochs < 1 or batch_size < 1 or encode_batch_size < 1:
         raise UserError("epochs, batch size and encode batch size must be ≥ 1")
     if not 0 < val_percent < 50:
@@ -306,9 +316,8 @@ def fit(inputs, model: str, out, *, init: str | None = None, from_scratch: bool 
     check_out(out, overwrite)
     config, _ = resolve_source(model)  # a bad source fails here, before any image is read
     pooling = config.dinov2["pooling"]
-    from .precompute import expand_shards
-
-    shards = expand_shards([i for i in inputs if is_shard(i)]) if any(is_shard(i) for i in inputs) else []
+    shard_specs = [i for i in inputs if is_shard(i)]
+    shards = expand_shards(shard_specs) if shard_specs else []
     if shards and labels is not None:
         raise UserError("--labels and --label-field take image files; webdataset shards carry no such labels")
     images = hash_images(find_images([i for i in inputs if not is_shard(i)]))  # bad input fails before any weight
@@ -338,8 +347,7 @@ def fit(inputs, model: str, out, *, init: str | None = None, from_scratch: bool 
               "hidden_dim": hidden_dim, "num_blocks": num_blocks, "pooling": pooling, "val_percent": val_percent,
               "init": start, "init_projector": start_model and start_model.config.projector.get("tensor_sha256")}
     trained = train_stage(features, train_names, val_names, recipe, start_model, model, device, progress)
-    after, before = held_out_quality(trained, model, images, val_hashes, skipped, start_model, queries, template,
-                                     labels)
+    after, before = held_out_quality(trained, model, images, val_hashes, start_model, queries, template, labels)
     counts = {"images_given": images.given, "distinct": len(images.paths), "from_shards": from_shards,
               "shards": len(shards), "unreadable": len(images.unreadable) +
               len(skipped), "train": trained.n_train, "val": after["images"], "encoded_now": encoding.encoded}
@@ -372,7 +380,7 @@ def train_stage(features: Path, train_names: list[str], val_names: list[str], re
     run = features.parent.parent / "runs" / run_key
     train_dir = link_split(features, train_names, run / "data" / "train")
     val_dir = link_split(features, val_names, run / "data" / "val")
-    n_train = sum(json.loads((train_dir / "shards" / n / "meta.json").read_text())["count"] for n in train_names)
+    n_train = sum(meta_count(features, n) for n in train_names)
     init_file = None
     if start_model is not None:
         init_file = run / "init.safetensors"
@@ -392,8 +400,8 @@ def train_stage(features: Path, train_names: list[str], val_names: list[str], re
     return Trained(run, run_key, val_dir, n_train, summary, recipe["pooling"])
 
 
-def held_out_quality(trained: Trained, model: str, images: Images, val_hashes: list[str], skipped: dict,
-                     start_model, queries, template: str, labels) -> tuple[dict, dict | None]:
+def held_out_quality(trained: Trained, model: str, images: Images, val_hashes: list[str], start_model, queries,
+                     template: str, labels) -> tuple[dict, dict | None]:
     """The report on the held-out images: the fitted projector and, where it started from one, its start.
     `model` gives the text tower (CLIP's)."""
     from dinov2clip import load_encoders
@@ -401,7 +409,7 @@ def held_out_quality(trained: Trained, model: str, images: Images, val_hashes: l
 
     fitted = load_projector(Path(trained.summary["model"]))
     x, teacher = features_of([trained.val_dir], trained.pooling)
-    vocab, labels_of = queries_for(queries, template, labels, [images.paths[h] for h in val_hashes], skipped)
+    vocab, labels_of = queries_for(queries, template, labels, [images.paths[h] for h in val_hashes])
     text_model = load_encoders(model, image=False, text=True, device="cpu", dtype="fp32")
     text = text_model.encode_text(vocab).numpy()
     rows = kept_rows(trained.val_dir)
@@ -470,7 +478,7 @@ def kept_rows(split_dir: Path) -> list[str]:
     return out
 
 
-def queries_for(queries: str | None, template: str, labels, paths, skipped):
+def queries_for(queries: str | None, template: str, labels, paths):
     """(query texts, labeller or None). `labels="folder"`: each image's class is its parent folder's name; a
     dict: path → class (None: unlabelled, left out of the labelled figures)."""
     if "{}" not in template:
@@ -513,7 +521,7 @@ def quality(inputs, model: str, out, *, queries: str | None = None, template: st
     sampled = len(hashes) > max_images
     if sampled:
         hashes = sorted(np.random.default_rng(seed).choice(hashes, max_images, replace=False).tolist())
-    vocab, labels_of = queries_for(queries, template, labels, [images.paths[h] for h in hashes], {})
+    vocab, labels_of = queries_for(queries, template, labels, [images.paths[h] for h in hashes])
     features = feature_dir(model, device, dtype, cache)
     encoding = Encoding(model, device, dtype, encode_batch_size, workers, progress)
     # chunked as fit chunks them (its default split), so images a fit encoded are read from the cache

@@ -22,7 +22,7 @@ import numpy as np
 from dinov2clip.errors import UserError
 
 from . import quality as q
-from .fit import (VAL_PERCENT, Images, chunks, check_out, export_and_report, feature_dir, hash_images,
+from .fit import (VAL_PERCENT, Images, check_out, encode_chunks, export_and_report, feature_dir, hash_images,
                   held_out_quality, resolve_init, skipped_images, split, train_stage)
 
 FIELD_VERSION = 1  # bump when the features this module stores change meaning
@@ -132,7 +132,7 @@ def write_chunk(features: Path, name: str, members: list[str], images: Images, v
                 bar) -> None:
     """One precompute-format shard: dinov2_cls = the stored vectors ("cls" pooling reads only those), the
     teacher's image embedding, no patches and no captions."""
-    from .precompute import write_shard
+    from .precompute import encoders_identity, write_shard
 
     kept, clip_image, failed = teacher.embed([images.paths[h] for h in members], bar)
     keys = [members[i] for i in kept]
@@ -141,8 +141,9 @@ def write_chunk(features: Path, name: str, members: list[str], images: Images, v
     enc = teacher.encoders
     arrays = {"dinov2_cls": cls, "dinov2_patch_mean": np.zeros_like(cls), "clip_image": clip_image,
               "clip_text": np.zeros_like(clip_image)}
-    encoders = {"fingerprint": config.encoder_fingerprint(pooling=False), "source": "", "config": config.to_dict(),
-                "teacher_preprocess": enc.teacher_preprocess, "dtype": str(enc.dtype).removeprefix("torch.")}
+    # precompute's record of the teacher (preprocessing, dtypes), with the field model's own identity
+    encoders = {**encoders_identity(enc, ""), "fingerprint": config.encoder_fingerprint(pooling=False),
+                "config": config.to_dict()}
     meta = {"source": f"field {config.dinov2['field']}", "num_patches": 0, "num_register_tokens": 0,
             "skipped": len(failed), "skipped_keys": {members[i]: why for i, why in failed.items()},
             "encoders": encoders, "captioned": False, "captions_cut": 0}
@@ -152,19 +153,10 @@ def write_chunk(features: Path, name: str, members: list[str], images: Images, v
 def encode(images: Images, hashes: list[str], vectors, config, features: Path, teacher: Teacher,
            progress: bool) -> list[str]:
     """Make sure every chunk of `hashes` is a finished shard under `features`; returns the chunks' names."""
-    from tqdm.auto import tqdm
-
-    from .precompute import clean_partial, is_done
-
-    todo = [(chunk_name(config, c, vectors), c) for c in chunks(hashes)]
-    clean_partial(features, [n for n, _ in todo])
-    missing = [(n, c) for n, c in todo if not is_done(features, n)]
-    if missing:
-        with tqdm(total=sum(len(c) for _, c in missing), desc="encode images (CLIP teacher)", unit="img",
-                  disable=not progress) as bar:
-            for name, members in missing:
-                write_chunk(features, name, members, images, vectors, config, teacher, bar)
-    return [n for n, _ in todo]
+    return encode_chunks(hashes, features, lambda members: chunk_name(config, members, vectors),
+                         lambda name, members, bar: write_chunk(features, name, members, images, vectors, config,
+                                                                teacher, bar),
+                         "encode images (CLIP teacher)", progress)
 
 
 def fit_field(dataset: str, field: str, model: str, out, *, view: str | None = None, producer: str | None = None,
@@ -221,8 +213,7 @@ def fit_field(dataset: str, field: str, model: str, out, *, view: str | None = N
               "from_field": {"field": field, "producer": found, "width": width}}
     # "" : the trained directory is built from the shards' recorded config (the field's, not a DINOv2's)
     trained = train_stage(features, train_names, val_names, recipe, start_model, "", device, progress)
-    after, before = held_out_quality(trained, model, images, val_hashes, skipped, start_model, queries, template,
-                                     labels)
+    after, before = held_out_quality(trained, model, images, val_hashes, start_model, queries, template, labels)
     counts = {"samples": len(paths), "without_field": left["without_field"], "non_finite": left["non_finite"],
               "images_given": images.given, "distinct": len(images.paths),
               "unreadable": len(images.unreadable) + len(skipped), "train": trained.n_train, "val": after["images"],

@@ -266,6 +266,7 @@ def test_torchrun_two_processes_match_one(tiny_run, tmp_path):
     (["train", "--config", str(TINY), "--set", "train.nope=1", "--train", "x", "--val", "y"], "unknown train option"),
     (["train", "--config", str(TINY), "--set", "oops", "--train", "x", "--val", "y"], "KEY=VALUE"),
     (["pipeline", "--config", "missing.yaml"], "config not found"),
+    (["pipeline", "--config", "training"], "cannot read config training: Is a directory"),  # a folder here
     (["train", "--train", "x", "--val", "y", "--batch-size", "10", "--accum-steps", "3"], "not divisible"),
 ])
 def test_cli_user_errors(argv, message, tmp_path):

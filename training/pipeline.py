@@ -35,6 +35,8 @@ def load_config(path, overrides=()) -> dict:
         cfg = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
         raise UserError(f"config not found: {path}") from None
+    except OSError as e:  # a folder of that name, no permission: one line, like a missing file
+        raise UserError(f"cannot read config {path}: {e.strerror or type(e).__name__}") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     for item in overrides:

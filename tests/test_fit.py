@@ -239,3 +239,17 @@ def test_fit_reads_webdataset_shards_without_captions(tmp_path, tiny_dir):
     again = cli("fit", *map(str, shards), "--model", tiny_dir, "--out", tmp_path / "m2", "--from-scratch", *SMALL,
                 env=env)
     assert again.returncode == 0 and "0 encoded now" in again.stdout, again.stderr
+
+
+def test_quality_never_reads_another_models_features(folder, tiny_dir, tmp_path):
+    """Two models over the same images share chunk names (they name images): each must read its own features."""
+    import dinov2clip
+
+    other = dinov2clip.make_tiny(str(tmp_path / "other"), seed=1)
+    common = dict(device="cpu", dtype="fp32", progress=False, labels="folder", template="a {}")
+    fitmod.quality([folder], str(tiny_dir), tmp_path / "q-tiny", cache=tmp_path / "shared", **common)
+    shared = fitmod.quality([folder], str(other), tmp_path / "q-other", cache=tmp_path / "shared", **common)
+    alone = fitmod.quality([folder], str(other), tmp_path / "q-alone", cache=tmp_path / "fresh", **common)
+    for key in ("teacher_agreement@10", "teacher_agreement@50", "rank_correlation"):
+        assert shared[key] == alone[key]
+    assert shared["zero_shot_accuracy"] == alone["zero_shot_accuracy"]

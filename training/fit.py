@@ -241,9 +241,11 @@ def link_split(features: Path, names: list[str], where: Path) -> Path:
     shards = where / "shards"
     shards.mkdir(parents=True, exist_ok=True)
     for name in names:
-        link = shards / name
+        link, target = shards / name, (features / "shards" / name).resolve()
+        if link.is_symlink() and link.resolve() != target:  # ours, pointing at another cache's chunk
+            link.unlink()
         if not link.is_symlink():
-            link.symlink_to((features / "shards" / name).resolve(), target_is_directory=True)
+            link.symlink_to(target, target_is_directory=True)
     return where
 
 
@@ -528,7 +530,8 @@ def quality(inputs, model: str, out, *, queries: str | None = None, template: st
     train, val = split(Images({h: images.paths[h] for h in hashes}), VAL_PERCENT)
     names = encode(images, train, features, encoding) + encode(images, val, features, encoding)
     skipped = skipped_images(features, names, images)
-    run = features.parent.parent / "quality" / hashlib.sha256("".join(names).encode()).hexdigest()[:24]
+    # chunk names say which images, the features folder which encoders: both name the run
+    run = features.parent.parent / "quality" / hashlib.sha256("".join([features.name, *names]).encode()).hexdigest()[:24]
     split_dir = link_split(features, names, run)
     x, teacher = features_of([split_dir], trained.config.dinov2["pooling"])
     rows = kept_rows(split_dir)

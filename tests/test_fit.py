@@ -253,3 +253,17 @@ def test_quality_never_reads_another_models_features(folder, tiny_dir, tmp_path)
     for key in ("teacher_agreement@10", "teacher_agreement@50", "rank_correlation"):
         assert shared[key] == alone[key]
     assert shared["zero_shot_accuracy"] == alone["zero_shot_accuracy"]
+
+
+def test_quality_never_overwrites_files_it_did_not_write(tmp_path):
+    img = np.eye(4, dtype=np.float32)
+    report = q.compare(img, img, img[:2], ["a", "b"])
+    q.write_report(report, tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "quality.json").read_text())["format"] == q.FORMAT
+    q.write_report(report, tmp_path / "q")  # its own report is replaced
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "quality.md").write_text("my notes")
+    with pytest.raises(Exception, match="did not write"):
+        q.write_report(report, mine)
+    assert (mine / "quality.md").read_text() == "my notes" and not (mine / "quality.json").exists()

@@ -147,15 +147,30 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+FORMAT = "dinov2clip-quality/1"
+
+
 def write_report(report: dict, out_dir) -> dict:
-    """quality.json, quality.md and quality.png in `out_dir`; returns their paths."""
+    """quality.json, quality.md and quality.png in `out_dir`; returns their paths. Files of those names are
+    replaced only where quality.json is a report this module wrote (never someone else's files)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.is_file():
+        raise UserError(f"--out {out} is a file: give a folder for quality.json, quality.md and quality.png")
     files = {"json": out / "quality.json", "markdown": out / "quality.md", "plot": out / "quality.png"}
-    write_json_atomic(files["json"], report)
+    if any(p.exists() for p in files.values()) and not _ours(files["json"]):
+        raise UserError(f"{out} holds quality.json, .md or .png that dinov2clip did not write: choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(files["json"], {"format": FORMAT, **report})
     write_text_atomic(files["markdown"], markdown(report))
     _plot(report, files["plot"])
     return {k: str(v) for k, v in files.items()}
+
+
+def _ours(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _plot(report: dict, path: Path) -> None:

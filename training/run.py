@@ -269,17 +269,21 @@ def cmd_fit(args) -> None:
         print(f"registered for FiftyOne as {register(args.register, result['model'])}")
 
 
+def fit_options(args) -> dict:
+    """What `fit` and `fit_field` both take from the command line."""
+    return dict(init=args.init, from_scratch=args.from_scratch, epochs=args.epochs, batch_size=args.batch_size,
+                lr=args.lr, hidden_dim=args.hidden_dim, num_blocks=args.num_blocks, val_percent=args.val_percent,
+                queries=args.queries, template=args.template, cache=args.cache, device=args.device,
+                dtype=args.dtype, encode_batch_size=args.encode_batch_size, workers=args.workers,
+                overwrite=args.overwrite, seed=args.seed, progress=not args.quiet)
+
+
 def fit_images(args) -> dict:
     from .fit import fit
 
     images, labels = images_and_labels(args)
     check_register(args)
-    return fit(images, args.model, args.out, init=args.init, from_scratch=args.from_scratch,
-               epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, hidden_dim=args.hidden_dim,
-               num_blocks=args.num_blocks, val_percent=args.val_percent, queries=args.queries,
-               template=args.template, labels=labels, cache=args.cache, device=args.device, dtype=args.dtype,
-               encode_batch_size=args.encode_batch_size, workers=args.workers, overwrite=args.overwrite,
-               seed=args.seed, progress=not args.quiet)
+    return fit(images, args.model, args.out, labels=labels, **fit_options(args))
 
 
 def fit_from_field(args) -> dict:
@@ -292,12 +296,7 @@ def fit_from_field(args) -> dict:
         raise UserError("--from-field takes --label-field for zero-shot labels, not --labels folder")
     check_register(args)
     return fit_field(args.dataset, args.from_field, args.model, args.out, view=args.view, producer=args.producer,
-                     max_train_images=args.max_train_images, label_field=args.label_field, init=args.init,
-                     from_scratch=args.from_scratch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                     hidden_dim=args.hidden_dim, num_blocks=args.num_blocks, val_percent=args.val_percent,
-                     queries=args.queries, template=args.template, cache=args.cache, device=args.device,
-                     dtype=args.dtype, encode_batch_size=args.encode_batch_size, workers=args.workers,
-                     overwrite=args.overwrite, seed=args.seed, progress=not args.quiet)
+                     max_train_images=args.max_train_images, label_field=args.label_field, **fit_options(args))
 
 
 def check_register(args) -> None:

@@ -29,24 +29,19 @@ def check_pooling(pooling: str) -> None:
         raise UserError(f"unknown pooling {pooling!r}: choose one of {', '.join(POOLINGS)}")
 
 
-def pool_tokens(tokens: torch.Tensor, pooling: str, num_register_tokens: int = 0) -> torch.Tensor:
-    """tokens: last_hidden_state [B, 1 + R + P, H] laid out as [CLS, registers..., patches...].
-
-    `mean` averages CLS and patches (registers excluded): the reference projector's input."""
-    cls = tokens[:, 0]
+def pool(cls: torch.Tensor, patch_mean: torch.Tensor | None, pooling: str, num_patches: int) -> torch.Tensor:
+    """The one pooling: a DINOv2 embedding from its CLS token and the mean of its patch tokens (registers
+    excluded). `mean` averages CLS and patches, the reference projector's input."""
+    check_pooling(pooling)
     if pooling == "cls":
         return cls
-    patches = tokens[:, 1 + num_register_tokens:]
-    mean = (cls + patches.sum(dim=1)) / (1 + patches.shape[1])
-    if pooling == "mean":
-        return mean
-    if pooling == "cls+mean":
-        return torch.cat([cls, mean], dim=-1)
-    check_pooling(pooling)
+    mean = (cls + num_patches * patch_mean) / (1 + num_patches)
+    return mean if pooling == "mean" else torch.cat([cls, mean], dim=-1)
 
 
 class DinoV2Encoder(nn.Module):
-    """pixel_values [B, 3, H, W] → pooled DINOv2 embedding [B, D]."""
+    """pixel_values [B, 3, H, W] → pooled DINOv2 embedding [B, D]. `tokens` and `features` are its public
+    parts: whoever needs patches or another pooling calls them instead of reaching into `backbone`."""
 
     def __init__(self, backbone: nn.Module, pooling: str):
         super().__init__()
@@ -54,12 +49,24 @@ class DinoV2Encoder(nn.Module):
         self.backbone = backbone
         self.pooling = pooling
         self.num_register_tokens = int(getattr(backbone.config, "num_register_tokens", 0) or 0)
-        self.output_dim = pooled_dim(backbone.config.hidden_size, pooling)
+        self.patch_size = int(backbone.config.patch_size)
+        self.hidden_size = int(backbone.config.hidden_size)
+        self.output_dim = pooled_dim(self.hidden_size, pooling)
+
+    def tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """→ (CLS [B, H], patch tokens [B, P, H]) of the last, layer-normed layer; registers dropped. The
+        patches are in row-major order over a (height / patch_size) × (width / patch_size) grid."""
+        tokens = self.backbone(pixel_values=pixel_values).last_hidden_state
+        return tokens[:, 0], tokens[:, 1 + self.num_register_tokens:]
+
+    def features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """→ (CLS [B, H], patch mean [B, H], number of patches): every pooling is `pool` of these."""
+        cls, patches = self.tokens(pixel_values)
+        return cls, patches.mean(dim=1), patches.shape[1]
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        tokens = self.backbone(pixel_values=pixel_values).last_hidden_state  # already layer-normed
-        return pool_tokens(tokens, self.pooling, self.num_register_tokens)
-
+        cls, patch_mean, num_patches = self.features(pixel_values)
+        return pool(cls, patch_mean, self.pooling, num_patches)
 
 def load_dinov2_backbone(source: str, revision: str | None = None, state_dict: dict | None = None) -> nn.Module:
     """Load a DINOv2 (or DINOv2-with-registers) backbone from a hub id or a local directory. `state_dict`

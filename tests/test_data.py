@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.data import EmbeddingSet, pool
+from dinov2clip.dinov2 import pool
+from training.data import EmbeddingSet
 from training.precompute import ARRAYS, write_shard
 
 

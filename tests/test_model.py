@@ -5,7 +5,7 @@ from PIL import Image
 
 import dinov2clip
 from dinov2clip import UserError
-from dinov2clip.dinov2 import pool_tokens
+from dinov2clip.dinov2 import pool
 
 from testsupport import solid
 
@@ -120,7 +120,7 @@ def test_pooling_layout(pooling, registers):
     cls, patches = tokens[:, 0], tokens[:, 1 + registers:]
     mean = torch.cat([cls[:, None], patches], dim=1).mean(dim=1)
     expected = {"mean": mean, "cls": cls, "cls+mean": torch.cat([cls, mean], dim=-1)}[pooling]
-    torch.testing.assert_close(pool_tokens(tokens, pooling, registers), expected)
+    torch.testing.assert_close(pool(cls, patches.mean(dim=1), pooling, patches.shape[1]), expected)
 
 
 def test_registers_backbone_pools_without_registers(tmp_path):

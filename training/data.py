@@ -13,18 +13,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from dinov2clip.dinov2 import check_pooling
+from dinov2clip.dinov2 import check_pooling, pool
 from dinov2clip.errors import UserError
 
 from .precompute import ARRAYS, META, TEXT, check_one_encoder, manifest, shard_fingerprint
-
-
-def pool(cls: torch.Tensor, patch_mean: torch.Tensor, pooling: str, num_patches: int) -> torch.Tensor:
-    """DINOv2 pooling from the stored parts: mean = mean over CLS and patches (registers excluded)."""
-    if pooling == "cls":
-        return cls
-    mean = (cls + num_patches * patch_mean) / (1 + num_patches)
-    return mean if pooling == "mean" else torch.cat([cls, mean], dim=-1)
 
 
 class EmbeddingSet:

@@ -138,11 +138,10 @@ def caption_of(sample: dict) -> str | None:
 def encode_images(enc, dino_pixels: torch.Tensor, clip_pixels: torch.Tensor) -> dict[str, torch.Tensor]:
     """One batch through the encoders: DINOv2's CLS and patch mean (every pooling can be rebuilt from them)
     and the teacher's image embedding."""
-    tower = enc.image_encoder
     with torch.inference_mode(), enc.autocast():
-        tokens = tower.backbone(pixel_values=dino_pixels.to(enc.device)).last_hidden_state.float()
-    patches = tokens[:, 1 + tower.num_register_tokens:]
-    return {"dinov2_cls": tokens[:, 0].cpu(), "dinov2_patch_mean": patches.mean(dim=1).cpu(),
+        cls, patches = enc.image_encoder.tokens(dino_pixels.to(enc.device))
+        cls, patch_mean = cls.float(), patches.float().mean(dim=1)
+    return {"dinov2_cls": cls.cpu(), "dinov2_patch_mean": patch_mean.cpu(),
             "clip_image": enc.encode_teacher(clip_pixels), "num_patches": patches.shape[1]}
 
 
@@ -300,7 +299,7 @@ def precompute_shard(enc, url: str, out_dir, batch_size: int = 64, workers: int 
                 flush(pending[i:i + batch_size])
     except (OSError, tarfile.TarError, EOFError) as e:
         raise UnreadableShard(f"unreadable shard {url}: {type(e).__name__}: {e}") from None
-    dim_d = model.image_encoder.backbone.config.hidden_size
+    dim_d = model.image_encoder.hidden_size
     arrays = {k: (np.concatenate(v) if v else np.zeros((0, dim_d if "dinov2" in k else model.embed_dim), np.float32))
               for k, v in parts.items()}
     arrays["clip_text"] = (model.encode_text(captions).numpy() if captions and captioned

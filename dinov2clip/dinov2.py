@@ -69,10 +69,11 @@ class DinoV2Encoder(nn.Module):
         return pool(cls, patch_mean, self.pooling, num_patches)
 
 def load_dinov2_backbone(source: str, revision: str | None = None, state_dict: dict | None = None) -> nn.Module:
-    """Load a DINOv2 (or DINOv2-with-registers) backbone from a hub id or a local directory. `state_dict`
-    (weights already read into memory) replaces the directory's weight files, which transformers would
-    otherwise memory-map: a mapped file overwritten later changes the model, truncated it crashes it."""
-    from transformers import AutoConfig, AutoModel
+    """Load a DINOv2 (or DINOv2-with-registers) backbone from a hub id or a local directory. Its weights are read
+    into memory (`state_dict`, when the caller has read and verified them already, or the source's safetensors
+    files): transformers would otherwise memory-map them, and a mapped file overwritten later changes the model,
+    truncated it crashes it. Only safetensors weights load (never a pickle)."""
+    from transformers import MODEL_MAPPING, AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=False)
@@ -80,21 +81,39 @@ def load_dinov2_backbone(source: str, revision: str | None = None, state_dict: d
         raise UserError(f"cannot load DINOv2 config from {source!r}: {_first_line(e)}") from None
     if config.model_type not in ("dinov2", "dinov2_with_registers"):
         raise UserError(f"{source!r} is a {config.model_type!r} model, not DINOv2")
-    if state_dict is not None:  # transformers reads weights given in memory only without a name to read
-        from transformers import MODEL_MAPPING
-
-        model, info = MODEL_MAPPING[type(config)].from_pretrained(
-            None, config=config, state_dict=state_dict, attn_implementation="sdpa", output_loading_info=True)
-        wrong = sorted({*info["missing_keys"], *info["unexpected_keys"], *(str(k) for k in info["mismatched_keys"])})
-        if wrong:
-            raise UserError(f"the DINOv2 weights in {source} do not fit its config.json: {', '.join(wrong[:3])}")
-        return model.eval()
-    try:
-        model = AutoModel.from_pretrained(source, revision=revision, trust_remote_code=False,
-                                          attn_implementation="sdpa")
-    except OSError as e:
-        raise UserError(f"cannot load DINOv2 weights from {source!r}: {_first_line(e)}") from None
+    if state_dict is None:
+        state_dict = _read_safetensors(source, revision)
+    # transformers takes weights given in memory only without a name to read them from
+    model, info = MODEL_MAPPING[type(config)].from_pretrained(
+        None, config=config, state_dict=state_dict, attn_implementation="sdpa", output_loading_info=True)
+    wrong = sorted({*info["missing_keys"], *info["unexpected_keys"], *(str(k) for k in info["mismatched_keys"])})
+    if wrong:
+        raise UserError(f"the DINOv2 weights in {source} do not fit its config.json: {', '.join(wrong[:3])}")
     return model.eval()
+
+
+def _read_safetensors(source: str, revision: str | None) -> dict:
+    """The source's safetensors weights, read into memory: a local folder's, or a hub repo's (downloaded into
+    huggingface_hub's cache first, or found there offline)."""
+    from pathlib import Path
+
+    from safetensors.torch import load
+
+    folder = Path(source)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(source, revision=revision, allow_patterns=["*.safetensors"]))
+        except Exception as e:  # offline and not cached, unknown repo, no network: one line
+            raise UserError(f"cannot load DINOv2 weights from {source!r}: {_first_line(e)}") from None
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{source!r} has no safetensors weights (other formats are never loaded)")
+    state_dict = {}
+    for f in files:
+        state_dict.update(load(f.read_bytes()))
+    return state_dict
 
 
 def _first_line(e: BaseException) -> str:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import dinov2clip
 from dinov2clip import UserError
@@ -135,6 +136,56 @@ def test_weights_overwritten_or_truncated_under_a_loaded_model_change_nothing(co
                            str(other_tiny)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]  # a memory-mapped file gives SIGBUS (-7) when truncated
     assert proc.stdout.strip().endswith("same")
+
+
+HUB_WEIGHTS_CHANGE_UNDER_A_LOADED_BACKBONE = r"""
+import os, sys
+from pathlib import Path
+import torch
+from dinov2clip.dinov2 import DinoV2Encoder, load_dinov2_backbone
+
+weights = Path(sys.argv[1])  # the hub cache's copy of the repo's model.safetensors
+encoder = DinoV2Encoder(load_dinov2_backbone("test-org/dinov2-tiny"), "mean")
+pixels = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    before = encoder(pixels)
+    weights.write_bytes(Path(sys.argv[2]).read_bytes())  # other weights, in place
+    after_overwrite = encoder(pixels)
+    open(weights, "r+b").truncate(64)
+    after_truncate = encoder(pixels)
+assert torch.equal(before, after_overwrite) and torch.equal(before, after_truncate)
+print("same")
+"""
+
+
+def test_hub_id_weights_overwritten_or_truncated_under_a_loaded_backbone_change_nothing(tmp_path):
+    """A DINOv2 loaded by hub id (from huggingface_hub's cache) is in memory too, not mapped from the cache."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    from testsupport import seed_hub_repo
+
+    cfg = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, patch_size=14,
+               image_size=28)
+    for seed, name in ((0, "mine"), (1, "other")):
+        torch.manual_seed(seed)
+        Dinov2Model(Dinov2Config(**cfg)).save_pretrained(tmp_path / name)
+    seed_hub_repo("test-org/dinov2-tiny", {n: tmp_path / "mine" / n for n in ("config.json", "model.safetensors")})
+    cached = next(Path(os.environ["HF_HUB_CACHE"]).glob("models--test-org--dinov2-tiny/snapshots/*/model.safetensors"))
+    proc = subprocess.run([sys.executable, "-c", HUB_WEIGHTS_CHANGE_UNDER_A_LOADED_BACKBONE, str(cached),
+                           str(tmp_path / "other" / "model.safetensors")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]  # mapped: SIGBUS (-7) when truncated, or other outputs
+    assert proc.stdout.strip().endswith("same")
+
+
+def test_a_dinov2_source_without_safetensors_is_refused_in_one_line(tmp_path):
+    from transformers import Dinov2Config
+
+    from dinov2clip.dinov2 import load_dinov2_backbone
+
+    Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path / "d")
+    torch.save({}, tmp_path / "d" / "pytorch_model.bin")
+    with pytest.raises(UserError, match="no safetensors weights"):
+        load_dinov2_backbone(str(tmp_path / "d"))
 
 
 # -- 4. nothing named by a model directory runs as code ----------------------------------------------------

@@ -38,11 +38,16 @@ class EmbedReport:
     skipped_existing: int = 0
     failed: list = field(default_factory=list)  # (filepath, reason)
     projected: int | None = None  # a model over a stored field: how many samples were projected from it
+    recall: dict | None = None  # an approximate index's measured recall (`measured_recall`)
 
     def __str__(self) -> str:
         s = f"embedded {self.embedded} images, {len(self.failed)} unreadable (skipped)"
         s += f", {self.skipped_existing} already had embeddings" if self.skipped_existing else ""
-        return s + (f", {self.projected} projected from the stored field" if self.projected is not None else "")
+        s += f", {self.projected} projected from the stored field" if self.projected is not None else ""
+        if self.recall:
+            s += (f"; approximate index: recall@{self.recall['k']} {self.recall['recall']:.3f} against exact search "
+                  f"over {self.recall['queries']} sampled queries")
+        return s
 
 
 def load(model="dinov2clip-reference", **kwargs) -> DinoV2ClipModel:
@@ -250,7 +255,7 @@ def compute_similarity(samples, model="dinov2clip-reference", brain_key: str = D
     # New runs are built under temporary keys and replace the old ones only once all exist: a failed or
     # interrupted run leaves the old indexes as they were and no half-registered key.
     tmp = {key: f"{key}_new{secrets.token_hex(3)}" for key in keys}
-    text_kwargs = {"backend": backend, **backend_kwargs}
+    text_kwargs = {"backend": backend, **exact_search(backend, backend_kwargs), **backend_kwargs}
     if not named:
         text_kwargs.update(own_storage(dataset, brain_key, backend))
     try:
@@ -272,7 +277,8 @@ def compute_similarity(samples, model="dinov2clip-reference", brain_key: str = D
             if dinov2_field and dinov2_brain_key:
                 second = _second_index(backend_kwargs)
                 fob.compute_similarity(samples, embeddings=dinov2_field, brain_key=tmp[dinov2_brain_key],
-                                       backend=backend, **second, **own_storage(dataset, dinov2_brain_key, backend))
+                                       backend=backend, **exact_search(backend, second), **second,
+                                       **own_storage(dataset, dinov2_brain_key, backend))
         for key in tmp.values():
             if key in dataset.list_brain_runs():
                 _check_opens(dataset, key, backend, **credentials)
@@ -285,6 +291,8 @@ def compute_similarity(samples, model="dinov2clip-reference", brain_key: str = D
         if key in dataset.list_brain_runs():
             delete_run(dataset, key, **credentials)
         dataset.rename_brain_run(new, key)
+    if report is not None and approximate(backend, backend_kwargs):
+        report.recall = measured_recall(samples, embeddings_field, brain_key)
     return results, report  # FiftyOne's rename updates the results' key and its results cache
 
 
@@ -328,6 +336,48 @@ def delete_run(dataset, key: str, **credentials) -> None:
         except Exception as e:  # the run still goes: its storage may already be gone
             logger.warning("dinov2clip: could not clean up brain run %r's %s index: %s", key, method, e)
     dataset.delete_brain_run(key)
+
+
+# fiftyone-brain 0.27 gives a LanceDB table an approximate (IVF) vector index from `min_index_rows` (2,048) rows
+# by default. dinov2clip's indexes stay exact unless the caller asks for an index (`index_type` or
+# `min_index_rows`, LanceDBSimilarityConfig's documented arguments): then `measured_recall` reports what it costs.
+ANN_OPTIONS = ("index_type", "min_index_rows")
+NEVER = 2**62
+
+
+def _brain_version() -> tuple[int, ...]:
+    from importlib.metadata import version
+
+    return tuple(int(p) for p in version("fiftyone-brain").split(".")[:2] if p.isdigit())
+
+
+def exact_search(backend, backend_kwargs: dict) -> dict:
+    """What keeps a default index exact on the installed fiftyone-brain (nothing where it is exact already)."""
+    if backend != "lancedb" or _brain_version() < (0, 27) or any(k in backend_kwargs for k in ANN_OPTIONS):
+        return {}
+    return {"min_index_rows": NEVER}
+
+
+def approximate(backend, backend_kwargs: dict) -> bool:
+    return backend == "lancedb" and _brain_version() >= (0, 27) and \
+        backend_kwargs.get("min_index_rows", 0) < NEVER and any(k in backend_kwargs for k in ANN_OPTIONS)
+
+
+def measured_recall(samples, embeddings_field: str, brain_key: str, k: int = 25, queries: int = 50) -> dict:
+    """recall@k of the index under `brain_key` against an exact cosine ranking of the stored embeddings, for
+    `queries` stored vectors taken evenly through the collection (the index answers as FiftyOne's sort does)."""
+    ids, vectors = samples.values(["id", embeddings_field])
+    keep = [i for i, v in enumerate(vectors) if v is not None]
+    ids, matrix = [ids[i] for i in keep], np.stack([vectors[i] for i in keep]).astype(np.float32)
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    k = min(k, len(ids))
+    hits = 0
+    picks = np.linspace(0, len(ids) - 1, min(queries, len(ids))).astype(int)
+    for i in picks:
+        exact = {ids[j] for j in np.argsort(-(matrix @ matrix[i]), kind="stable")[:k]}
+        got = samples.sort_by_similarity(matrix[i], k=k, brain_key=brain_key).values("id")
+        hits += len(exact & set(got))
+    return {"k": k, "queries": len(picks), "recall": hits / (k * len(picks))}
 
 
 def default_backend(n_samples: int) -> str:

@@ -196,7 +196,8 @@ def _index(args, zoo_name: str):
     _, report = compute_similarity(dataset, zoo_name, brain_key=args.brain_key,
                                    embeddings_field=args.embeddings_field, dinov2_field=args.dinov2_field,
                                    dinov2_brain_key=args.dinov2_brain_key, backend=args.backend,
-                                   batch_size=args.batch_size, overwrite=args.overwrite)
+                                   batch_size=args.batch_size, overwrite=args.overwrite,
+                                   **({"index_type": args.index_type} if args.index_type else {}))
     print(f"dataset {dataset.name!r}: {len(dataset)} samples; {report}; text index {args.brain_key!r} "
           f"({zoo_name})" + (f"; DINOv2 index {args.dinov2_brain_key!r}" if args.dinov2_brain_key else ""))
     for path, reason in report.failed:
@@ -282,6 +283,9 @@ def _index_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dinov2-brain-key", default="dinov2", help="image-only index over the DINOv2 field "
                    "('' for none) [%(default)s]")
     p.add_argument("--backend", default=None, help=f"similarity backend (sklearn, lancedb, ...) [{AUTO_HELP}]")
+    p.add_argument("--index-type", default=None, help="lancedb with fiftyone-brain 0.27+: an approximate vector "
+                   "index of this LanceDB family (ivf_rq, ivf_pq, ivf_hnsw_sq, ...), its recall measured and printed "
+                   "[none: exact search]")
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass [32]")
     p.add_argument("--overwrite", action="store_true", help="replace existing brain runs with these keys")
 

@@ -99,9 +99,37 @@ def test_a_large_dataset_gets_a_lancedb_index_that_answers_text(tmp_path, zoo_ti
         config = ds.get_brain_info("dinov2clip").config
         assert type(config).__name__ == "LanceDBSimilarityConfig"
         assert in_configured_uri(ds, "dinov2clip"), "the user's LanceDB uri was ignored"
+        if brain._brain_version() >= (0, 27):  # exact by default: no approximate vector index, however large
+            assert config.min_index_rows == brain.NEVER
         model = fod.load(zoo_tiny)
         q = np.asarray(model.embed_prompt("a red square"), np.float64)
         assert fod.sort_by_text(ds, "a red square", k=4).values("id") == brute_force_of(ds, "dinov2clip", q, 4)
+    finally:
+        ds.delete()
+
+
+def test_lancedb_as_dinov2clip_builds_it_is_exact_and_an_asked_for_ann_index_reports_its_recall():
+    """fiftyone-brain 0.27 builds an approximate index from 2,048 rows by default: dinov2clip's own arguments
+    keep its indexes exact; an index the caller asks for (`index_type`) is measured against exact search."""
+    pytest.importorskip("lancedb")
+    from fiftyone_dinov2clip import brain
+
+    rng = np.random.default_rng(5)
+    ds = fo.Dataset(f"dinov2clip-ann-{uuid.uuid4().hex[:8]}")
+    try:
+        ds.add_samples([fo.Sample(filepath=f"/nowhere/{i}.jpg", e=v) for i, v in
+                        enumerate(rng.standard_normal((2500, 64)).astype(np.float32))])
+        fob.compute_similarity(ds, embeddings="e", backend="lancedb", brain_key="exact",
+                               **brain.exact_search("lancedb", {}))
+        exact = brain.measured_recall(ds, "e", "exact", k=25, queries=20)
+        assert exact == {"k": 25, "queries": 20, "recall": 1.0}
+        for q in rng.standard_normal((5, 64)):
+            assert request(ds, q, "exact", k=25) == brute_force_of(ds, "e", q, 25)
+        asked = {"index_type": "ivf_pq"} if brain._brain_version() >= (0, 27) else {}
+        assert brain.approximate("lancedb", asked) == bool(asked)
+        fob.compute_similarity(ds, embeddings="e", backend="lancedb", brain_key="ann", **asked)
+        recall = brain.measured_recall(ds, "e", "ann", k=25, queries=20)["recall"]
+        assert 0 < recall <= 1 and (recall < 1 or not asked)  # random vectors: ANN's worst case
     finally:
         ds.delete()
 

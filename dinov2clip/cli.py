@@ -139,6 +139,9 @@ def cmd_search(args) -> None:
     if len(items) == 0:
         raise UserError(f"{args.file} holds no embeddings")
     query = model.encode_text([args.query])[0]
+    if len(args.query) > model.text_limit:
+        print(f"note: the query was cut to its first {model.text_limit:,} of {len(args.query):,} characters "
+              "(all the text tower reads)", file=sys.stderr)
     scores = torch.from_numpy(emb) @ query
     top = torch.topk(scores, min(args.k, len(items)))
     for score, i in zip(top.values.tolist(), top.indices.tolist()):

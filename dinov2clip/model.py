@@ -185,8 +185,13 @@ class Encoders(nn.Module):
         wrong = [type(t).__name__ for t in texts if not isinstance(t, str)]
         if wrong:
             raise UserError(f"texts must be strings, got a {wrong[0]}")
-        limit = TEXT_CHARS_PER_TOKEN * (getattr(self.tokenizer, "context_length", None) or 77)
-        return self.tokenizer([t[:limit] for t in texts])
+        return self.tokenizer([t[:self.text_limit] for t in texts])
+
+    @property
+    def text_limit(self) -> int:
+        """How many characters of a text are read (see TEXT_CHARS_PER_TOKEN): a longer one is cut there."""
+        self._require("tokenizer")
+        return TEXT_CHARS_PER_TOKEN * (getattr(self.tokenizer, "context_length", None) or 77)
 
     def encode_text(self, texts: str | Sequence[str], batch_size: int | None = None,
                     progress: bool = False) -> torch.Tensor:

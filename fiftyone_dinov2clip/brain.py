@@ -522,9 +522,11 @@ def _second_index(backend_kwargs: dict) -> dict:
     return {k: v for k, v in backend_kwargs.items() if k not in STORAGE_NAMES}
 
 
-def sort_by_text(samples, text: str, brain_key: str = DEFAULT_BRAIN_KEY, k: int | None = None):
+def sort_by_text(samples, text: str, brain_key: str = DEFAULT_BRAIN_KEY, k: int | None = None,
+                 record: dict | None = None):
     """`samples.sort_by_similarity(text)` with a clear error when the run cannot take text, or the text gives
-    no direction to rank by (a NaN or zero query vector ranks arbitrarily)."""
+    no direction to rank by (a NaN or zero query vector ranks arbitrarily). `record` (a dict) receives
+    `query_chars`, the characters of `text` the model read, and `query_cut`, whether that is fewer than all."""
     if not isinstance(text, str) or not text.strip():
         raise UserError(f"a text query must be a non-empty string, not {text!r}")
     if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
@@ -542,5 +544,9 @@ def sort_by_text(samples, text: str, brain_key: str = DEFAULT_BRAIN_KEY, k: int 
                         "overwrite=True) or `python -m fiftyone_dinov2clip index DATASET --overwrite`")
     # Encoded here (the model refuses a text with no direction), then searched as a vector: a text that looks
     # like a sample id is still a text (FiftyOne takes such a string for an id).
-    query = np.asarray(dataset.load_brain_results(brain_key).get_model().embed_prompt(text), np.float32)
+    model = dataset.load_brain_results(brain_key).get_model()
+    query = np.asarray(model.embed_prompt(text), np.float32)
+    if record is not None:
+        limit = getattr(model, "text_limit", len(text))
+        record.update(query_chars=min(len(text), limit), query_cut=len(text) > limit)
     return samples.sort_by_similarity(query, k=k, brain_key=brain_key)

@@ -154,14 +154,19 @@ class TextQuery(foo.Operator):
 
     def execute(self, ctx):
         k = ctx.params.get("k")
+        record = {}
         view = _brain().sort_by_text(_without_last_similarity_sort(ctx.view), ctx.params.get("query"),
-                                     ctx.params.get("brain_key"), DEFAULT_K if k is None else k)
+                                     ctx.params.get("brain_key"), DEFAULT_K if k is None else k, record=record)
         ctx.ops.set_view(view)
-        return {"count": len(view)}
+        return {"count": len(view), **record}
 
     def resolve_output(self, ctx):
         outputs = types.Object()
         outputs.int("count", label="Results")
+        outputs.int("query_chars", label="Characters of the query read")
+        if (ctx.results or {}).get("query_cut"):
+            outputs.view("cut", types.Notice(label=f"The query was cut to its first {ctx.results['query_chars']:,} "
+                                                   "characters: all the text tower reads"))
         return types.Property(outputs)
 
 

@@ -265,6 +265,11 @@ class DinoV2ClipModel(fout.TorchImageModel, fom.PromptMixin):
     def get_embeddings(self):
         raise ValueError("DinoV2ClipModel returns embeddings from embed_all(); it does not cache them")
 
+    @property
+    def text_limit(self) -> int:
+        """How many characters of a query are read; a longer one is cut there."""
+        return self.text_encoders().text_limit
+
     def embed_prompt(self, prompt):
         return self.embed_prompts([prompt])[0]
 

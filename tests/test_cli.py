@@ -57,6 +57,14 @@ def test_search_ranks_by_cosine(embedded, tiny_model):
     assert got == expected
 
 
+def test_search_says_when_a_long_query_was_cut(embedded, tiny_model):
+    _, out = embedded
+    short = run("search", out, "a red circle", "-k", "3", "--dtype", "fp32")
+    long = run("search", out, "a red circle " + "x" * 5000, "-k", "3", "--dtype", "fp32")
+    assert long.returncode == 0, long.stderr
+    assert "cut to its first 2,464 of 5,013 characters" in long.stderr and "cut" not in short.stderr
+
+
 def test_search_refuses_embeddings_of_another_model(embedded, tmp_path):
     _, out = embedded
     other = dinov2clip.make_tiny(str(tmp_path / "other"), seed=1)

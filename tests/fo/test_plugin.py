@@ -204,7 +204,7 @@ def test_text_query_operator_sets_sorted_view(indexed):
         params = {"brain_key": "dinov2clip", "query": "a photo of a dog"} | ({"k": k} if k else {})
         result = run(QUERY, dataset, **params)
         assert result.error is None, result.error
-        assert result.result == {"count": expected_count}
+        assert result.result == {"count": expected_count, "query_chars": 16, "query_cut": False}
         (request,) = result.executor.to_json()["requests"]
         assert request["operator_uri"] == "set_view"
         # the App sends the stages back; the server parses them as extended JSON (its BSONArray scalar)
@@ -212,6 +212,19 @@ def test_text_query_operator_sets_sorted_view(indexed):
         expected = brain.sort_by_text(dataset.view(), "a photo of a dog", "dinov2clip", k or 25)
         assert shown.values("id") == expected.values("id")
         assert len(shown.values("id")) == expected_count
+
+
+def test_a_query_longer_than_the_text_tower_reads_says_where_it_was_cut(indexed):
+    from fiftyone_dinov2clip import brain
+
+    dataset = indexed[0]
+    long = "a photo of a dog " * 1000  # 17,000 characters
+    result = run(QUERY, dataset, brain_key="dinov2clip", query=long, k=3)
+    assert result.error is None, result.error
+    limit = 32 * 77  # TEXT_CHARS_PER_TOKEN × CLIP's context length
+    assert result.result == {"count": 3, "query_chars": limit, "query_cut": True}
+    assert brain.sort_by_text(dataset.view(), long[:limit], "dinov2clip", 3).values("id") == \
+        brain.sort_by_text(dataset.view(), long, "dinov2clip", 3).values("id")
 
 
 def test_second_text_query_replaces_the_first(indexed):
@@ -229,7 +242,7 @@ def test_second_text_query_replaces_the_first(indexed):
     result = run(QUERY, dataset, view=first, brain_key="dinov2clip", query="a photo of a cat")
     assert result.error is None, result.error
     expected = brain.sort_by_text(users_view, "a photo of a cat", "dinov2clip", 25).values("id")
-    assert result.result == {"count": len(expected)} and len(expected) > 3
+    assert result.result["count"] == len(expected) and len(expected) > 3
     (request,) = result.executor.to_json()["requests"]
     shown = fosv.get_view(dataset.name, stages=json_util.loads(json.dumps(request["params"]["view"])))
     assert shown.values("id") == expected

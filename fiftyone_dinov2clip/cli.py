@@ -198,7 +198,8 @@ def _index(args, zoo_name: str):
                                    dinov2_brain_key=args.dinov2_brain_key, backend=args.backend,
                                    batch_size=args.batch_size, overwrite=args.overwrite,
                                    **({"index_type": args.index_type} if args.index_type else {}))
-    print(f"dataset {dataset.name!r}: {len(dataset)} samples; {report}; text index {args.brain_key!r} "
+    # counted, not len(): FiftyOne's len() reads MongoDB's fast count, stale after a crash (docs/upstream)
+    print(f"dataset {dataset.name!r}: {dataset.count('filepath')} samples; {report}; text index {args.brain_key!r} "
           f"({zoo_name})" + (f"; DINOv2 index {args.dinov2_brain_key!r}" if args.dinov2_brain_key else ""))
     for path, reason in report.failed:
         print(f"  skipped {path}: {reason}", file=sys.stderr)

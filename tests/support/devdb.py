@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 
@@ -92,11 +93,17 @@ class Mongod:
             return None
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
+    def serves_this_process(self) -> bool:
+        """Whether this process's FiftyOne is pointed at this mongod (its FIFTYONE_DATABASE_URI names our port)."""
+        uri = os.environ.get("FIFTYONE_DATABASE_URI", "")
+        return urllib.parse.urlsplit(uri).port == self.port if uri else False
+
     def stop(self) -> None:
-        """Stop mongod. fiftyone's atexit hook queries the database; with mongod gone it would wait out
-        pymongo's 30 s server-selection timeout, so the hook and the client go first."""
+        """Stop mongod. If this process's FiftyOne uses it, fiftyone's atexit hook would query the database and,
+        with mongod gone, wait out pymongo's 30 s server-selection timeout, so the hook and the client go first.
+        A mongod only child processes use (a test killing one) leaves this process's FiftyOne client alone."""
         odm = sys.modules.get("fiftyone.core.odm.database")
-        if odm is not None:
+        if odm is not None and self.serves_this_process():
             hook = getattr(odm, "_delete_non_persistent_datasets_if_allowed", None)
             if hook is not None:
                 atexit.unregister(hook)

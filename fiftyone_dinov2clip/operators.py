@@ -18,7 +18,7 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 from dinov2clip.errors import UserError
 
-from . import registry, store_poll, warmup
+from . import registry
 from .index_defaults import AUTO_HELP
 
 DEFAULT_K = 25
@@ -388,5 +388,3 @@ def register(p):
     p.register(TextQuery)
     p.register(FitProjector)
     p.register(TextSearchQuality)
-    warmup.start()  # App server: torch/open_clip imported while the page loads
-    store_poll.apply()  # App server: the search panel learns sooner that a run finished

@@ -10,19 +10,15 @@ only adapts it to FiftyOne's model protocol:
 """
 from __future__ import annotations
 
-from . import warmup
+import numpy as np
+import torch
 
-warmup.wait()  # never import torch beside the App server's warm-up thread (see warmup)
+import fiftyone.core.models as fom
+import fiftyone.utils.torch as fout
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import fiftyone.core.models as fom  # noqa: E402
-import fiftyone.utils.torch as fout  # noqa: E402
-
-import dinov2clip  # noqa: E402
-from dinov2clip.errors import UserError  # noqa: E402
-from dinov2clip.preprocess import Preprocess, PreprocessConfig  # noqa: E402
+import dinov2clip
+from dinov2clip.errors import UserError
+from dinov2clip.preprocess import Preprocess, PreprocessConfig
 
 CLASSIFIER = "fiftyone.utils.torch.ClassifierOutputProcessor"
 # CLIP's learned logit scale saturates at 100 in every OpenAI checkpoint; zero-shot logits use it too.

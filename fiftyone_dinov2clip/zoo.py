@@ -102,6 +102,9 @@ class DinoV2ClipModel(fout.TorchImageModel, fom.PromptMixin):
         self._text_features = None
 
     # -- loading --------------------------------------------------------------------------
+    # `_load_model`, `_build_transforms` and `_predict_all` (with the `_output_processor` FiftyOne builds from the
+    # config) are the hooks TorchImageModel's subclasses override, FiftyOne's own CLIP zoo model among them
+    # (fiftyone/utils/clip/zoo.py): the only private names used here.
     def _load_model(self, config):
         # Nothing heavy here: the core model is built on first use, with only the towers it needs.
         return None
@@ -122,7 +125,7 @@ class DinoV2ClipModel(fout.TorchImageModel, fom.PromptMixin):
     def core(self, image: bool = False, text: bool = False) -> dinov2clip.DinoV2Clip:
         """The core model (projector included), with (at least) the requested towers loaded."""
         if self._core is None:
-            self._core = dinov2clip.load(self.config.source, device=str(self._device), dtype=self.config.dtype,
+            self._core = dinov2clip.load(self.config.source, device=str(self.device), dtype=self.config.dtype,
                                          batch_size=self.config.batch_size, image=image, text=text)
             self._check_fingerprint(self._core.fingerprint)
         return dinov2clip.attach(self._core, image=image, text=text)
@@ -136,7 +139,7 @@ class DinoV2ClipModel(fout.TorchImageModel, fom.PromptMixin):
             known = self.core_config().known_fingerprint()
             if known:  # a model directory records its projector's hash
                 self._check_fingerprint(known)
-            self._text = dinov2clip.load_encoders(self.config.source, device=str(self._device),
+            self._text = dinov2clip.load_encoders(self.config.source, device=str(self.device),
                                                   dtype=self.config.dtype, batch_size=self.config.batch_size,
                                                   image=False, text=True)
         return self._text
@@ -165,13 +168,13 @@ class DinoV2ClipModel(fout.TorchImageModel, fom.PromptMixin):
         return True
 
     def build_get_item(self, field_mapping=None):
-        return DinoV2ClipGetItem(self._transforms, field_mapping=field_mapping)
+        return DinoV2ClipGetItem(self.transforms, field_mapping=field_mapping)
 
     def _pixels(self, imgs) -> torch.Tensor:
         """A DataLoader's collated batch as is; paths, PIL images or crops (arrays) preprocessed here."""
         if torch.is_tensor(imgs) and imgs.ndim == 4:
             return imgs
-        return torch.stack([self._transforms(img) for img in imgs])
+        return torch.stack([self.transforms(img) for img in imgs])
 
     def embed(self, arg):
         return self.embed_all([arg])[0]

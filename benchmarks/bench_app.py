@@ -13,13 +13,13 @@ What runs: a private mongod and FiftyOne home (as tests/fo/conftest.py), a refer
 random weights (DINOv2-base, CLIP ViT-B/16, 768→2048×6→512; speed does not depend on weight values)
 registered in that zoo, and one dataset per scale whose samples hold random 512-d vectors (the index does
 not care where they came from; filepaths cycle over a few small images so the grid can draw). Each backend
-gets one index over the same vectors. For each (scale, backend) a fresh App server
-(`python -m fiftyone.server.main`) answers, through `POST /operators/execute`, the operator the App's
-magnifier runs (`@voxel51/panels/similarity_search`, k=25):
+gets one index over the same vectors. For each (scale, backend) a fresh App server (`--server`: `app` is
+`python -m fiftyone_dinov2clip app`, what quickstart opens; `fiftyone` is FiftyOne's own
+`python -m fiftyone.server.main`; both with dinov2clip's plugin installed) answers, through
+`POST /operators/execute`, the operator the App's magnifier runs (`@voxel51/panels/similarity_search`, k=25):
   text   a prompt: the server loads the zoo model by name and encodes the text, then searches. The first
          one in a fresh server also reads the text tower, and comes `--think` seconds after the App's
-         page-load request (listing operators), as a user types (dinov2clip's plugin imports torch and
-         open_clip in the background from that moment);
+         page-load request (listing operators), as a user types;
   ready  the same request with a query vector instead of a prompt (no model): the floor;
   view   a text query while the App shows a filtered view (half the samples), as after a sidebar filter.
 It also times a write to the search panel's execution store until the server's SSE stream announces it
@@ -44,7 +44,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support.*: the test tooling
 
-from fiftyone_dinov2clip.store_poll import FIFTYONE_SETTING, POLL_S  # noqa: E402
+from fiftyone_dinov2clip.cli import POLL_SETTING  # noqa: E402
 from support.devdb import private_fiftyone  # noqa: E402  (tests/support/: test tooling, not installed)
 
 from fixtures import reference_model_dir  # noqa: E402  (benchmarks/: this folder is on sys.path)
@@ -52,6 +52,7 @@ from report import publish  # noqa: E402
 
 MODEL_NAME = "bench-app-reference"
 BACKENDS = ("sklearn", "lancedb")
+SERVERS = {"app": "fiftyone_dinov2clip app", "fiftyone": "fiftyone.server.main"}
 QUERIES = ["a dog running on a beach", "a red car parked in the street", "two people riding bicycles",
            "a bowl of fruit on a table", "a city skyline at night", "a cat sleeping on a sofa",
            "a plate of pasta", "snow-covered mountains"]
@@ -74,8 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--poll", type=int, default=None,
                    help="set the App server's FIFTYONE_EXECUTION_STORE_POLL_INTERVAL_SECONDS (whole seconds): how "
                         "often the search panel learns that a run finished where mongod has no change streams "
-                        "(FiftyOne's own mongod). Unset, dinov2clip's plugin polls every "
-                        f"{POLL_S} s; FiftyOne's own default is 5 [unset]")
+                        "(FiftyOne's own mongod). Unset: 1 with --server app, FiftyOne's 5 otherwise [unset]")
+    p.add_argument("--server", choices=SERVERS, default="app",
+                   help="app: python -m fiftyone_dinov2clip app; fiftyone: python -m fiftyone.server.main [app]")
     p.add_argument("--browser", action="store_true", help="also drive Chromium at the largest scale, each backend")
     p.add_argument("--model-dir", default=None, help="reuse (or build once into) this reference-size model dir")
     p.add_argument("--out", default="benchmarks/results/bench_app.json")
@@ -154,7 +156,7 @@ def requests_in_app(server, ds, backend: str, queries: int, think: float) -> dic
     rss_start = server.rss_mb()[0]  # FiftyOne's server alone
     server.list_operators(ds.name)
     time.sleep(think)
-    rss_before = server.rss_mb()[0]  # + the warm-up's imports
+    rss_before = server.rss_mb()[0]
     first = ask(QUERIES[0], "text")
     rss_first = server.rss_mb()[0]
     text, ready, in_view = [], [], []
@@ -257,14 +259,15 @@ def run(args, home: Path) -> dict:
     for n in args.scales:
         ds = build_dataset(n, images, zoo_name, args.backends, home)
         for backend in args.backends:
-            env = {FIFTYONE_SETTING: None if args.poll is None else str(args.poll)}
-            server = AppServer(home / f"app-{n}-{backend}.log", env=env).wait()
+            env = {POLL_SETTING: None if args.poll is None else str(args.poll)}
+            server = AppServer(home / f"app-{n}-{backend}.log", env=env, module=SERVERS[args.server]).wait(300)
             try:
                 r = requests_in_app(server, ds, backend, args.queries, args.think)
             finally:
                 server.stop()
             if args.browser and n == max(args.scales):  # a fresh server again: its first query is the page's
-                server = AppServer(home / f"app-{n}-{backend}-browser.log", env=env).wait()
+                server = AppServer(home / f"app-{n}-{backend}-browser.log", env=env,
+                                   module=SERVERS[args.server]).wait(300)
                 try:
                     results["browser"].append(browser_run(server, ds, backend, home, args.queries, args.think,
                                                           Path(args.out).parent))
@@ -317,11 +320,11 @@ def table(results: dict) -> str:
 
 
 def notes(results: dict) -> str:
-    poll = results["args"]["poll"]
-    poll = f"{poll} s ({FIFTYONE_SETTING})" if poll else f"{POLL_S} s (dinov2clip's plugin)"
+    poll, server = results["args"]["poll"], results["args"].get("server", "app")
+    poll = f"{poll} s ({POLL_SETTING})" if poll else "1 s (the app command's)" if server == "app" else "5 s (FiftyOne's)"
     idle = ", ".join(f"{r['scale']:,} {r['backend']} {100 * r['idle_cpu']:.1f}%" for r in results["runs"])
-    out = [f"execution-store poll every {poll}; idle App server CPU (one core = 100%): {idle}",
-           "server RSS MiB: started → after the page load (warm-up imports) → after the first text query → "
+    out = [f"App server: python -m {SERVERS[server]}; execution-store poll every {poll}; idle App server CPU (one core = 100%): {idle}",
+           "server RSS MiB: started → after the page load → after the first text query → "
            "at the end:"]
     out += [f"{r['scale']:>9,} {r['backend']:<13} {r['rss_start_mb']:.0f} → {r['rss_idle_mb']:.0f} → "
             f"{r['rss_after_first_mb']:.0f} → {r['rss_mb']:.0f}" for r in results["runs"]]

@@ -61,11 +61,18 @@ def _zoo_name(model) -> str | None:
     return model.config.zoo_name if isinstance(model, DinoV2ClipModel) else registry.resolve(model)
 
 
+def dataset_of(samples):
+    """The dataset `samples` come from (a view's `dataset_name`); FiftyOne keeps one object per dataset."""
+    import fiftyone as fo
+
+    return samples if isinstance(samples, fo.Dataset) else fo.load_dataset(samples.dataset_name)
+
+
 def _schema_field(samples, path: str):
     """The field as the dataset stores it (a frames view's fields live on its video dataset's frames)."""
-    if samples._is_frames:
-        return samples._root_dataset.get_field("frames." + path)
-    return samples._root_dataset.get_field(path)
+    dataset = dataset_of(samples)
+    frames = dataset.media_type == "video" and samples.media_type != "video"
+    return dataset.get_field(("frames." if frames else "") + path)
 
 
 def _field_info(samples, path: str) -> dict | None:
@@ -238,7 +245,7 @@ def compute_similarity(samples, model="dinov2clip-reference", brain_key: str = D
     zoo_name = registry.resolve(model) if isinstance(model, str) else model.config.zoo_name
     if zoo_name is None:
         raise UserError("pass a registered model name, not an instance: the App reloads the model by name")
-    dataset = samples._root_dataset
+    dataset = dataset_of(samples)
     keys = [k for k in (brain_key, dinov2_brain_key) if k]
     for key in keys:
         if key in dataset.list_brain_runs() and not overwrite:
@@ -531,7 +538,7 @@ def sort_by_text(samples, text: str, brain_key: str = DEFAULT_BRAIN_KEY, k: int 
         raise UserError(f"a text query must be a non-empty string, not {text!r}")
     if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
         raise UserError(f"k must be a whole number of results, at least 1, not {k!r}")
-    dataset = samples._root_dataset
+    dataset = dataset_of(samples)
     if brain_key not in dataset.list_brain_runs():
         raise UserError(f"dataset {dataset.name!r} has no brain run {brain_key!r}; compute one with "
                         "`python -m fiftyone_dinov2clip index` or fiftyone_dinov2clip.compute_similarity")

@@ -243,31 +243,68 @@ def cmd_quickstart(args):
 
 
 def launch_app(dataset, address: str, port: int, wait: bool) -> None:
-    """Start the App on the dataset. Interactive: keep it open until Ctrl-C. Otherwise (scripts, CI):
-    check it answers, then stop it."""
+    """Serve the App on the dataset (`app`, in a child process). Interactive: until Ctrl-C. Otherwise (scripts,
+    CI): check it answers, then stop it. No FiftyOne session: its client connects before its server is up,
+    then retries after 10 s; the App opens the dataset from its URL."""
+    import subprocess
+    import time
+
+    host = "127.0.0.1" if address in ("0.0.0.0", "127.0.0.1", "localhost") else address
+    if _answers(f"http://{host}:{port}/"):
+        raise UserError(f"something already answers on port {port}: pass another --port")
+    server = subprocess.Popen([sys.executable, "-m", "fiftyone_dinov2clip", "app", "--address", address,
+                               "--port", str(port)])
+    try:
+        while not _answers(f"http://{host}:{port}/"):
+            if server.poll() is not None:
+                raise UserError(f"the FiftyOne App server exited ({server.returncode}) before it answered on "
+                                f"port {port}: see its output above")
+            time.sleep(0.2)
+        url = f"http://{'localhost' if host == '127.0.0.1' else host}:{port}/datasets/{dataset.name}"
+        print(f"FiftyOne App ready: {url} — click the magnifier above the grid and type a description to sort "
+              "by text", flush=True)
+        if wait:
+            print("press Ctrl-C to stop", flush=True)
+            server.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def _answers(url: str) -> bool:
     import urllib.request
 
-    import fiftyone as fo
-
-    from . import store_poll
-
-    store_poll.before_app_launch()  # how soon the App's search panel learns that a run finished
-    session = fo.launch_app(dataset, address=address, port=port, auto=False)
-    url = f"http://{'localhost' if address in ('0.0.0.0', '127.0.0.1') else address}:{port}/datasets/{dataset.name}"
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as r:
-            ok = r.status == 200
-    except OSError as e:
-        raise UserError(f"the FiftyOne App did not answer on port {port}: {e}") from None
-    print(f"FiftyOne App {'ready' if ok else 'not ready'}: {url} — click the magnifier above the grid and type "
-          "a description to sort by text")
-    if wait:
-        print("press Ctrl-C to stop")
-        try:
-            session.wait(-1)
-        except KeyboardInterrupt:
-            pass
-    session.close()
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+# FiftyOne polls its execution store this often (whole seconds, 5 unless set) where mongod has no change
+# streams (its own has none): that wait, not the search, was most of a text query's time in the App's panel.
+POLL_SETTING = "FIFTYONE_EXECUTION_STORE_POLL_INTERVAL_SECONDS"
+# What the App server's first text query would import otherwise (torch alone takes seconds); lancedb if installed.
+QUERY_IMPORTS = ("open_clip", "dinov2clip.factory", "fiftyone_dinov2clip.zoo", "lancedb")
+
+
+def cmd_app(args):
+    """FiftyOne's App server (`fiftyone.server.main.start_server`), ready for text queries: the execution store
+    polled each second unless FIFTYONE_EXECUTION_STORE_POLL_INTERVAL_SECONDS is set (FiftyOne reads it when the
+    server imports), and what a text query imports imported before it serves."""
+    import importlib
+    import importlib.util
+    import os
+
+    os.environ.setdefault(POLL_SETTING, "1")
+    from fiftyone.server.main import start_server
+
+    for name in QUERY_IMPORTS:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
+    start_server(port=args.port, address=args.address)
 
 
 # -- parser ---------------------------------------------------------------------------------
@@ -335,14 +372,24 @@ def build_parser() -> argparse.ArgumentParser:
     _index_args(p)
     p.add_argument("--query", help="print the best matches for this text before opening the App")
     p.add_argument("-k", type=positive_int, default=5, help="how many matches to print [%(default)s]")
-    p.add_argument("--address", default="127.0.0.1", help="App address; 0.0.0.0 exposes it [%(default)s]")
-    p.add_argument("--port", type=int, default=5151, help="App port [%(default)s]")
+    _app_args(p)
     p.add_argument("--wait", dest="wait", action="store_true", default=None,
                    help="keep the App open until Ctrl-C (default when run in a terminal)")
     p.add_argument("--no-wait", dest="wait", action="store_false",
                    help="check the App answers, then exit (default when not run in a terminal)")
     p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("app", help="FiftyOne's App server, ready for text queries (what quickstart opens): the "
+                       "search panel told of a finished run within a second, text search's imports done before "
+                       "it serves", allow_abbrev=False)
+    _app_args(p)
+    p.set_defaults(func=cmd_app)
     return parser
+
+
+def _app_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default="127.0.0.1", help="App address; 0.0.0.0 exposes it [%(default)s]")
+    p.add_argument("--port", type=int, default=5151, help="App port [%(default)s]")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 from dinov2clip.errors import UserError
 
-from . import registry, store_poll, warmup
+from . import registry
 from .index_defaults import AUTO_HELP
 
 DEFAULT_K = 25
@@ -155,8 +155,8 @@ class TextQuery(foo.Operator):
     def execute(self, ctx):
         k = ctx.params.get("k")
         record = {}
-        view = _brain().sort_by_text(_without_last_similarity_sort(ctx.view), ctx.params.get("query"),
-                                     ctx.params.get("brain_key"), DEFAULT_K if k is None else k, record=record)
+        view = _brain().sort_by_text(_searched_view(ctx), ctx.params.get("query"), ctx.params.get("brain_key"),
+                                     DEFAULT_K if k is None else k, record=record)
         ctx.ops.set_view(view)
         return {"count": len(view), **record}
 
@@ -170,17 +170,19 @@ class TextQuery(foo.Operator):
         return types.Property(outputs)
 
 
-def _without_last_similarity_sort(view):
-    """A new text query replaces the previous one: a trailing similarity sort is dropped, so the query
-    searches the view the user built, not only the last query's top k. The view is rebuilt from its
-    serialised stages, the way the App server rebuilds every view (generated views included)."""
+def _searched_view(ctx):
+    """The App's view, less a trailing similarity sort: a new text query replaces the previous one rather than
+    searching only its top k. Built from the request's own serialised stages, as FiftyOne builds `ctx.view`
+    (`fiftyone.server.view.get_view`); a saved view is searched as it is."""
     import fiftyone.core.stages as fos
-    import fiftyone.core.view as fov
+    import fiftyone.server.view as fosv
 
-    stages = getattr(view, "_all_stages", [])
-    if not stages or not isinstance(stages[-1], fos.SortBySimilarity):
-        return view
-    return fov.DatasetView._build(view._root_dataset, view._serialize()[:-1])
+    stages = ctx.request_params.get("view") or []
+    last = stages[-1].get("_cls") if stages and isinstance(stages[-1], dict) else None
+    if ctx.request_params.get("view_name") or last != f"{fos.SortBySimilarity.__module__}.SortBySimilarity":
+        return ctx.view
+    return fosv.get_view(ctx.dataset, stages=stages[:-1], filters=ctx.request_params.get("filters"),
+                         extended_stages=ctx.request_params.get("extended"))
 
 
 class _LongRunning(foo.Operator):
@@ -393,5 +395,3 @@ def register(p):
     p.register(TextQuery)
     p.register(FitProjector)
     p.register(TextSearchQuality)
-    warmup.start()  # App server: torch/open_clip imported while the page loads
-    store_poll.apply()  # App server: the search panel learns sooner that a run finished

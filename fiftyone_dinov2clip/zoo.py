@@ -2,63 +2,27 @@
 
 Everything numeric (preprocessing, towers, projector, normalisation) lives in the core; this module
 only adapts it to FiftyOne's model protocol:
-- images are read by the core's own pipeline from each sample's file (EXIF, 16-bit, CMYK, palette),
-  one image at a time in the DataLoader workers, so a bad file costs one sample, never its batch;
+- images are read by the core's own pipeline from each sample's file (EXIF, 16-bit, CMYK, palette), in
+  the DataLoader workers; an unreadable one raises, and FiftyOne's own loops then skip its batch (with
+  `skip_failures`, their default), as for every zoo model. dinov2clip's `compute_embeddings` (brain.py)
+  reads images with the core's loop instead, which loses only the unreadable image;
 - towers load lazily: a process that only embeds prompts (the App server) never loads DINOv2.
 """
 from __future__ import annotations
 
-import logging
-import sys
+import numpy as np
+import torch
 
-from . import warmup
+import fiftyone.core.models as fom
+import fiftyone.utils.torch as fout
 
-warmup.wait()  # never import torch beside the App server's warm-up thread (see warmup)
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import fiftyone.core.models as fom  # noqa: E402
-import fiftyone.utils.torch as fout  # noqa: E402
-
-import dinov2clip  # noqa: E402
-from dinov2clip.errors import UserError  # noqa: E402
-from dinov2clip.preprocess import Preprocess, PreprocessConfig  # noqa: E402
-
-logger = logging.getLogger(__name__)
+import dinov2clip
+from dinov2clip.errors import UserError
+from dinov2clip.preprocess import Preprocess, PreprocessConfig
 
 CLASSIFIER = "fiftyone.utils.torch.ClassifierOutputProcessor"
 # CLIP's learned logit scale saturates at 100 in every OpenAI checkpoint; zero-shot logits use it too.
 LOGIT_SCALE = 100.0
-
-
-class Failed:
-    """Stands in for an image that could not be read (deliberately not an Exception: FiftyOne's collate
-    turns any Exception item into a failure of the whole batch)."""
-
-    def __init__(self, filepath, reason: str):
-        self.filepath = str(filepath)
-        self.reason = reason
-
-    def __repr__(self) -> str:
-        return f"Failed({self.filepath!r}: {self.reason})"
-
-
-class PixelBatch:
-    """A collated batch: pixels of the readable images plus where the unreadable ones were."""
-
-    def __init__(self, items: list):
-        self.size = len(items)
-        self.ok = [i for i, x in enumerate(items) if not isinstance(x, Failed)]
-        self.failed = [x for x in items if isinstance(x, Failed)]
-        self.pixels = torch.stack([items[i] for i in self.ok]) if self.ok else None
-
-    def __len__(self) -> int:
-        return self.size
-
-
-def collate(items: list) -> PixelBatch:
-    return PixelBatch(items)
 
 
 class ImageTransform:
@@ -79,7 +43,7 @@ class ImageTransform:
 
 
 class DinoV2ClipGetItem(fout.GetItem):
-    """Loads one sample's image with the core pipeline; an unreadable image becomes `Failed`."""
+    """Loads one sample's image with the core pipeline (an unreadable one raises: FiftyOne skips its batch)."""
 
     def __init__(self, transform: ImageTransform, field_mapping=None):
         self.transform = transform
@@ -90,10 +54,7 @@ class DinoV2ClipGetItem(fout.GetItem):
         return ["filepath"]
 
     def __call__(self, d):
-        try:
-            return self.transform(d["filepath"])
-        except OSError as e:  # ImageError and every file-system error
-            return Failed(d["filepath"], str(e))
+        return self.transform(d["filepath"])
 
 
 class DinoV2ClipModelConfig(fout.TorchImageModelConfig):
@@ -130,19 +91,20 @@ class DinoV2ClipModelConfig(fout.TorchImageModelConfig):
 class DinoV2ClipModel(fout.TorchImageModel, fom.PromptMixin):
     """DINOv2 image embeddings projected into CLIP space, and CLIP text embeddings for prompts.
 
-    `embed_all` returns one L2-normalised vector per image, or `None` for an image that could not be
-    read (counted in `failures`); the DINOv2 embedding of the same pass is in `last_dinov2`."""
+    `embed_all` returns one L2-normalised vector per image; an unreadable image raises, as FiftyOne expects of
+    a zoo model."""
 
     def __init__(self, config: DinoV2ClipModelConfig):
         self._core = None
         self._text = None  # text tower alone (`text_encoders`), while no full model is loaded
         self._config_cache = None  # the model config, read before any weights load
-        self.failures: list[Failed] = []
-        self.last_dinov2: list = []
         super().__init__(config)
         self._text_features = None
 
     # -- loading --------------------------------------------------------------------------
+    # `_load_model`, `_build_transforms` and `_predict_all` (with the `_output_processor` FiftyOne builds from the
+    # config) are the hooks TorchImageModel's subclasses override, FiftyOne's own CLIP zoo model among them
+    # (fiftyone/utils/clip/zoo.py): the only private names used here.
     def _load_model(self, config):
         # Nothing heavy here: the core model is built on first use, with only the towers it needs.
         return None
@@ -163,7 +125,7 @@ class DinoV2ClipModel(fout.TorchImageModel, fom.PromptMixin):
     def core(self, image: bool = False, text: bool = False) -> dinov2clip.DinoV2Clip:
         """The core model (projector included), with (at least) the requested towers loaded."""
         if self._core is None:
-            self._core = dinov2clip.load(self.config.source, device=str(self._device), dtype=self.config.dtype,
+            self._core = dinov2clip.load(self.config.source, device=str(self.device), dtype=self.config.dtype,
                                          batch_size=self.config.batch_size, image=image, text=text)
             self._check_fingerprint(self._core.fingerprint)
         return dinov2clip.attach(self._core, image=image, text=text)
@@ -177,7 +139,7 @@ class DinoV2ClipModel(fout.TorchImageModel, fom.PromptMixin):
             known = self.core_config().known_fingerprint()
             if known:  # a model directory records its projector's hash
                 self._check_fingerprint(known)
-            self._text = dinov2clip.load_encoders(self.config.source, device=str(self._device),
+            self._text = dinov2clip.load_encoders(self.config.source, device=str(self.device),
                                                   dtype=self.config.dtype, batch_size=self.config.batch_size,
                                                   image=False, text=True)
         return self._text
@@ -205,62 +167,23 @@ class DinoV2ClipModel(fout.TorchImageModel, fom.PromptMixin):
     def can_embed_prompts(self):
         return True
 
-    @property
-    def has_collate_fn(self):
-        return True
-
-    @staticmethod
-    def collate_fn(batch):
-        return collate(batch)
-
     def build_get_item(self, field_mapping=None):
-        return DinoV2ClipGetItem(self._transforms, field_mapping=field_mapping)
+        return DinoV2ClipGetItem(self.transforms, field_mapping=field_mapping)
 
-    def _as_batch(self, imgs) -> PixelBatch:
-        if isinstance(imgs, PixelBatch):
-            return imgs
+    def _pixels(self, imgs) -> torch.Tensor:
+        """A DataLoader's collated batch as is; paths, PIL images or crops (arrays) preprocessed here."""
         if torch.is_tensor(imgs) and imgs.ndim == 4:
-            return PixelBatch(list(imgs))
-        items = []
-        for img in imgs:
-            try:
-                items.append(self._transforms(img))
-            except OSError as e:
-                items.append(Failed(getattr(img, "filename", "<image>"), str(e)))
-        return PixelBatch(items)
-
-    def _embed_batch(self, imgs):
-        """→ (CLIP-space [n, D] or None per image, DINOv2 [n, d] or None per image)."""
-        batch = self._as_batch(imgs)
-        out: list = [None] * len(batch)
-        dino: list = [None] * len(batch)
-        for f in batch.failed:
-            logger.warning("dinov2clip: skipped unreadable image %s: %s", f.filepath, f.reason)
-        self.failures.extend(batch.failed)
-        if batch.pixels is not None:
-            core = self.core(image=True)
-            emb, raw = core.encode_image(batch.pixels, return_dinov2=True)
-            for j, i in enumerate(batch.ok):
-                out[i] = emb[j].numpy()
-                dino[i] = raw[j].numpy()
-        return out, dino
+            return imgs
+        return torch.stack([self.transforms(img) for img in imgs])
 
     def embed(self, arg):
         return self.embed_all([arg])[0]
 
     def embed_all(self, args):
-        """Images → list of float32 unit vectors (None for an unreadable image); an array when none failed."""
-        out, self.last_dinov2 = self._embed_batch(args)
-        if all(e is not None for e in out):
-            return np.stack(out) if out else np.empty((0, self.core_config().embed_dim or 0), np.float32)
-        if _caller_stacks_every_result():
-            # FiftyOne's in-memory path (no embeddings field: `fob.compute_similarity(model=NAME)`, the App's
-            # Brain operator) np.stack()s every result at the end unless an exception marked the run as failed;
-            # a None would crash it there, after all the work. Raising marks it: FiftyOne drops this batch
-            # (its own skip_failures behaviour), keeps going, and the brain indexes every other sample.
-            failed = ", ".join(f.filepath for f in self.failures[-sum(e is None for e in out):])
-            raise UnreadableImages(f"dinov2clip: unreadable image(s) in this batch: {failed}")
-        return out
+        """Images → float32 [N, D] unit vectors."""
+        if not len(args):
+            return np.empty((0, self.core_config().embed_dim or 0), np.float32)
+        return self.core(image=True).encode_image(self._pixels(args)).numpy()
 
     def get_embeddings(self):
         raise ValueError("DinoV2ClipModel returns embeddings from embed_all(); it does not cache them")
@@ -299,28 +222,9 @@ class DinoV2ClipModel(fout.TorchImageModel, fom.PromptMixin):
             raise UserError("this dinov2clip model has no classes: load it with classes=[...] to classify, "
                             "or use compute_embeddings / compute_similarity")
         text = self._get_text_features()
-        out, _ = self._embed_batch(imgs)
-        ok = [i for i, e in enumerate(out) if e is not None]
-        labels: list = [None] * len(out)
-        if ok:
-            logits = LOGIT_SCALE * torch.from_numpy(np.stack([out[i] for i in ok])) @ text.T
-            predicted = self._output_processor(logits, (224, 224), confidence_thresh=self.config.confidence_thresh,
-                                               classes=self.config.filter_classes)
-            for i, label in zip(ok, predicted):
-                labels[i] = label
-        return labels
-
-
-class UnreadableImages(OSError):
-    """A batch held unreadable images, on a FiftyOne path that cannot take a missing embedding."""
-
-
-def _caller_stacks_every_result() -> bool:
-    """Whether `embed_all` was called by FiftyOne's data-loader loop computing embeddings in memory, which
-    np.stack()s the results of a run that raised nothing (fiftyone.core.models, FiftyOne 1.x)."""
-    frame = sys._getframe(2)  # embed_all's caller
-    return frame.f_code.co_name == "_compute_image_embeddings_data_loader" and \
-        frame.f_locals.get("embeddings_field") is None
+        logits = LOGIT_SCALE * torch.from_numpy(self.embed_all(imgs)) @ text.T
+        return self._output_processor(logits, (224, 224), confidence_thresh=self.config.confidence_thresh,
+                                      classes=self.config.filter_classes)
 
 
 def load_model_from_spec(spec: dict, **kwargs) -> DinoV2ClipModel:

@@ -121,23 +121,35 @@ def test_a_fresh_instance_per_request_reuses_the_text_tower(zoo_tiny, tiny_dir, 
     assert len(factory._TEXT_TOWERS) <= factory.TEXT_TOWER_CACHE_SIZE
 
 
-@pytest.mark.parametrize("path", ["stock", "ours"])
-def test_parity_and_one_bad_image_costs_one_sample(dataset, zoo_tiny, tiny_model, path):
-    """Eight images in one batch, one corrupt: seven embeddings equal to the core's, one counted failure."""
-    if path == "stock":  # FiftyOne's own compute_embeddings, DataLoader and all
-        model = foz.load_zoo_model(zoo_tiny, cache=False)
-        dataset.compute_embeddings(model, embeddings_field="emb", batch_size=8, num_workers=1)
-        failed = [f.filepath for f in model.failures]
-    else:
-        report = fod.compute_embeddings(dataset, zoo_tiny, "emb", dinov2_field="dino", batch_size=8)
-        failed = [p for p, _ in report.failed]
-        assert report.embedded == 7
+def test_parity_and_one_bad_image_costs_one_sample(dataset, zoo_tiny, tiny_model):
+    """Eight images in one batch, one corrupt: dinov2clip's own loop writes seven embeddings equal to the
+    core's and names the one failure."""
+    report = fod.compute_embeddings(dataset, zoo_tiny, "emb", dinov2_field="dino", batch_size=8)
+    assert report.embedded == 7
     filepaths, emb = dataset.values(["filepath", "emb"])
-    assert [p for p, e in zip(filepaths, emb) if e is None] == failed == [str(dataset.last().filepath)]
+    assert [p for p, e in zip(filepaths, emb) if e is None] == [p for p, _ in report.failed] == \
+        [str(dataset.last().filepath)]
     good = [(p, e) for p, e in zip(filepaths, emb) if e is not None]
-    assert len(good) == 7
     want = tiny_model.encode_image([p for p, _ in good]).numpy()
     assert cosine_rows(np.stack([e for _, e in good]), want).min() >= 0.999
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_fiftyones_own_loop_skips_the_bad_images_batch_like_any_zoo_model(dataset, zoo_tiny, tiny_model,
+                                                                           num_workers, caplog):
+    """FiftyOne's compute_embeddings, DataLoader and all: an unreadable image fails its batch (FiftyOne's
+    skip_failures, the same for every zoo model), every other batch is embedded like the core does; no
+    guess at which FiftyOne loop called."""
+    model = foz.load_zoo_model(zoo_tiny, cache=False)
+    dataset.compute_embeddings(model, embeddings_field="emb", batch_size=4, num_workers=num_workers)
+    emb = dataset.values("emb")
+    assert [e is None for e in emb] == [False] * 4 + [True] * 4, "the corrupt image is the last one"
+    assert "Batch:" in caplog.text  # FiftyOne's own warning names the skipped batch
+    want = tiny_model.encode_image(dataset.values("filepath")[:4]).numpy()
+    assert cosine_rows(np.stack(emb[:4]), want).min() >= 0.999
+    with pytest.raises(OSError, match="corrupt.jpg"):  # and FiftyOne raises when told not to skip
+        dataset.compute_embeddings(model, embeddings_field="emb2", batch_size=4, num_workers=num_workers,
+                                   skip_failures=False)
 
 
 def test_dinov2_field_records_provenance_and_reruns_are_incremental(dataset, zoo_tiny, tiny_model):
@@ -251,13 +263,13 @@ def test_frames_view(tmp_path, zoo_tiny, tiny_model):
 def test_zero_shot_classification(dataset, zoo_tiny, tiny_model):
     classes = ["red", "green", "blue"]
     model = foz.load_zoo_model(zoo_tiny, cache=False, classes=classes)
-    dataset.apply_model(model, label_field="zs", batch_size=8, num_workers=1)
+    dataset.apply_model(model, label_field="zs", batch_size=4, num_workers=1)
     labels = dataset.values("zs")
-    assert labels[-1] is None and all(lbl is not None for lbl in labels[:-1])
+    assert [lbl is None for lbl in labels] == [False] * 4 + [True] * 4  # the corrupt image's batch: skipped
     text = tiny_model.encode_text([f"a photo of {c}" for c in classes])
-    img = tiny_model.encode_image(dataset.values("filepath")[:-1])
+    img = tiny_model.encode_image(dataset.values("filepath")[:4])
     want = [classes[i] for i in (img @ text.T).argmax(1).tolist()]
-    assert [lbl.label for lbl in labels[:-1]] == want
+    assert [lbl.label for lbl in labels[:4]] == want
 
 
 def test_registry_versions_are_immutable(tmp_path, zoo_tiny):

@@ -99,9 +99,10 @@ def _operator_request(operator_uri: str, dataset_name: str, params: dict, view: 
 
 
 class AppServer:
-    """`python -m fiftyone.server.main` on a free port, in the environment FiftyOne was configured with."""
+    """`python -m fiftyone.server.main` (or `module`, e.g. "fiftyone_dinov2clip app") on a free port, in the
+    environment FiftyOne was configured with."""
 
-    def __init__(self, log_path: Path, env: dict | None = None):
+    def __init__(self, log_path: Path, env: dict | None = None, module: str = "fiftyone.server.main"):
         """`env`: variables to add to this process's environment (a None value removes one)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -110,7 +111,7 @@ class AppServer:
         env = {**os.environ, **(env or {}), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         env = {k: v for k, v in env.items() if v is not None}  # None: unset it
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fiftyone.server.main", "--port", str(self.port), "--address", "127.0.0.1"],
+            [sys.executable, "-m", *module.split(), "--port", str(self.port), "--address", "127.0.0.1"],
             env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait(self, timeout=60) -> "AppServer":

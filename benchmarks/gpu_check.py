@@ -7,7 +7,7 @@ precompute images/s, on one GPU, through the real code paths. Prints a table, wr
 
 On a machine with a preinstalled torch and no package index, nothing is installed from this repository:
 carry the few wheels that image lacks (`benchmarks/gpu_wheels.sh` downloads them into .whl/) and run from
-the repository root with PYTHONPATH — see the README's "GPU check" section for the exact command.
+the repository root with PYTHONPATH — see docs/performance.md, "GPU check", for the exact command.
 
 Training (target: the reference schedule, 8M pairs × 16 epochs = 128M samples, in ≤ 10 minutes on one
 H100/H200). `--pairs` synthetic pairs (default 2M) in per-shard float16 memmaps on local disk, in the

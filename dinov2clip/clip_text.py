@@ -227,28 +227,18 @@ def save_clip(model: nn.Module, model_cfg: dict, out_dir: Path) -> None:
 
 def store_matmul_weights(clip_model: nn.Module, dtype: torch.dtype) -> None:
     """Keep a text-only CLIP's matmul weights (attention projections, MLP, text projection) in `dtype`, the
-    dtype autocast runs them in. Autocast casts fp32 weights again on *every* call — at ViT-B/16 that is
-    reading ~150 MB and writing ~75 MB for each text query, about a third of a short query's time on our
-    CPU (bench_app: 11.8 against 17.6 ms) — so storing them cast once gives the same outputs bit for bit,
-    faster, in half the memory. LayerNorms, embeddings and the residual stream stay fp32, as under autocast;
-    `ClipTextEncoder` sees the split and runs under autocast to `dtype`. A CLIP with its image tower (the
-    teacher) is left as open_clip built it."""
+    dtype autocast runs them in. Autocast casts fp32 weights again on *every* call (at ViT-B/16 a large share
+    of a short query's time: docs/performance.md), so storing them cast once gives the same outputs bit for
+    bit, faster, in half the memory. LayerNorms, embeddings and the residual stream stay fp32, as under
+    autocast; `ClipTextEncoder` sees the split and runs under autocast to `dtype`. A CLIP with its image tower
+    (the teacher) is left as open_clip built it."""
     if dtype not in (torch.bfloat16, torch.float16) or getattr(clip_model, "visual", None) is not None:
         return
     if not hasattr(clip_model, "token_embedding") or clip_model.token_embedding.weight.dtype != torch.float32:
         return  # not open_clip's CLIP text layout, or loaded in reduced precision already (precision=)
-    for module in clip_model.transformer.modules():
-        if isinstance(module, nn.Linear):
-            module.to(dtype)
-        elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
-            module.in_proj_weight.data = module.in_proj_weight.data.to(dtype)
-            if module.in_proj_bias is not None:
-                module.in_proj_bias.data = module.in_proj_bias.data.to(dtype)
-    proj = clip_model.text_projection
-    if isinstance(proj, nn.Linear):
-        proj.to(dtype)
-    elif proj is not None:
-        proj.data = proj.data.to(dtype)
+    import open_clip
+
+    open_clip.convert_weights_to_lp(clip_model, dtype)  # Linear, attention in_proj and text_projection: those
 
 
 class ClipTextEncoder(nn.Module):

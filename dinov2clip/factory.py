@@ -44,11 +44,16 @@ def config_from_parts(dinov2: str, pooling: str, clip: str, pretrained: str | No
 
 
 def config_from_preset(name: str, preset: Preset) -> ModelConfig:
-    return config_from_parts(preset.dinov2, preset.pooling, preset.clip_model, preset.clip_pretrained,
-                             preset.projector, preset.hidden_dim, preset.num_blocks, preset.license,
-                             {"preset": name, "origin": preset.origin, "verified": preset.verified,
-                              "notes": preset.notes},
-                             input_dim=preset.input_dim, output_dim=preset.output_dim)
+    config = config_from_parts(preset.dinov2, preset.pooling, preset.clip_model, preset.clip_pretrained,
+                               preset.projector, preset.hidden_dim, preset.num_blocks, preset.license,
+                               {"preset": name, "origin": preset.origin, "verified": preset.verified,
+                                "notes": preset.notes},
+                               input_dim=preset.input_dim, output_dim=preset.output_dim)
+    if preset.dinov2_revision:
+        config.dinov2["revision"] = preset.dinov2_revision
+    if preset.projector_tensor_sha256:
+        config.projector["tensor_sha256"] = preset.projector_tensor_sha256
+    return config
 
 
 def is_path_spec(source: str) -> bool:

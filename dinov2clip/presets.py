@@ -28,6 +28,10 @@ class Preset:
     origin: str
     verified: bool  # False: weights never checked by us (unreachable from where we build)
     notes: str = ""
+    # Pins, recorded only where known (never guessed): None loads the hub's current DINOv2 and accepts any
+    # projector weights; a value is checked on load (the projector's tensor_sha256, as in a model directory).
+    dinov2_revision: str | None = None
+    projector_tensor_sha256: str | None = None
 
 
 PRESETS: dict[str, Preset] = {
@@ -46,6 +50,8 @@ PRESETS: dict[str, Preset] = {
         verified=False,
         notes="Projector URL not verified by dinov2clip: if it is unreachable, train one with "
               "`python -m training.run` or pass projector=PATH.",
+        dinov2_revision=None,  # unknown: never fetched where we build
+        projector_tensor_sha256=None,  # unknown: the URL was unreachable from where we build
     ),
 }
 DEFAULT_PRESET = "reference"

@@ -231,6 +231,16 @@ def cmd_quickstart(args):
     from .brain import sort_by_text
 
     args.overwrite = True  # a quickstart rebuilds its indexes; embeddings are still only computed once
+    if args.demo:  # its own images and tiny model, made here (an installed wheel has no examples/)
+        if args.target:
+            raise UserError("--demo makes its own images and model: give no folder or dataset with it")
+        from training.demo import DEMO_QUERY, prepare_demo
+
+        ensure_mongodb()  # first: never fail on the database after the training
+        args.target, args.model = map(str, prepare_demo())
+        args.query = args.query or DEMO_QUERY
+    elif not args.target:
+        raise UserError("give a folder of images or a dataset name, or --demo")
     with database_errors():
         dataset = index(args)
     if args.query:
@@ -308,8 +318,9 @@ def cmd_app(args):
 
 
 # -- parser ---------------------------------------------------------------------------------
-def _index_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", help="a folder of images (becomes a persistent dataset) or a dataset name")
+def _index_args(p: argparse.ArgumentParser, target_nargs: str | None = None) -> None:
+    p.add_argument("target", nargs=target_nargs,
+                   help="a folder of images (becomes a persistent dataset) or a dataset name")
     p.add_argument("--model", default="dinov2clip-reference",
                    help="registered zoo name, preset, model directory or hf-hub:org/repo (registered on "
                         "first use) [%(default)s]")
@@ -369,7 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quickstart", help="folder or dataset → embeddings + text index → the App",
                        allow_abbrev=False)
-    _index_args(p)
+    _index_args(p, target_nargs="?")
+    p.add_argument("--demo", action="store_true", help="no folder: index six generated example images with a tiny "
+                   "model trained on such pictures, both made in ./dinov2clip-demo (needs the [train] extra)")
     p.add_argument("--query", help="print the best matches for this text before opening the App")
     p.add_argument("-k", type=positive_int, default=5, help="how many matches to print [%(default)s]")
     _app_args(p)

@@ -23,6 +23,8 @@ def test_regular_wheel_ships_the_hook(tmp_path):
     wheel = next(tmp_path.glob("dinov2clip-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert PTH in names and "clip_retrieval_adapter/_hook.py" in names
+    # what runs outside a checkout: `--config tiny`/`reference` by name, and the demo that makes its own images
+    assert {"training/configs/tiny.yaml", "training/configs/reference.yaml", "training/demo.py"} <= set(names)
     # test and benchmark tooling (tests/support/: the throwaway mongod, the App driver) is not shipped
     tooling = [n for n in names
                if n.startswith(("tests/", "support/")) or n.rsplit("/", 1)[-1] in ("devdb.py", "devapp.py")]

@@ -124,3 +124,21 @@ def test_unreachable_projector_names_url_and_remedy(seeded):
         seeded["ckpt"].with_suffix(".away").rename(seeded["ckpt"])
     msg = str(err.value)
     assert REFERENCE_URL in msg and "training.run" in msg and "projector=PATH" in msg and "\n" not in msg
+
+
+def test_preset_pins_are_checked_on_load(seeded, monkeypatch):
+    """A preset's recorded sha256 and revision reach the config; the projector's is checked on load. The
+    reference records neither: both are unknown to us (never fetched where we build), so none is guessed."""
+    from dataclasses import replace
+
+    from dinov2clip.factory import resolve_source
+
+    assert PRESETS["reference"].dinov2_revision is None and PRESETS["reference"].projector_tensor_sha256 is None
+    good = dinov2clip.load("reference", text=False, device="cpu", dtype="fp32").config.projector["tensor_sha256"]
+    monkeypatch.setitem(PRESETS, "pinned", replace(PRESETS["reference"], projector_tensor_sha256=good))
+    assert dinov2clip.load("pinned", text=False, device="cpu", dtype="fp32").config.projector["tensor_sha256"] == good
+    monkeypatch.setitem(PRESETS, "pinned", replace(PRESETS["reference"], projector_tensor_sha256="0" * 64,
+                                                   dinov2_revision="main"))
+    assert resolve_source("pinned")[0].dinov2["revision"] == "main"
+    with pytest.raises(UserError, match="differ from the tensor_sha256"):
+        dinov2clip.load("pinned", text=False, device="cpu", dtype="fp32")

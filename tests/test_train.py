@@ -261,12 +261,25 @@ def test_torchrun_two_processes_match_one(tiny_run, tmp_path):
     np.testing.assert_allclose([r["train"]["loss"] for r in h2], [r["train"]["loss"] for r in h1], rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["tiny", "reference"])
+def test_shipped_configs_load_by_name_from_anywhere(name, tmp_path, monkeypatch):
+    """`--config tiny` is the shipped file wherever you run (an installed wheel has no training/configs
+    beside you), even in a folder holding a `tiny` of its own; a path is still read as a path."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / name).mkdir()
+    by_path = load_config(ROOT / "training" / "configs" / f"{name}.yaml", ["train.epochs=1"])
+    assert load_config(name, ["train.epochs=1"]) == by_path and by_path["name"] == name
+    (tmp_path / "mine.yaml").write_text("name: mine\n")
+    assert load_config("mine.yaml") == {"name": "mine"}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--train", "x"], "--val"),
     (["train", "--config", str(TINY), "--set", "train.nope=1", "--train", "x", "--val", "y"], "unknown train option"),
     (["train", "--config", str(TINY), "--set", "oops", "--train", "x", "--val", "y"], "KEY=VALUE"),
     (["pipeline", "--config", "missing.yaml"], "config not found"),
-    (["pipeline", "--config", "training"], "cannot read config training: Is a directory"),  # a folder here
+    (["pipeline", "--config", "./training"], "cannot read config training: Is a directory"),  # a folder here
+    (["pipeline", "--config", "nope"], "unknown config 'nope': shipped configs are reference, tiny;"),
     (["train", "--train", "x", "--val", "y", "--batch-size", "10", "--accum-steps", "3"], "not divisible"),
 ])
 def test_cli_user_errors(argv, message, tmp_path):

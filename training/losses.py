@@ -10,7 +10,7 @@ objective as one process holding the whole batch.
 batch's images), the direction of text search. Its optimum is the true map from images to texts. The
 image→text half (each image picks its text) has as its optimum log p(text|image) − log p(text): when the
 texts share a common direction, the −log p(text) term pulls image embeddings off it, which the planted
-check measures as lower text→image recall (README, *Does the trainer learn?*).
+check measures as lower text→image recall (docs/training.md, *Does the trainer learn?*).
 """
 from __future__ import annotations
 

@@ -1,9 +1,11 @@
 """The whole pipeline from one YAML config: data → base model → precompute → train.
 
-    python -m training.run pipeline --config training/configs/tiny.yaml --output runs/tiny
-    python -m training.run pipeline --config training/configs/tiny.yaml --set train.epochs=3
+    python -m training.run --config tiny --output runs/tiny
+    python -m training.run --config tiny --set train.epochs=3 --output runs/short
+    python -m training.run --config my-recipe.yaml --output runs/mine
 
-Config sections (see training/configs/*.yaml):
+`--config` takes a shipped config by name (training/configs/NAME.yaml: tiny, reference) or a path to a YAML file.
+Config sections:
   data:      {shapes: {train: N, val: N, test: N, per_shard: N, seed: S, image_size: PX}}  — generated — or
              {train: [SHARDS...], val: [SHARDS...], test: [SHARDS...]}  (paths, globs, {a..b} braces, fsspec URLs)
   model:     {make_tiny: {seed: S, pooling: P}}  or  {source: MODEL_DIR | PRESET | hf-hub:org/repo}
@@ -28,9 +30,26 @@ OUTPUTS = ("data", "base_model", "precomputed", "train")
 SPLITS = ("train", "val", "test")
 
 
-def load_config(path, overrides=()) -> dict:
+CONFIGS = Path(__file__).parent / "configs"  # shipped in the wheel (pyproject's package-data)
+
+
+def config_path(spec) -> Path:
+    """A shipped config's name (`tiny`: no folder, no .yaml) or a path. A bare name is always a shipped
+    config, so a folder named `tiny` beside you never changes what `--config tiny` means; write ./tiny for it."""
+    spec = str(spec)
+    if "/" in spec or "\\" in spec or spec.endswith((".yaml", ".yml")):
+        return Path(spec).expanduser()
+    if (CONFIGS / f"{spec}.yaml").is_file():
+        return CONFIGS / f"{spec}.yaml"
+    shipped = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+    raise UserError(f"unknown config {spec!r}: shipped configs are {shipped}; give a path to a YAML file "
+                    f"(./{spec}) for your own")
+
+
+def load_config(spec, overrides=()) -> dict:
     import yaml
 
+    path = config_path(spec)
     try:
         cfg = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:

@@ -151,7 +151,8 @@ def add_train(sub) -> None:
                                    "export the best epoch as a model directory OUT/model. Options override "
                                    "--config's train section.")
     p.set_defaults(func=cmd_train)
-    p.add_argument("--config", default=None, metavar="YAML", help="a pipeline config; its train section is used")
+    p.add_argument("--config", default=None, metavar="NAME|YAML",
+                   help="a pipeline config (shipped name or YAML path); its train section is used")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     for f in fields(TrainConfig):
         default = f.default if f.default is not MISSING else f.default_factory()
@@ -177,9 +178,10 @@ def cmd_pipeline(args) -> None:
 def add_pipeline(sub) -> None:
     p = sub.add_parser("pipeline", allow_abbrev=False, help="every stage from one YAML config",
                        description="Data (given shards, or generated shapes) → base model → precompute → train, "
-                                   "from a YAML config (training/configs/tiny.yaml runs offline). Rerunning resumes.")
+                                   "from a YAML config (`--config tiny` runs offline). Rerunning resumes.")
     p.set_defaults(func=cmd_pipeline)
-    p.add_argument("--config", required=True, metavar="YAML")
+    p.add_argument("--config", required=True, metavar="NAME|YAML",
+                   help="a shipped config (tiny: offline demo; reference: the reference recipe) or a YAML path")
     p.add_argument("--output", default=".", metavar="DIR", help="where everything goes (default: current directory)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. train.epochs=3 (repeatable)")
@@ -407,7 +409,8 @@ STAGES = {"fit": add_fit, "quality": add_quality, "eval": add_eval, "precompute"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, allow_abbrev=False,
                                      description="dinov2clip training pipeline: " + ", ".join(STAGES) +
-                                     ". `--config X.yaml` alone runs the whole pipeline.")
+                                     ". `--config tiny` (a shipped name or a YAML path) alone runs the whole "
+                                     "pipeline.")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for add in STAGES.values():
         add(sub)
@@ -418,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     from dinov2clip.cli import run  # the console script's error handling and crash log, shared
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "--config":  # `python -m training.run --config X.yaml`: the whole pipeline
+    if argv and argv[0] == "--config":  # `python -m training.run --config tiny`: the whole pipeline
         argv = ["pipeline", *argv]
     return run(build_parser(), argv, PROG)
 

@@ -123,15 +123,17 @@ def cmd_search(args) -> None:
     from .embed import load_embeddings
     from .factory import load_encoders, resolve_source
 
+    if args.explain and Path(args.explain).exists() and not Path(args.explain).is_dir():
+        raise UserError(f"--explain {args.explain} is a file: give a folder for the overlays")
     emb, items, meta = load_embeddings(Path(args.file))
     args.model = args.model or meta["model"]
     args.projector = args.projector or meta.get("projector")
     fingerprint = None if args.projector else resolve_source(args.model)[0].known_fingerprint()
-    if fingerprint:  # a model directory names its projector: the text tower suffices
+    if fingerprint and not args.explain:  # a model directory names its projector: the text tower suffices
         model = load_encoders(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                               image=False)
-    else:  # a preset's projector is known once fetched
-        model = _load(args, image=False)
+    else:  # a preset's projector is known once fetched; maps need the image tower
+        model = _load(args, image=bool(args.explain))
         fingerprint = model.fingerprint
     if fingerprint != meta["fingerprint"]:
         raise UserError(f"{args.file} was embedded with another model (fingerprint {meta['fingerprint'][:12]}, "
@@ -146,6 +148,53 @@ def cmd_search(args) -> None:
     top = torch.topk(scores, min(args.k, len(items)))
     for score, i in zip(top.values.tolist(), top.indices.tolist()):
         print(f"{score:.4f}\t{items[i]}")
+    if args.explain:
+        explain_hits(model, [items[i] for i in top.indices.tolist()], args.query, Path(args.explain), args.method)
+
+
+def explain_hits(model, images: list[str], query: str, out_dir: Path, method: str | None) -> None:
+    """An overlay per hit, `NN-<name>.png` in `out_dir` (rank first); an unreadable hit is named and skipped."""
+    from .heatmap import DEFAULT_METHOD, check_overlay_path, save_overlay
+
+    method = method or DEFAULT_METHOD
+    outs = [out_dir / f"{rank:02d}-{Path(image).stem}.png" for rank, image in enumerate(images, 1)]
+    for out in outs:  # every name checked before any map is made
+        check_overlay_path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failed = {}
+    maps = model.heatmap(images, query, method=method, on_error=lambda i, msg: failed.setdefault(i, msg))
+    for i, (image, heatmap, out) in enumerate(zip(images, maps, outs)):
+        if heatmap is None:
+            print(f"skipped: {failed[i]}", file=sys.stderr)
+            continue
+        save_overlay(out, image, heatmap, query, method)
+        print(f"heatmap\t{out}")
+
+
+def cmd_explain(args) -> None:
+    from .heatmap import DEFAULT_METHOD, check_overlay_path, save_overlay
+
+    check_overlay_path(args.out)
+    if not Path(args.image).is_file():
+        raise UserError(f"no such image file: {args.image}")
+    model = _load(args)
+    method = args.method or DEFAULT_METHOD
+
+    def unreadable(i, msg):
+        raise UserError(msg)
+
+    (heatmap,) = model.heatmap([args.image], args.query, method=method, max_side=args.max_side, on_error=unreadable)
+    save_overlay(args.out, args.image, heatmap, args.query, method)
+    print(args.out)
+
+
+def heatmap_method(text: str) -> str:
+    """argparse type: a heatmap method's name (torch is imported only when the flag is given)."""
+    from .heatmap import METHODS
+
+    if text not in METHODS:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose one of {', '.join(METHODS)}")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,7 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="an .npz written by `dinov2clip embed`")
     p.add_argument("query")
     p.add_argument("-k", type=positive_int, default=10, help="how many matches to print [%(default)s]")
+    p.add_argument("--explain", metavar="DIR", default=None,
+                   help="also write a heatmap overlay of each hit into DIR (NN-<name>.png): where it matches the query")
+    p.add_argument("--method", type=heatmap_method, default=None, help="heatmap method (default: patch)")
     model_options(p, required_model=False)
+
+    p = add("explain", cmd_explain, "write a heatmap overlay: which parts of an image match a text")
+    p.add_argument("image", help="an image file")
+    p.add_argument("query")
+    p.add_argument("--out", required=True, help="the overlay to write (.png)")
+    p.add_argument("--method", type=heatmap_method, default=None, help="heatmap method (default: patch)")
+    p.add_argument("--max-side", type=positive_int, default=None,
+                   help="longest side of the overlay in pixels (default: the image's size)")
+    model_options(p)
     return parser
 
 

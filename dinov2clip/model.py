@@ -274,6 +274,12 @@ class DinoV2Clip(Encoders):
             return emb, (torch.cat(dinos) if dinos else torch.empty(0, self.config.projector["input_dim"]))
         return emb
 
+    def heatmap(self, images, text: str, **options) -> list:
+        """Where each image matches `text`: one float32 2-D map per image in its own coordinates (dinov2clip.heatmap)."""
+        from .heatmap import heatmaps
+
+        return heatmaps(self, images, text, **options)
+
     def extra_repr(self) -> str:
         d, c = self.config.dinov2, self.config.clip
         return (f"dinov2={d.get('origin') or d['source']}, pooling={d['pooling']}, clip={c['model_name']}/"

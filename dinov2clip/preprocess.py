@@ -104,19 +104,23 @@ class Preprocess:
         self._mean = np.asarray(config.mean, dtype=np.float32).reshape(3, 1, 1)
         self._std = np.asarray(config.std, dtype=np.float32).reshape(3, 1, 1)
 
-    def resize_crop(self, img: Image.Image) -> Image.Image:
+    def geometry(self, size: tuple[int, int]) -> tuple[int, int, int, int]:
+        """An image of `size` (w, h) → (resized w, resized h, crop left, crop top): where the crop the model sees
+        lies in it (heatmaps map the patch grid back through this)."""
         c = self.config
-        w, h = img.size
+        w, h = size
         # Same size arithmetic as torchvision Resize(int) + CenterCrop, so outputs can be compared.
         if w <= h:
             new_w, new_h = c.resize, int(c.resize * h / w)
         else:
             new_w, new_h = int(c.resize * w / h), c.resize
-        if (new_w, new_h) != (w, h):
+        return new_w, new_h, int(round((new_w - c.crop) / 2.0)), int(round((new_h - c.crop) / 2.0))
+
+    def resize_crop(self, img: Image.Image) -> Image.Image:
+        new_w, new_h, left, top = self.geometry(img.size)
+        if (new_w, new_h) != img.size:
             img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        left = int(round((new_w - c.crop) / 2.0))
-        top = int(round((new_h - c.crop) / 2.0))
-        return img.crop((left, top, left + c.crop, top + c.crop))
+        return img.crop((left, top, left + self.config.crop, top + self.config.crop))
 
     def __call__(self, image: ImageInput) -> torch.Tensor:
         img = self.resize_crop(load_rgb(image, self.config.background))

@@ -83,7 +83,7 @@ def _interpolation(n_out: int, extent: float, resized: int, offset: int, crop: i
     return w
 
 
-def _to_image(model, scores: np.ndarray, size: tuple[int, int] | None, max_side: int | None) -> np.ndarray:
+def patch_grid_to_image(model, scores: np.ndarray, size: tuple[int, int] | None, max_side: int | None) -> np.ndarray:
     """Patch scores [gh, gw] → a float32 map in the image's coordinates, 0..1 inside the crop (1 = the patch
     most responsible), 0 outside it. `size` None: the input was pixels; the map covers the crop."""
     patch = model.image_encoder.patch_size
@@ -148,7 +148,7 @@ def heatmaps(model, images, text: str, method: str = DEFAULT_METHOD, batch_size:
             scores = METHODS[method](model, cls.float().clone(), patches.float().clone(), query.clone())
         scores = scores.detach().float().cpu().numpy().reshape(len(kept), gh, gw)
         for i, s, size in zip(kept, scores, sizes):
-            out[i] = _to_image(model, s, size, max_side)
+            out[i] = patch_grid_to_image(model, s, size, max_side)
     return out
 
 

@@ -63,7 +63,7 @@ class Mongod:
     """`mongod --dbpath home/mongo` on 127.0.0.1:port; `stop()` ends it. Raises RuntimeError if it
     cannot be found or does not answer within `timeout` seconds."""
 
-    def __init__(self, home: Path, port: int | None = None, timeout: float = 30):
+    def __init__(self, home: Path, port: int | None = None, timeout: float = 30, args: tuple[str, ...] = ()):
         exe = find_mongod()
         if exe is None:
             raise RuntimeError("no mongod: run `python -m fiftyone_dinov2clip database` (the README's test command does)")
@@ -73,7 +73,7 @@ class Mongod:
         self.log_path = Path(home) / "mongod.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([exe, "--dbpath", str(dbpath), "--port", str(self.port), "--bind_ip",
-                                      "127.0.0.1", "--nounixsocket"], stdout=self._log, stderr=subprocess.STDOUT)
+                                      "127.0.0.1", "--nounixsocket", *args], stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
         while True:
             try:

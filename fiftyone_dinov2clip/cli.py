@@ -14,7 +14,7 @@ from dinov2clip.formats import IMAGE_EXTENSIONS, is_image_name
 from dinov2clip.presets import PRESETS
 
 from . import registry
-from .database import database_errors, ensure_mongodb
+from .database import database_errors, ensure_mongodb, quiet_own_mongod
 from .index_defaults import AUTO_HELP
 
 PROG = "python -m fiftyone_dinov2clip"
@@ -406,6 +406,7 @@ def _app_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_own_mongod()
     return run(build_parser(), argv, PROG)
 
 

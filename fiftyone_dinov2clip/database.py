@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -94,6 +95,25 @@ def ensure_mongodb(log=print) -> str:
             "package changed")
     log(f"dinov2clip: {done}")
     return done
+
+
+OLDEST_MONGODB = "You are running the oldest supported major version of MongoDB"
+
+
+class _OwnMongodNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(OLDEST_MONGODB)
+
+
+def quiet_own_mongod() -> None:
+    """FiftyOne warns at each connection that the server's major version is the oldest it supports. For its own
+    mongod (no database URI configured: what `ensure_mongodb` installs is mongod 6.0.5, the newest built for this
+    platform) the user can do nothing about it, so dinov2clip's commands drop that one line (a filter on
+    FiftyOne's database logger). A MongoDB the user configured keeps the warning; every other warning stays."""
+    if configured_uri() is None:
+        log = logging.getLogger("fiftyone.core.odm.database")
+        if not any(isinstance(f, _OwnMongodNotice) for f in log.filters):
+            log.addFilter(_OwnMongodNotice())
 
 
 DATABASE_ERRORS = ("FiftyOneConfigError", "ServerSelectionTimeoutError", "ConnectionFailure", "AutoReconnect",

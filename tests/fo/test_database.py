@@ -50,3 +50,33 @@ def test_database_command():
                          timeout=120)
     # the session's isolated settings point FiftyOne at the test mongod
     assert out.returncode == 0 and out.stdout.startswith("FiftyOne uses the configured database 127.0.0.1:"), out
+
+
+def _cli_and_plain_fiftyone(env: dict) -> tuple[str, str]:
+    """stderr+stdout of a dinov2clip command and of plain FiftyOne, both connecting to the database."""
+    cli = subprocess.run([sys.executable, "-m", "fiftyone_dinov2clip", "index", "no-such-dataset", "--model", "x"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 2 and "is neither a folder of images nor a FiftyOne dataset" in cli.stderr, cli.stderr
+    plain = subprocess.run([sys.executable, "-c", "import fiftyone as fo; fo.list_datasets()"], env=env,
+                           capture_output=True, text=True, timeout=300)
+    return cli.stdout + cli.stderr, plain.stdout + plain.stderr
+
+
+def test_fiftyones_own_mongod_gets_no_oldest_version_notice_but_a_configured_one_does(tmp_path, mongod):
+    """Issue 21: the mongod the project installs (6.0.5) made FiftyOne print 'You are running the oldest supported
+    major version of MongoDB…' on every command of the main job; a database the user configured keeps it."""
+    import os
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k not in ("FIFTYONE_DATABASE_URI", "FIFTYONE_DATABASE_VALIDATION")}
+    env.update(PYTHONPATH=str(repo), FIFTYONE_CONFIG_PATH=str(tmp_path / "none.json"),
+               FIFTYONE_DATABASE_DIR=str(tmp_path / "db"), FIFTYONE_DATABASE_NAME=f"quiet-{os.getpid()}")
+    try:
+        ours, plain = _cli_and_plain_fiftyone(env)  # FiftyOne's own mongod
+    finally:
+        subprocess.run(["pkill", "-f", str(tmp_path / "db")])  # the mongod FiftyOne started for this test, if any
+    assert database.OLDEST_MONGODB in plain  # the notice this machine's mongod gets
+    assert database.OLDEST_MONGODB not in ours, ours
+    ours, plain = _cli_and_plain_fiftyone({**env, "FIFTYONE_DATABASE_URI": f"mongodb://127.0.0.1:{mongod.port}"})
+    assert database.OLDEST_MONGODB in ours and database.OLDEST_MONGODB in plain

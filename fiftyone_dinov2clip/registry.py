@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import glob
 import json
-import os
 import re
 from pathlib import Path
 
@@ -61,15 +59,13 @@ def read_manifest(root: Path | None = None) -> dict:
     return json.loads(path.read_text())
 
 
-def builtin_names() -> set[str]:
-    """Base names in FiftyOne's own manifests: never reused."""
-    import fiftyone.zoo.models as fozm
+def others_names() -> set[str]:
+    """Base names of the zoo models FiftyOne lists (`foz.list_zoo_models`: its own and other sources') that are
+    not ours: never reused."""
+    import fiftyone.zoo as foz
 
-    names = set()
-    for path in glob.glob(os.path.join(os.path.dirname(fozm.__file__), "manifest-*.json")):
-        for m in json.loads(Path(path).read_text()).get("models", []):
-            names.add(m["base_name"])
-    return names
+    ours = {m["base_name"] for m in read_manifest()["models"]}
+    return {name.split("@")[0] for name in foz.list_zoo_models()} - ours
 
 
 def describe_source(source: str) -> tuple[str, dict]:
@@ -111,8 +107,9 @@ def _write_source(manifest: dict, root: Path | None = None) -> None:
 def check_name(name: str) -> None:
     if not NAME_RE.match(name) or "@" in name:
         raise UserError(f"invalid zoo model name {name!r}: use letters, digits, '_' and '-'")
-    if name in builtin_names():
-        raise UserError(f"{name!r} is one of FiftyOne's built-in zoo models: choose another name")
+    if name in others_names():
+        raise UserError(f"{name!r} is a zoo model FiftyOne already lists (its own or another source's): choose "
+                        "another name")
 
 
 @contextlib.contextmanager

@@ -294,12 +294,23 @@ def test_registry_errors(tmp_path, zoo_tiny):
         fod.load("nope")
     with pytest.raises(UserError, match="model directory not found"):
         registry.register("x-missing", str(tmp_path / "absent"))
-    with pytest.raises(UserError, match="built-in"):
+    with pytest.raises(UserError, match="FiftyOne already lists"):
         registry.register("clip-vit-base32-torch", "reference")
-    gone = dinov2clip.make_tiny(str(tmp_path / "gone"), seed=5)
-    name = registry.register("reg-gone", str(gone))
+    # a model another registered source provides (laid out as FiftyOne leaves a downloaded source) is taken too
     import shutil
 
+    other = Path(fo.config.model_zoo_dir) / "someone-else"
+    other.mkdir(parents=True)
+    try:
+        (other / "manifest.json").write_text(json.dumps({"name": "someone/else", "url": "https://example.com/src",
+                                                         "models": [{"base_name": "their-model", "version": None,
+                                                                     "base_filename": "x", "tags": []}]}))
+        with pytest.raises(UserError, match="FiftyOne already lists"):
+            registry.register("their-model", "reference")
+    finally:
+        shutil.rmtree(other)
+    gone = dinov2clip.make_tiny(str(tmp_path / "gone"), seed=5)
+    name = registry.register("reg-gone", str(gone))
     shutil.rmtree(gone)
     with pytest.raises(UserError, match=r"reg-gone@1: its model directory .* is missing.*registered: .*reg-gone@1"):
         foz.load_zoo_model(name, cache=False)

@@ -160,7 +160,7 @@ class TextQuery(foo.Operator):
 
 class ExplainMatches(foo.Operator):
     """Heatmaps for the top k hits of a text query (the last one sorted by, unless another is typed): only those k
-    images are opened. The App then shows the hits, best first, with the best one open in the modal."""
+    images are opened. The App then shows the hits, best first, each under its heatmap."""
 
     @property
     def config(self):
@@ -192,8 +192,10 @@ class ExplainMatches(foo.Operator):
                                **_given(ctx.params, "brain_key", "label_field"))
         ctx.ops.reload_dataset()  # the App learns of the heatmap field
         ctx.ops.set_view(view.select(report.hits, ordered=True))
-        if report.explained:
-            ctx.ops.open_sample(id=report.explained[0])
+        # a field the App did not know when the page loaded is not shown until it is made active. (A sample
+        # opened from here, `open_sample`, came up before the App knew the field: the hits are shown instead.)
+        label_field = ctx.params.get("label_field") or brain.HEATMAP_FIELD
+        ctx.ops.set_active_fields([*(f for f in ctx.active_fields if f != label_field), label_field])
         return {"written": report.written, "unreadable": [p for p, _ in report.failed],
                 "query_cut": report.query_cut}
 

@@ -178,9 +178,12 @@ def test_a_dataset_without_the_brain_run_is_one_line(tmp_path):
 
 # -- the operator, as the App server runs it ---------------------------------------------------------------
 def test_operator_prefills_the_last_text_query_and_explains_the_searched_view(plugin, fresh):
-    import fiftyone.server.view as fosv
+    import asyncio
     import json
+
+    import fiftyone.server.view as fosv
     from bson import json_util
+    from fiftyone.operators.executor import execute_or_delegate_operator
 
     from fiftyone_dinov2clip import brain
 
@@ -195,17 +198,19 @@ def test_operator_prefills_the_last_text_query_and_explains_the_searched_view(pl
     shown = fosv.get_view(dataset.name, stages=json_util.loads(
         json.dumps(sorted_view.executor.to_json()["requests"][0]["params"]["view"])))
     before = _last_modified(dataset)
-    result = run(EXPLAIN, dataset, view=shown, query="a red circle", k=4)
+    request = {"dataset_name": dataset.name, "view": shown._serialize(), "active_fields": ["color", FIELD],
+               "params": {"query": "a red circle", "k": 4}}  # as the App sends it, with its active fields
+    result = asyncio.run(execute_or_delegate_operator(EXPLAIN, request))
     assert result.error is None, result.error
     top = brain.sort_by_text(dataset, "a red circle", k=4).values("id")
     assert result.result == {"written": 4, "unreadable": [], "query_cut": False}
     after = _last_modified(dataset)
     assert {i for i in after if after[i] != before[i]} == set(top)
     requests = result.executor.to_json()["requests"]
-    assert [r["operator_uri"] for r in requests] == ["reload_dataset", "set_view", "open_sample"]
-    assert requests[2]["params"]["id"] == top[0]
+    assert [r["operator_uri"] for r in requests] == ["reload_dataset", "set_view", "set_active_fields"]
     view = fosv.get_view(dataset.name, stages=json_util.loads(json.dumps(requests[1]["params"]["view"])))
-    assert view.values("id") == top
+    assert view.values("id") == top  # the hits, best first
+    assert requests[2]["params"]["fields"] == ["color", FIELD]  # the heatmaps shown, nothing hidden
 
 
 @pytest.mark.parametrize("params, message", [

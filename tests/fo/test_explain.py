@@ -233,3 +233,83 @@ def test_operator_registered(plugin):
     registry = foo.OperatorRegistry()
     assert [e for e in registry.list_errors() if "dinov2clip" in e] == []
     assert EXPLAIN in {op.uri for op in registry.list_operators(builtin=False)}
+
+
+# -- in Chromium: the App shows the heatmap over the top hit -----------------------------------------------
+from test_app_browser import COLORS, _artifacts_dir, _unavailable, app_server, dataset, driver  # noqa: E402,F401
+
+
+@pytest.fixture
+def browser_ready():
+    """Before the App server and Chromium start: skip (fail in CI) where they cannot run."""
+    from support.devapp import browser_missing
+
+    missing = browser_missing()
+    if missing:
+        _unavailable(missing)
+
+
+def _image_mask(pixels: np.ndarray, rgb) -> np.ndarray:
+    return np.abs(pixels - np.array(rgb)).sum(axis=-1) < 60
+
+
+def test_app_shows_the_heatmap_over_the_top_hit(browser_ready, dataset, app_server, driver, tmp_path):
+    """In the App: sort by text, then "explain text matches" (its form offers that query) → Execute; the grid
+    shows the hits best first; the top one opened in the modal is Python's top hit, its heatmap field is listed
+    and shown, and the canvas differs where the map is drawn from the same canvas with the field hidden.
+    Screenshot (heatmap shown): $DINOV2CLIP_TEST_ARTIFACTS/app-explain-heatmap.png."""
+    import time
+
+    from selenium.webdriver.common.by import By
+
+    from fiftyone_dinov2clip import brain
+    from support.devapp import Browser
+
+    query = "a red circle"
+    top = brain.sort_by_text(dataset, query, k=25).values("id")
+    color = dict(zip(*dataset.values(["id", "color"])))[top[0]]
+    b = Browser(driver, app_server, _artifacts_dir(tmp_path) / "app-explain-heatmap.png")
+    shot = False
+    try:
+        b.open_dataset(dataset.name)
+        b.open_operator("sort by text")
+        b.form_input("Text query").send_keys(query)
+        b.execute_operator("Results")
+        b.open_operator("explain text matches")
+        assert b.form_input("Text query").get_attribute("value") == query, b.context()  # prefilled
+        out = b.execute_operator("Heatmaps written")
+        assert f"Heatmaps written:\n{len(top)}\n" in out, out + b.context()
+
+        b.css('[data-cy="fo-grid"] [data-cy="looker"] canvas[canvas-loaded="true"]')
+        assert b.open_first_tile() == top[0], b.context()
+        checkbox = b.modal_field_checkbox(FIELD)
+        assert checkbox.find_element(By.TAG_NAME, "input").is_selected(), "the heatmap field is not shown"
+
+        def settled(_):  # the overlay is drawn after the image: wait for two equal captures
+            first = b.modal_pixels()
+            time.sleep(0.3)
+            second = b.modal_pixels()
+            return [second] if first.shape == second.shape and (first == second).all() else False
+
+        def without_heatmap(_):  # the image alone: most of it its own solid colour again
+            p = b.modal_pixels()
+            return [p] if p.shape == shown.shape and (p != shown).any() and \
+                _image_mask(p, COLORS[color]).mean() > 0.2 else False
+
+        (shown,) = b.wait_for("the modal's canvas to settle", settled, 20)
+        b.screenshot()
+        shot = True
+        checkbox.click()  # hide the heatmap field
+        (hidden,) = b.wait_for("the modal's canvas without the heatmap", without_heatmap, 20)
+        image = _image_mask(hidden, COLORS[color])  # the solid-colour image, as the App draws it alone
+        changed = np.abs(shown - hidden).sum(axis=-1) > 30
+        print(f"image pixels {image.sum()}, of which the heatmap changes {changed[image].mean():.1%}; "
+              f"outside the image {changed[~image].mean():.1%}")
+        assert changed[image].mean() > 0.25, f"the heatmap is not drawn over the image; screenshot {b.shot}"
+        assert changed[~image].mean() < 0.05, f"something besides the heatmap changed; screenshot {b.shot}"
+    finally:
+        if not shot:
+            try:
+                print(f"screenshot: {b.screenshot()}")
+            except Exception as e:  # never hide the test's own failure
+                print(f"could not save a screenshot: {e}")

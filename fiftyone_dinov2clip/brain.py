@@ -569,6 +569,7 @@ HEATMAP_MAX_SIDE = 1024
 @dataclass
 class ExplainReport:
     hits: list = field(default_factory=list)  # the top k's sample ids, best first
+    view: object = field(default=None, repr=False)  # those k, sorted by the text (a view, as sort_by_text's)
     explained: list = field(default_factory=list)  # those given a heatmap, best first
     failed: list = field(default_factory=list)  # (filepath, reason): unreadable images, no label written
     query_cut: bool = False  # the text tower read fewer characters than the query holds
@@ -622,7 +623,7 @@ def explain(samples, text: str, k: int = 25, brain_key: str = DEFAULT_BRAIN_KEY,
     core = model.core(image=True, text=True)
     name = _zoo_name(model)
     ids, paths = hits.values(["id", "filepath"])
-    report = ExplainReport(hits=list(ids), query_cut=record["query_cut"])
+    report = ExplainReport(hits=list(ids), view=hits, query_cut=record["query_cut"])
     maps = core.heatmap(paths, text, method=method, max_side=max_side,
                         on_error=lambda i, reason: report.failed.append((paths[i], reason)))
     labels = {i: fo.Heatmap(map=np.ascontiguousarray(m, np.float32), range=[0, 1], query=text, model=name,

@@ -191,7 +191,7 @@ class ExplainMatches(foo.Operator):
         report = brain.explain(view, ctx.params.get("query"), DEFAULT_K if k is None else k,
                                **_given(ctx.params, "brain_key", "label_field"))
         ctx.ops.reload_dataset()  # the App learns of the heatmap field
-        ctx.ops.set_view(view.select(report.hits, ordered=True))
+        ctx.ops.set_view(report.view)  # as the text query shows it: a next query replaces this one
         # a field the App did not know when the page loaded is not shown until it is made active. (A sample
         # opened from here, `open_sample`, came up before the App knew the field: the hits are shown instead.)
         label_field = ctx.params.get("label_field") or brain.HEATMAP_FIELD

@@ -212,6 +212,12 @@ def test_operator_prefills_the_last_text_query_and_explains_the_searched_view(pl
     assert view.values("id") == top  # the hits, best first
     assert requests[2]["params"]["fields"] == ["color", FIELD]  # the heatmaps shown, nothing hidden
 
+    # from there, another query explains the searched view again, not only those 4
+    again = run(EXPLAIN, dataset, view=view, query="a blue square", k=6)
+    assert again.error is None and again.result["written"] == 6, again.error
+    assert dataset.exists(FIELD).count() == len(set(top) | set(brain.sort_by_text(dataset, "a blue square", k=6)
+                                                                 .values("id")))
+
 
 @pytest.mark.parametrize("params, message", [
     ({"query": ""}, "a text query must be a non-empty string"),
@@ -280,7 +286,10 @@ def test_app_shows_the_heatmap_over_the_top_hit(browser_ready, dataset, app_serv
         out = b.execute_operator("Heatmaps written")
         assert f"Heatmaps written:\n{len(top)}\n" in out, out + b.context()
 
-        b.css('[data-cy="fo-grid"] [data-cy="looker"] canvas[canvas-loaded="true"]')
+        # the App applies the run's reload, view and active fields after its output shows: a sample opened before
+        # the reload lands would not know the new field (a person closing the output is slower than that)
+        b.wait_for("the grid's sidebar to show the heatmap field", lambda d: any(
+            e.is_selected() for e in d.find_elements(By.CSS_SELECTOR, f'[data-cy="checkbox-{FIELD}"] input')), 30)
         assert b.open_first_tile() == top[0], b.context()
         checkbox = b.modal_field_checkbox(FIELD)
         assert checkbox.find_element(By.TAG_NAME, "input").is_selected(), "the heatmap field is not shown"

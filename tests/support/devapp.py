@@ -427,14 +427,25 @@ class Browser:
         except WebDriverException:
             return None
 
-    def open_first_tile(self, timeout=30) -> str:
-        """Click the grid's top-left tile; returns the sample id the modal opened (its URL's `id`)."""
+    def open_first_tile(self, timeout=60) -> str:
+        """Click the grid's top-left tile once the grid has drawn it; returns the sample id the modal opened (its
+        URL's `id`)."""
         import urllib.parse
 
+        from selenium.common.exceptions import WebDriverException
         from selenium.webdriver.common.by import By
 
-        tiles = [t for t in self.d.find_elements(By.CSS_SELECTOR, TILE) if t.is_displayed()]
-        min(tiles, key=lambda t: (round(t.rect["y"]), round(t.rect["x"]))).click()
+        def click_first(_):  # a new view's grid shows a loading animation first, then replaces its tiles
+            try:
+                tiles = [t for t in self.d.find_elements(By.CSS_SELECTOR, GRID_READY) if t.is_displayed()]
+                if not tiles:
+                    return False
+                min(tiles, key=lambda t: (round(t.rect["y"]), round(t.rect["x"]))).click()
+                return True
+            except WebDriverException:
+                return False
+
+        self.wait_for("the grid's first tile", click_first, timeout)
         self.css(MODAL_LOOKER, timeout=timeout)
         query = urllib.parse.parse_qs(urllib.parse.urlparse(self.d.current_url).query)
         return query.get("id", [None])[0]

@@ -1,7 +1,6 @@
 """Why did this match? `fiftyone_dinov2clip.explain` and the "explain text matches" operator on a real mongod
 dataset: `fo.Heatmap` labels for a text query's top k only, each in its image's own coordinates and recording
 the query, model and method; unreadable images named; bad input refused in one line, nothing written."""
-import shutil
 from pathlib import Path
 
 import numpy as np

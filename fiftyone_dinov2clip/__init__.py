@@ -6,13 +6,14 @@
     import fiftyone_dinov2clip as fod
     fod.compute_similarity(dataset, "my-model", brain_key="dinov2clip", dinov2_field="dinov2")
     dataset.sort_by_similarity("a dog on a beach", brain_key="dinov2clip")
+    fod.explain(dataset, "a dog on a beach", k=25)          # heatmaps: why the top 25 match
 
 Importing this package does not import fiftyone or torch; the functions below do, on first use."""
 from .registry import register, register_presets, registered, resolve, unregister
 
 _LAZY = {
     "compute_embeddings": "brain", "compute_similarity": "brain", "project_field": "brain",
-    "sort_by_text": "brain", "load": "brain", "EmbedReport": "brain",
+    "sort_by_text": "brain", "explain": "brain", "load": "brain", "EmbedReport": "brain", "ExplainReport": "brain",
     "DinoV2ClipModel": "zoo", "DinoV2ClipModelConfig": "zoo",
     "download_model": "zoo_source", "load_model": "zoo_source",
 }

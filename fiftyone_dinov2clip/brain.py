@@ -557,3 +557,81 @@ def sort_by_text(samples, text: str, brain_key: str = DEFAULT_BRAIN_KEY, k: int 
         limit = getattr(model, "text_limit", len(text))
         record.update(query_chars=min(len(text), limit), query_cut=len(text) > limit)
     return samples.sort_by_similarity(query, k=k, brain_key=brain_key)
+
+
+# -- why did this match? heatmaps for a text query's top hits ---------------------------------------------------
+HEATMAP_FIELD = "dinov2clip_heatmap"
+# The longest side a stored map keeps: FiftyOne stores a map inline in the sample's document (at most 16 MB in
+# MongoDB) and the App reads it with every page of the grid; the App stretches a map over its image.
+HEATMAP_MAX_SIDE = 1024
+
+
+@dataclass
+class ExplainReport:
+    hits: list = field(default_factory=list)  # the top k's sample ids, best first
+    view: object = field(default=None, repr=False)  # those k, sorted by the text (a view, as sort_by_text's)
+    explained: list = field(default_factory=list)  # those given a heatmap, best first
+    failed: list = field(default_factory=list)  # (filepath, reason): unreadable images, no label written
+    query_cut: bool = False  # the text tower read fewer characters than the query holds
+
+    @property
+    def written(self) -> int:
+        return len(self.explained)
+
+    def __str__(self) -> str:
+        s = f"wrote {self.written} heatmaps, {len(self.failed)} unreadable images (no heatmap)"
+        return s + ("; the query was cut to what the text tower reads" if self.query_cut else "")
+
+
+def _check_heatmap_field(samples, path: str) -> None:
+    """Write heatmaps only into a new field or one dinov2clip filled with heatmaps before."""
+    import fiftyone as fo
+
+    if not isinstance(path, str) or not path or path.startswith("_") or "." in path:
+        raise UserError(f"label field {path!r}: give a top-level field name, such as {HEATMAP_FIELD!r}")
+    f = samples.get_field(path)
+    if f is None:
+        return
+    ours = (_field_info(samples, path) or {}).get("kind") == "heatmap"
+    if getattr(f, "document_type", None) is not fo.Heatmap or not ours:
+        raise UserError(f"field {path!r} exists and does not hold dinov2clip heatmaps: choose another label_field")
+
+
+def explain(samples, text: str, k: int = 25, brain_key: str = DEFAULT_BRAIN_KEY, label_field: str = HEATMAP_FIELD,
+            method: str | None = None, max_side: int | None = HEATMAP_MAX_SIDE) -> ExplainReport:
+    """Why the top `k` matches of `text` in `samples` match it: `fo.Heatmap` labels in `label_field`, one per hit,
+    each a float32 map in its image's coordinates (range [0, 1]; longest side at most `max_side`), with the
+    `query`, `model` and `method` that made it. Only those k images are opened; other samples are not touched.
+    An unreadable image gets no label and is listed in the report."""
+    from dinov2clip.heatmap import DEFAULT_METHOD
+
+    import fiftyone as fo
+
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise UserError(f"k must be a whole number of hits to explain, at least 1, not {k!r}")
+    if max_side is not None and (isinstance(max_side, bool) or not isinstance(max_side, (int, np.integer))
+                                 or max_side < 1):
+        raise UserError(f"max_side must be a whole number of pixels, at least 1, or None, not {max_side!r}")
+    _check_heatmap_field(samples, label_field)
+    record = {}
+    hits = sort_by_text(samples, text, brain_key, k, record=record)
+    model = dataset_of(samples).load_brain_results(brain_key).get_model()  # sort_by_text's, cached with the run
+    if not isinstance(model, DinoV2ClipModel):
+        raise UserError(f"brain run {brain_key!r} was computed with {type(model).__name__}, not a dinov2clip model: "
+                        "heatmaps need a dinov2clip model's patches and projector")
+    method = method or DEFAULT_METHOD
+    core = model.core(image=True, text=True)
+    name = _zoo_name(model)
+    ids, paths = hits.values(["id", "filepath"])
+    report = ExplainReport(hits=list(ids), view=hits, query_cut=record["query_cut"])
+    maps = core.heatmap(paths, text, method=method, max_side=max_side,
+                        on_error=lambda i, reason: report.failed.append((paths[i], reason)))
+    labels = {i: fo.Heatmap(map=np.ascontiguousarray(m, np.float32), range=[0, 1], query=text, model=name,
+                            method=method) for i, m in zip(ids, maps) if m is not None}
+    for path, reason in report.failed:
+        logger.warning("dinov2clip: no heatmap for unreadable image %s: %s", path, reason)
+    if labels:
+        hits.set_values(label_field, labels, key_field="id")
+        _set_field_info(samples, label_field, {"kind": "heatmap"})
+    report.explained = list(labels)
+    return report

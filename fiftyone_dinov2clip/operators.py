@@ -1,5 +1,6 @@
-"""FiftyOne operators: build a text-searchable similarity index, sort the App's view by text, fit a projector
-to the view's images, and judge a model's text search on them against its CLIP teacher.
+"""FiftyOne operators: build a text-searchable similarity index, sort the App's view by text, explain its top
+hits with heatmaps, fit a projector to the view's images, and judge a model's text search on them against its
+CLIP teacher.
 
 Each `execute` is one call into `brain`; the forms only collect its arguments. `brain` (the zoo model,
 fiftyone.brain) is imported when a form opens or an operator runs, not when FiftyOne registers the
@@ -22,6 +23,7 @@ from . import registry
 from .index_defaults import AUTO_HELP
 
 DEFAULT_K = 25
+STORE, LAST_QUERY = "dinov2clip", "last_text_query"  # the dataset's last text query, offered by explain
 BACKENDS = ("auto", "sklearn", "lancedb")  # auto: brain.default_backend (by the dataset's size)
 REGISTER_HINT = ("register one with `python -m fiftyone_dinov2clip register-presets` or "
                  "`python -m fiftyone_dinov2clip register NAME SOURCE`, then reopen this form")
@@ -131,23 +133,7 @@ class TextQuery(foo.Operator):
 
     def resolve_input(self, ctx):
         inputs = types.Object()
-        dataset = ctx.dataset
-        runs = {}
-        for key in dataset.list_brain_runs():
-            config = dataset.get_brain_info(key).config
-            if getattr(config, "supports_prompts", False):
-                runs[key] = getattr(config, "model", None)
-        if runs:
-            choices = types.Dropdown(label="Similarity index", description="a brain run that takes text")
-            for key, model in runs.items():
-                choices.add_choice(key, label=key, description=model)
-            inputs.str("brain_key", required=True, default=next(iter(runs)), view=choices)
-        else:
-            message = (f"dataset {dataset.name!r} has no similarity index that takes text: build one with "
-                       "the 'dinov2clip: compute text-searchable similarity index' operator or "
-                       "`python -m fiftyone_dinov2clip index`")
-            inputs.view("no_index", types.Warning(label="No text-searchable index", description=message))
-            inputs.str("brain_key", required=True, label="Similarity index", invalid=True, error_message=message)
+        _text_index_input(inputs, ctx.dataset)
         inputs.str("query", required=True, label="Text query")
         inputs.int("k", min=1, default=DEFAULT_K, label="Number of results")
         return types.Property(inputs, view=types.View(label="dinov2clip text search"))
@@ -155,8 +141,10 @@ class TextQuery(foo.Operator):
     def execute(self, ctx):
         k = ctx.params.get("k")
         record = {}
-        view = _brain().sort_by_text(_searched_view(ctx), ctx.params.get("query"), ctx.params.get("brain_key"),
-                                     DEFAULT_K if k is None else k, record=record)
+        query, brain_key = ctx.params.get("query"), ctx.params.get("brain_key")
+        view = _brain().sort_by_text(_searched_view(ctx), query, brain_key, DEFAULT_K if k is None else k,
+                                     record=record)
+        ctx.store(STORE).set(LAST_QUERY, {"query": query, "brain_key": brain_key})  # what explain offers next
         ctx.ops.set_view(view)
         return {"count": len(view), **record}
 
@@ -168,6 +156,77 @@ class TextQuery(foo.Operator):
             outputs.view("cut", types.Notice(label=f"The query was cut to its first {ctx.results['query_chars']:,} "
                                                    "characters: all the text tower reads"))
         return types.Property(outputs)
+
+
+class ExplainMatches(foo.Operator):
+    """Heatmaps for the top k hits of a text query (the last one sorted by, unless another is typed): only those k
+    images are opened. The App then shows the hits, best first, each under its heatmap."""
+
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="explain_text_matches",
+            label="dinov2clip: explain text matches",
+            description="Heatmaps over the top hits of a text query: which parts of each image match it",
+            dynamic=True,
+            disable_schema_validation=True,  # see the module docstring
+        )
+
+    def resolve_input(self, ctx):
+        brain = _brain()
+        last = ctx.store(STORE).get(LAST_QUERY) or {}
+        inputs = types.Object()
+        _text_index_input(inputs, ctx.dataset, default=last.get("brain_key"))
+        inputs.str("query", required=True, default=last.get("query"), label="Text query",
+                   description="the last text query sorted by, or another")
+        inputs.int("k", min=1, default=DEFAULT_K, label="Hits to explain",
+                   description="heatmaps are computed for these top hits only")
+        inputs.str("label_field", default=brain.HEATMAP_FIELD, label="Heatmap field")
+        return types.Property(inputs, view=types.View(label="dinov2clip: why did these match?"))
+
+    def execute(self, ctx):
+        brain = _brain()
+        k = _whole(ctx.params, "k")
+        view = _searched_view(ctx)
+        report = brain.explain(view, ctx.params.get("query"), DEFAULT_K if k is None else k,
+                               **_given(ctx.params, "brain_key", "label_field"))
+        ctx.ops.reload_dataset()  # the App learns of the heatmap field
+        ctx.ops.set_view(report.view)  # as the text query shows it: a next query replaces this one
+        # a field the App did not know when the page loaded is not shown until it is made active. (A sample
+        # opened from here, `open_sample`, came up before the App knew the field: the hits are shown instead.)
+        label_field = ctx.params.get("label_field") or brain.HEATMAP_FIELD
+        ctx.ops.set_active_fields([*(f for f in ctx.active_fields if f != label_field), label_field])
+        return {"written": report.written, "unreadable": [p for p, _ in report.failed],
+                "query_cut": report.query_cut}
+
+    def resolve_output(self, ctx):
+        outputs = types.Object()
+        outputs.int("written", label="Heatmaps written")
+        outputs.list("unreadable", types.String(), label="Unreadable images (no heatmap)")
+        if (ctx.results or {}).get("query_cut"):
+            outputs.view("cut", types.Notice(label="The query was cut to what the text tower reads"))
+        return types.Property(outputs)
+
+
+def _text_index_input(inputs, dataset, default: str | None = None) -> None:
+    """A choice of the dataset's text-capable brain runs, or a warning that it has none."""
+    runs = {}
+    for key in dataset.list_brain_runs():
+        config = dataset.get_brain_info(key).config
+        if getattr(config, "supports_prompts", False):
+            runs[key] = getattr(config, "model", None)
+    if runs:
+        choices = types.Dropdown(label="Similarity index", description="a brain run that takes text")
+        for key, model in runs.items():
+            choices.add_choice(key, label=key, description=model)
+        inputs.str("brain_key", required=True, default=default if default in runs else next(iter(runs)),
+                   view=choices)
+    else:
+        message = (f"dataset {dataset.name!r} has no similarity index that takes text: build one with "
+                   "the 'dinov2clip: compute text-searchable similarity index' operator or "
+                   "`python -m fiftyone_dinov2clip index`")
+        inputs.view("no_index", types.Warning(label="No text-searchable index", description=message))
+        inputs.str("brain_key", required=True, label="Similarity index", invalid=True, error_message=message)
 
 
 def _searched_view(ctx):
@@ -393,5 +452,6 @@ def _whole(params: dict, name: str) -> int | None:
 def register(p):
     p.register(ComputeSimilarity)
     p.register(TextQuery)
+    p.register(ExplainMatches)
     p.register(FitProjector)
     p.register(TextSearchQuality)

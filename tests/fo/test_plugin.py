@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 PLUGIN = "@dinov2clip/dinov2clip"
 COMPUTE = f"{PLUGIN}/compute_dinov2clip_similarity"
 QUERY = f"{PLUGIN}/dinov2clip_text_query"
-OPERATORS = (COMPUTE, QUERY)
+OPERATORS = (COMPUTE, QUERY, f"{PLUGIN}/explain_text_matches")
 
 
 CLI = """import sys

@@ -36,6 +36,12 @@ SHOW_RESULTS = 'button[aria-label="Show results"]'
 VIEW_STAGE = '[data-cy="view-bar"] [data-cy="view-stage-container"]'
 CLEAR_VIEW = '[data-cy="btn-clear-view-bar"]'
 STAGE_DELETE = '[data-cy="view-bar"] [data-cy="btn-view-stage-delete"]'  # one per stage (not on "+ add stage")
+OPERATOR_BROWSER = '[data-cy="action-browse-operations"]'  # the grid's "Browse operations" action
+OPERATOR_SEARCH = '[data-cy="operators-browser-search"]'
+OPERATOR_LIST = '[data-cy="operators-browser"]'
+PROMPT = '[data-cy="operators-prompt-modal"]'  # an operator's form, then its output
+MODAL = '[data-cy="modal"]'
+MODAL_LOOKER = MODAL + ' [data-cy="looker"]'
 
 
 # In the page: the time of the first Enter, and of the first moment the run list holds more "Show results"
@@ -370,6 +376,94 @@ class Browser:
         self.css(CLEAR_VIEW, clickable=True, timeout=timeout).click()
         self.wait_for("the view bar to clear", lambda d: not d.find_elements(By.CSS_SELECTOR, STAGE_DELETE), timeout)
         self.css(GRID_READY, timeout=timeout)
+
+    def open_operator(self, search: str, timeout=60):
+        """The operator browser → the operator `search` finds (typed, then Enter) → its form, once it can run."""
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.common.keys import Keys
+
+        self.css(OPERATOR_BROWSER, clickable=True).click()
+        box = self.css(OPERATOR_SEARCH, clickable=True)
+        box.send_keys(search)
+        self.wait_for(f"the operator browser to list {search!r}",
+                      lambda d: search.lower() in d.find_element(By.CSS_SELECTOR, OPERATOR_LIST).text.lower(), 15)
+        box.send_keys(Keys.ENTER)
+        self.wait_for(f"the form of {search!r}", lambda _: self._prompt_button("Execute"), timeout)
+        return self.d.find_element(By.CSS_SELECTOR, PROMPT)
+
+    def form_input(self, label: str):
+        """The open form's input under the label `label`."""
+        from selenium.webdriver.common.by import By
+
+        return self.d.find_element(By.XPATH, f"//*[@data-cy='operators-prompt-modal']//p[normalize-space()='{label}']"
+                                             "/ancestor::div[contains(@class, 'MuiGrid-item')][1]//input")
+
+    def execute_operator(self, expect: str, timeout=120) -> str:
+        """Execute the open form; returns the operator's output as the App shows it, once it shows `expect`,
+        then closes it."""
+        from selenium.common.exceptions import WebDriverException
+        from selenium.webdriver.common.by import By
+
+        def output(_):
+            try:
+                text = self.d.find_element(By.CSS_SELECTOR, PROMPT).text
+            except WebDriverException:  # not there yet, or re-rendered
+                return False
+            return text if expect in text and self._prompt_button("Close") else False
+
+        # a dynamic form resolves again after each input, its button disabled meanwhile
+        self.wait_for("the form's Execute button", lambda _: self._prompt_button("Execute"), 30).click()
+        text = self.wait_for(f"the operator's output ({expect!r})", output, timeout)
+        self._prompt_button("Close").click()
+        return text
+
+    def _prompt_button(self, label: str):
+        from selenium.common.exceptions import WebDriverException
+        from selenium.webdriver.common.by import By
+
+        try:  # the prompt re-renders while it runs
+            return next((b for b in self.d.find_elements(By.CSS_SELECTOR, PROMPT + " button")
+                         if b.text == label and b.is_enabled()), None)
+        except WebDriverException:
+            return None
+
+    def open_first_tile(self, timeout=60) -> str:
+        """Click the grid's top-left tile once the grid has drawn it; returns the sample id the modal opened (its
+        URL's `id`)."""
+        import urllib.parse
+
+        from selenium.common.exceptions import WebDriverException
+        from selenium.webdriver.common.by import By
+
+        def click_first(_):  # a new view's grid shows a loading animation first, then replaces its tiles
+            try:
+                tiles = [t for t in self.d.find_elements(By.CSS_SELECTOR, GRID_READY) if t.is_displayed()]
+                if not tiles:
+                    return False
+                min(tiles, key=lambda t: (round(t.rect["y"]), round(t.rect["x"]))).click()
+                return True
+            except WebDriverException:
+                return False
+
+        self.wait_for("the grid's first tile", click_first, timeout)
+        self.css(MODAL_LOOKER, timeout=timeout)
+        query = urllib.parse.parse_qs(urllib.parse.urlparse(self.d.current_url).query)
+        return query.get("id", [None])[0]
+
+    def modal_field_checkbox(self, path: str):
+        """The modal sidebar's show/hide checkbox of field `path` (its `input` says whether it is shown)."""
+        from selenium.webdriver.common.by import By
+
+        return self.css(f'{MODAL} [data-cy="checkbox-{path}"]')
+
+    def modal_pixels(self):
+        """The modal's canvas as an RGB array (a screenshot of the element)."""
+        import numpy as np
+        from PIL import Image
+        from selenium.webdriver.common.by import By
+
+        png = self.d.find_element(By.CSS_SELECTOR, MODAL_LOOKER).screenshot_as_png
+        return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)
 
     def graphql_samples(self, after_ts: float) -> list[list[str]] | None:
         """Sample ids of each `paginateSamplesQuery` response for a view with a `Select` stage (what "Show

@@ -10,6 +10,12 @@ Methods (docs/heatmaps.md compares them on the pointing game):
 - `patch`: each patch scored as if the whole image looked like it: the text score of
   projector(pool(CLS, patch)), i.e. the pooled vector with the patch mean replaced by that one patch
   (training-free; the projector runs once per patch, batched).
+- `window`: as `patch`, with each patch's 3×3 neighbourhood (the mean of its tokens) in place of the one patch:
+  an input nearer to the pooled vectors the projector was trained on, and a map that favours whole objects over
+  single patches (training-free; the same cost as `patch`).
+
+A method is a function (model, CLS [B, H], patch tokens [B, P, H], unit text embedding [D], grid (rows, cols))
+→ patch scores [B, P] on that row-major grid; `heatmaps` also takes such a function in place of a name.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ from .errors import ImageError, UserError
 from .preprocess import load_rgb
 
 
-def _gradient(model, cls: torch.Tensor, patches: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+def _gradient(model, cls: torch.Tensor, patches: torch.Tensor, text: torch.Tensor, grid=None) -> torch.Tensor:
     pooling = model.image_encoder.pooling
     patches = patches.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -36,20 +42,33 @@ def _gradient(model, cls: torch.Tensor, patches: torch.Tensor, text: torch.Tenso
     return (grad * patches).sum(dim=-1)
 
 
-def _patch(model, cls: torch.Tensor, patches: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+def _patch(model, cls: torch.Tensor, patches: torch.Tensor, text: torch.Tensor, grid=None) -> torch.Tensor:
     b, p, h = patches.shape
     x = pool(cls[:, None].expand(b, p, h), patches, model.image_encoder.pooling, p)
     return F.normalize(model.projector(x.reshape(b * p, -1)).float(), dim=-1).matmul(text).reshape(b, p)
 
 
-METHODS: dict[str, Callable] = {"gradient": _gradient, "patch": _patch}
-DEFAULT_METHOD = "patch"
+def neighbourhoods(patches: torch.Tensor, grid: tuple[int, int], size: int = 3) -> torch.Tensor:
+    """[B, P, H] patch tokens → the mean of each one's `size`×`size` neighbourhood on the (rows, cols) grid
+    (fewer tokens at the borders)."""
+    b, p, h = patches.shape
+    x = patches.transpose(1, 2).reshape(b, h, *grid)
+    x = F.avg_pool2d(x, size, stride=1, padding=size // 2, count_include_pad=False)
+    return x.reshape(b, h, p).transpose(1, 2)
 
 
-def check(model, method: str = DEFAULT_METHOD) -> None:
+def _window(model, cls: torch.Tensor, patches: torch.Tensor, text: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    return _patch(model, cls, neighbourhoods(patches, grid), text)
+
+
+METHODS: dict[str, Callable] = {"gradient": _gradient, "patch": _patch, "window": _window}
+DEFAULT_METHOD = "window"
+
+
+def check(model, method: str | Callable = DEFAULT_METHOD) -> None:
     """Refuse, in one line, what cannot give a map: an unknown method, a model without its image tower, text
     tower or projector, or a pooling that gives the projector no patch (`cls`)."""
-    if method not in METHODS:
+    if not callable(method) and method not in METHODS:
         raise UserError(f"unknown heatmap method {method!r}: choose one of {', '.join(METHODS)}")
     for part, flag in (("image_encoder", "image=True"), ("text_encoder", "text=True")):
         if getattr(model, part, None) is None:
@@ -105,7 +124,7 @@ def patch_grid_to_image(model, scores: np.ndarray, size: tuple[int, int] | None,
     return out / peak if peak > 0 else out
 
 
-def heatmaps(model, images, text: str, method: str = DEFAULT_METHOD, batch_size: int | None = None,
+def heatmaps(model, images, text: str, method: str | Callable = DEFAULT_METHOD, batch_size: int | None = None,
              max_side: int | None = None,
              on_error: Callable[[int, str], None] | None = None) -> list[np.ndarray | None]:
     """One float32 2-D map per image, in that image's coordinates (rows top to bottom, its aspect ratio; its
@@ -145,7 +164,8 @@ def heatmaps(model, images, text: str, method: str = DEFAULT_METHOD, batch_size:
             cls, patches = model.image_encoder.tokens(batch)
         gh, gw = batch.shape[-2] // model.image_encoder.patch_size, batch.shape[-1] // model.image_encoder.patch_size
         with torch.inference_mode(False):
-            scores = METHODS[method](model, cls.float().clone(), patches.float().clone(), query.clone())
+            score = method if callable(method) else METHODS[method]
+            scores = score(model, cls.float().clone(), patches.float().clone(), query.clone(), (gh, gw))
         scores = scores.detach().float().cpu().numpy().reshape(len(kept), gh, gw)
         for i, s, size in zip(kept, scores, sizes):
             out[i] = patch_grid_to_image(model, s, size, max_side)

@@ -10,7 +10,7 @@ from PIL import Image
 
 import dinov2clip
 from dinov2clip.errors import UserError
-from dinov2clip.heatmap import METHODS, is_overlay, patch_grid_to_image
+from dinov2clip.heatmap import DEFAULT_METHOD, METHODS, is_overlay, neighbourhoods, patch_grid_to_image
 
 EXE = Path(sys.executable).with_name("dinov2clip")
 
@@ -75,7 +75,44 @@ def test_methods_differ_and_text_matters(tiny_model):
     red = {m: tiny_model.heatmap(image, "a red circle", method=m)[0] for m in METHODS}
     blue = tiny_model.heatmap(image, "a blue square")[0]
     assert not np.allclose(red["gradient"], red["patch"], atol=1e-3)
-    assert not np.allclose(red["patch"], blue, atol=1e-3)
+    assert not np.allclose(red["patch"], red["window"], atol=1e-3)
+    assert not np.allclose(red[DEFAULT_METHOD], blue, atol=1e-3)
+
+
+@pytest.mark.parametrize("grid, at, expected", [
+    ((4, 5), (1, 2), 9),   # inside: the full 3x3 neighbourhood
+    ((4, 5), (0, 0), 4),   # a corner: 2x2 tokens
+    ((4, 5), (3, 2), 6),   # the bottom edge: 2x3 tokens
+    ((1, 3), (0, 1), 3),   # one row
+])
+def test_neighbourhoods_average_the_3x3_around_each_patch_on_its_grid(grid, at, expected):
+    """Token i of a row-major (rows, cols) grid is 1 at one coordinate: every token whose 3x3 neighbourhood holds
+    it gets 1/(tokens in that neighbourhood) there, the others 0."""
+    rows, cols = grid
+    tokens = torch.eye(rows * cols)[None]  # [1, P, H=P]: token i is the unit vector i
+    out = neighbourhoods(tokens, grid)[0]
+    r, c = at
+    near = [(i, j) for i in range(r - 1, r + 2) for j in range(c - 1, c + 2) if 0 <= i < rows and 0 <= j < cols]
+    assert len(near) == expected
+    np.testing.assert_allclose(out[r * cols + c].sum(), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(out[r * cols + c][[i * cols + j for i, j in near]], 1 / expected, rtol=1e-6)
+
+
+def test_a_method_may_be_a_function_given_the_row_major_grid(tiny_model):
+    """A wide pixel tensor (16 x 20 patches): the function gets that grid, and its scores land where it put them."""
+    seen = []
+
+    def one_patch(model, cls, patches, text, grid):
+        seen.append((patches.shape[1], grid))
+        scores = torch.zeros(patches.shape[:2])
+        scores[:, 3 * grid[1] + 17] = 1  # row 3, column 17
+        return scores
+
+    patch = tiny_model.image_encoder.patch_size
+    (heat,) = tiny_model.heatmap(torch.zeros(3, 16 * patch, 20 * patch), "a red circle", method=one_patch)
+    assert seen == [(16 * 20, (16, 20))]
+    row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    assert (row // patch, col // patch) == (3, 17)
 
 
 def test_pixels_give_maps_of_the_crop(tiny_model):

@@ -39,7 +39,7 @@ def _relative(script: str) -> str:
     return "/".join(parts[-2:]) if len(parts) >= 2 and parts[-2] == "benchmarks" else script
 
 
-def app_search_doc(bench: list[dict], first_query: dict | None, sources: list[str], notes: str) -> str:
+def app_search_doc(bench: list[dict], first_queries: list[dict], sources: list[str], notes: str) -> str:
     """The page: how each run was made, the machine, and every (scale, backend, request) row with one
     latency/recall column per run (one per fiftyone-brain version)."""
     import shlex
@@ -77,17 +77,19 @@ def app_search_doc(bench: list[dict], first_query: dict | None, sources: list[st
         for kind, label in APP_REQUESTS:
             cells = [_app_cell(runs.get((scale, backend, i)), kind) for i in range(len(bench))]
             out.append(f"| {scale:,} | {backend} | {label} | " + " | ".join(cells) + " |")
-    if first_query:
+    if first_queries:
+        first_query = first_queries[0]
         out += ["", "## The main job's first text query in Chromium", "",
                 "The README's main job (`quickstart --demo`), then `benchmarks/first_query.py` in its environment: "
                 "a fresh `python -m fiftyone_dinov2clip app`, the dataset's page in headless Chromium, "
                 f"{first_query['think_s']:g} s of typing, magnifier, {first_query['query']!r}, Enter → the run offers "
                 "*Show results* (the page's own clock). CI (`.ci/run`, step 2) fails past 9 s.", "",
-                f"- {first_query['date']}: **{first_query['enter_to_results_s']:.2f} s** (first result "
-                f"`{Path(first_query.get('first_result', '?')).name}`; load average (1 min) "
-                f"{first_query['load_at_start'][0]:.1f})", "",
-                "  ```bash", "  " + shlex.join(["python", _relative(first_query["command"][1]),
-                                                 *first_query["command"][2:]]), "  ```"]
+                "Each run, with its command:", ""]
+        for run in first_queries:
+            out += [f"- {run['date']}: **{run['enter_to_results_s']:.2f} s** (first result "
+                    f"`{Path(run.get('first_result', '?')).name}`; load average (1 min) {run['load_at_start'][0]:.1f})",
+                    "", "  ```bash", "  " + shlex.join(["python", _relative(run["command"][1]), *run["command"][2:]]),
+                    "  ```", ""]
     lscpu = bench[0]["machine"].get("lscpu", "").strip()
     out += ["", "## Machine (`lscpu`)", "", "```", *[line for line in lscpu.splitlines()
                                                     if not line.startswith(("Flags:", "Vulnerability"))], "```", ""]
@@ -100,19 +102,19 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="write a generated page from benchmark JSON")
     p.add_argument("--app-search", nargs="+", metavar=("OUT.md", "BENCH_APP.json"), required=True,
                    help="the page, then bench_app.py results (one per fiftyone-brain version, side by side)")
-    p.add_argument("--first-query", default=None, help="first_query.py's JSON (--out), for its section")
+    p.add_argument("--first-query", nargs="+", default=[], help="first_query.py's JSON (--out), one per run")
     p.add_argument("--notes", default=None, help="a markdown file on the conditions (a shared machine, how the "
                    "first query's database was started), inserted as it is")
     args = p.parse_args(argv)
     if len(args.app_search) < 2:
         p.error("--app-search needs the page and at least one bench_app.py JSON")
     page, sources = Path(args.app_search[0]), args.app_search[1:]
-    for s in sources + [f for f in (args.first_query, args.notes) if f]:
+    for s in sources + args.first_query + ([args.notes] if args.notes else []):
         if not Path(s).is_file():
             p.error(f"no such file: {s}")
     bench = [json.loads(Path(s).read_text()) for s in sources]
-    first = json.loads(Path(args.first_query).read_text()) if args.first_query else None
-    cli = [page.as_posix(), *sources] + (["--first-query", args.first_query] if args.first_query else []) + \
+    first = [json.loads(Path(f).read_text()) for f in args.first_query]
+    cli = [page.as_posix(), *sources] + (["--first-query", *args.first_query] if args.first_query else []) + \
         (["--notes", args.notes] if args.notes else [])
     text = app_search_doc(bench, first, cli, Path(args.notes).read_text() if args.notes else "")
     page.parent.mkdir(parents=True, exist_ok=True)

@@ -44,10 +44,11 @@ def app_search_doc(bench: list[dict], first_queries: list[dict], sources: list[s
     latency/recall column per run (one per fiftyone-brain version)."""
     import shlex
 
+    columns = list(dict.fromkeys(_brain(r) for r in bench))  # one per fiftyone-brain version, runs merged
     runs = {}
-    for i, results in enumerate(bench):
+    for results in bench:
         for r in results["runs"]:
-            runs[(r["scale"], r["backend"], i)] = r
+            runs[(r["scale"], r["backend"], _brain(results))] = r
     order = ["sklearn", "lancedb", "lancedb-ann"]  # bench_app.BACKENDS
     keys = sorted({(s, b) for s, b, _ in runs}, key=lambda k: (k[0], order.index(k[1]) if k[1] in order else 99, k[1]))
     k = bench[0]["runs"][0].get("recall_k", 25)
@@ -71,11 +72,11 @@ def app_search_doc(bench: list[dict], first_queries: list[dict], sources: list[s
             "vectors (numpy) for the same query vector (mean over the requests). `sklearn`, `lancedb`: FiftyOne's "
             "backends as dinov2clip builds them (exact); `lancedb-ann`: fiftyone-brain's LanceDB as it comes (0.27: "
             "an approximate IVF index from 2,048 rows; 0.25 has none: —).", "",
-            "| samples | backend | request | " + " | ".join(_brain(r) for r in bench) + " |",
-            "|---|---|---|" + "---|" * len(bench)]
+            "| samples | backend | request | " + " | ".join(columns) + " |",
+            "|---|---|---|" + "---|" * len(columns)]
     for scale, backend in keys:
         for kind, label in APP_REQUESTS:
-            cells = [_app_cell(runs.get((scale, backend, i)), kind) for i in range(len(bench))]
+            cells = [_app_cell(runs.get((scale, backend, column)), kind) for column in columns]
             out.append(f"| {scale:,} | {backend} | {label} | " + " | ".join(cells) + " |")
     if first_queries:
         first_query = first_queries[0]
@@ -85,11 +86,12 @@ def app_search_doc(bench: list[dict], first_queries: list[dict], sources: list[s
                 f"{first_query['think_s']:g} s of typing, magnifier, {first_query['query']!r}, Enter → the run offers "
                 "*Show results* (the page's own clock). CI (`.ci/run`, step 2) fails past 9 s.", "",
                 "Each run, with its command:", ""]
-        for run in first_queries:
+        for n, run in enumerate(first_queries):
+            out += [""] if n else []
             out += [f"- {run['date']}: **{run['enter_to_results_s']:.2f} s** (first result "
                     f"`{Path(run.get('first_result', '?')).name}`; load average (1 min) {run['load_at_start'][0]:.1f})",
                     "", "  ```bash", "  " + shlex.join(["python", _relative(run["command"][1]), *run["command"][2:]]),
-                    "  ```", ""]
+                    "  ```"]
     lscpu = bench[0]["machine"].get("lscpu", "").strip()
     out += ["", "## Machine (`lscpu`)", "", "```", *[line for line in lscpu.splitlines()
                                                     if not line.startswith(("Flags:", "Vulnerability"))], "```", ""]

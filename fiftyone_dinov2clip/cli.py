@@ -303,7 +303,7 @@ QUERY_IMPORTS = ("open_clip", "dinov2clip.factory", "fiftyone_dinov2clip.zoo", "
 def cmd_app(args):
     """FiftyOne's App server (`fiftyone.server.main.start_server`), ready for text queries: the execution store
     polled each second unless FIFTYONE_EXECUTION_STORE_POLL_INTERVAL_SECONDS is set (FiftyOne reads it when the
-    server imports), and what a text query imports imported before it serves."""
+    server imports), what a text query imports imported and the database connected before it serves."""
     import importlib
     import importlib.util
     import os
@@ -314,6 +314,11 @@ def cmd_app(args):
     for name in QUERY_IMPORTS:
         if importlib.util.find_spec(name) is not None:
             importlib.import_module(name)
+    import fiftyone as fo
+
+    # Connected before serving: where FiftyOne starts its own mongod (no database URI: the main job), a page's
+    # first requests arriving together started it concurrently and the App never showed the dataset.
+    fo.list_datasets()
     start_server(port=args.port, address=args.address)
 
 

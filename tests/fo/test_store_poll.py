@@ -1,7 +1,8 @@
 """The App server `quickstart` opens (`python -m fiftyone_dinov2clip app`), through FiftyOne's public settings
 only: FiftyOne's own mongod has no change streams, so FiftyOne's notification service polls the execution store
 (FIFTYONE_EXECUTION_STORE_POLL_INTERVAL_SECONDS, 5 s unless set) before the Similarity Search panel learns that a
-run finished; `app` sets it to 1 s unless the user set it, and imports what a text query needs before it serves.
+run finished; `app` sets it to 1 s unless the user set it, and imports what a text query needs and connects to the
+database before it serves.
 Real App servers; a probe plugin reports what the running server holds."""
 import json
 import os
@@ -117,3 +118,43 @@ def test_quickstart_refuses_a_port_in_use_in_one_line(dataset):
             cli.launch_app(dataset, "127.0.0.1", busy.server_port, wait=False)
     finally:
         busy.shutdown()
+
+
+def _first_requests_together(server: AppServer, n: int = 4) -> list[str]:
+    """`n` GraphQL requests sent at once to a server that has answered nothing else, as a page's first
+    requests arrive; what each got back (the data, or the error)."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"query": "query { n: estimatedDatasetCount }"}).encode()
+    got = [None] * n
+
+    def ask(i):
+        req = urllib.request.Request(server.url + "/graphql", data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                got[i] = json.loads(r.read()).get("data")
+        except (urllib.error.URLError, OSError) as e:
+            got[i] = f"{type(e).__name__}: {e}"
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return got
+
+
+def test_the_app_command_answers_a_pages_first_requests_where_fiftyone_starts_its_own_mongod(tmp_path):
+    """The main job's setting: no database URI, FiftyOne starts its mongod from FIFTYONE_DATABASE_DIR on first
+    use. FiftyOne's own server (`fiftyone.server.main`) answered a page's first requests arriving together with
+    an error after 30 s (the App then showed "No dataset selected"); `app` connects before it serves."""
+    env = {"FIFTYONE_DATABASE_URI": None, "FIFTYONE_PRIVATE_DATABASE_PORT": None,
+           "FIFTYONE_DATABASE_DIR": str(tmp_path / "db")}
+    server = AppServer(tmp_path / "app.log", env=env, module="fiftyone_dinov2clip app").wait(180)
+    try:
+        got = _first_requests_together(server)
+    finally:
+        server.stop()
+    assert all(isinstance(g, dict) and g.get("n") == 0 for g in got), f"{got}\n{server.tail()}"

@@ -148,10 +148,6 @@ def test_app_text_search_matches_python(dataset, app_server, driver, zoo_tiny, t
     shot = b.shot
     try:
         b.open_dataset(dataset.name)
-        # The page load registered the plugin in the server, which imports torch in the background before
-        # anyone types (most of a first query's wait otherwise); the typing here would not wait for it.
-        b.wait_for("the App server to import torch after the page loaded (the plugin's warm-up)",
-                   lambda _: "libtorch" in Path(f"/proc/{app_server.proc.pid}/maps").read_text(), 60)
         # The pixel reading works: the unsorted grid starts with the dataset's first image.
         b.wait_for(f"the unsorted grid's first tile to show {color_of[first_default]}",
                    lambda _: _nearest_color(b.first_tile_rgb())[0] == color_of[first_default], 15)

@@ -264,6 +264,13 @@ class ClipTextEncoder(nn.Module):
             if stored is not None and stored != clip_model.token_embedding.weight.dtype:
                 self.weights_dtype = stored
 
+    @property
+    def embed_dim(self) -> int:
+        proj = getattr(self.clip, "text_projection", None)
+        if isinstance(proj, nn.Linear):
+            return proj.out_features
+        return self.clip.text.output_dim if proj is None else proj.shape[1]
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if not self.fast:
             return self.clip.encode_text(tokens)

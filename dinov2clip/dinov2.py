@@ -48,6 +48,7 @@ class DinoV2Encoder(nn.Module):
         check_pooling(pooling)
         self.backbone = backbone
         self.pooling = pooling
+        self.kind = type(backbone).__name__
         self.num_register_tokens = int(getattr(backbone.config, "num_register_tokens", 0) or 0)
         self.patch_size = int(backbone.config.patch_size)
         self.hidden_size = int(backbone.config.hidden_size)

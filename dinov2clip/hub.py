@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import identity
 from .config import CONFIG_FILE, check_relative, read_config
 from .errors import UserError
 
@@ -52,7 +53,7 @@ def model_card(model_dir: Path, repo_id: str) -> str:
         f"| DINOv2 | `{d.get('origin') or d['source']}` ({d['pooling']} pooling) |",
         f"| CLIP text tower | `{c['model_name']}` / `{c.get('pretrained')}` |",
         f"| projector | {p['input_dim']}→{p['hidden_dim']}×{p['num_blocks']}→{p['output_dim']} |",
-        f"| embedding space fingerprint | `{config.fingerprint()}` |",
+        f"| embedding space fingerprint | `{identity.model(config, p.get('tensor_sha256'))}` |",
         f"| licence | {config.license} |",
         f"| format version | {config.format_version} |",
         "",

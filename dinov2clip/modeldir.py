@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from . import identity
 from .atomic import AtomicDir, write_json_atomic
 from .clip_text import (CLIP_CONFIG_FILE, CLIP_WEIGHTS_FILE, check_quickgelu, resolve_teacher, save_clip,
                         text_tensor_sha256)
@@ -68,7 +69,7 @@ def save_model_dir(config: ModelConfig, projector: ProjectorWithResiduals, out_d
                             **projector.config.to_dict(), "path": PROJECTOR_FILE, "tensor_sha256": digest}
         if extra is not None:
             extra(tmp, config)
-        config.projector["encoder_fingerprint"] = config.encoder_fingerprint()  # the encoders it is trained for
+        config.projector["encoder_fingerprint"] = identity.encoders(config)  # the encoders it is trained for
         finish_config(config, tmp)
     return Path(out_dir)
 
@@ -109,23 +110,21 @@ def convert_reference(checkpoint: str, out_dir: str, dinov2: str, pooling: str, 
 
 def bundle(source: str, out_dir: str, overwrite: bool = False) -> Path:
     """Any source → a self-contained directory (DINOv2, CLIP and projector inside) that loads offline."""
-    from .factory import build_clip, build_image_encoder, build_projector, resolve_source
+    from .factory import build, resolve_source
 
     config, root = resolve_source(source)
-    config = replace(config)
-    projector = build_projector(config, root)
-    encoder = build_image_encoder(config, root)
-    clip_model, _ = build_clip(config, root, keep_visual=True)
+    model = build(config, root, device="cpu", teacher=True)
     clip_cfg = _open_clip_cfg(config, root)
 
     def add_parts(tmp: Path, cfg: ModelConfig) -> None:
-        encoder.backbone.save_pretrained(tmp / "dinov2", safe_serialization=True)
-        save_clip(clip_model, clip_cfg, tmp / "clip")
+        model.image_encoder.backbone.save_pretrained(tmp / "dinov2", safe_serialization=True)
+        save_clip(model.teacher, clip_cfg, tmp / "clip")
         d, c = cfg.dinov2, cfg.clip
         cfg.dinov2 = {**d, "origin": d.get("origin") or _id(d["source"], d.get("revision")), "path": "dinov2"}
         cfg.clip = {**c, "origin": c.get("origin") or f"{c['model_name']}/{c.get('pretrained')}", "path": "clip"}
 
-    return save_model_dir(config, projector, Path(out_dir), overwrite, extra=add_parts)
+    found = replace(model.encoders.found_config(), projector=config.projector)
+    return save_model_dir(found, model.projector, Path(out_dir), overwrite, extra=add_parts)
 
 
 def _id(source: str, revision: str | None) -> str:

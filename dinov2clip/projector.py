@@ -48,6 +48,9 @@ class ProjectorWithResiduals(nn.Module):
         if hidden_dim % 2:
             raise ValueError(f"hidden_dim must be even, got {hidden_dim}")
         self.config = ProjectorConfig(input_dim, output_dim, hidden_dim, num_blocks)
+        # The unit's identity, set by the factory that loads it: its weights' `tensor_sha256` and the encoder
+        # fingerprint it was trained for (None: not recorded).
+        self.sha256 = self.trained_for = None
         self.input_proj = nn.Linear(input_dim, hidden_dim)
         self.residual_blocks = nn.ModuleList(ResidualBlock(hidden_dim) for _ in range(num_blocks))
         self.hidden_norm = nn.LayerNorm(hidden_dim)

@@ -10,6 +10,7 @@ from pathlib import Path
 from dinov2clip.atomic import AtomicDir
 from dinov2clip.cli import positive_int, run
 from dinov2clip.errors import UserError
+from dinov2clip.identity import known_model
 from dinov2clip.formats import IMAGE_EXTENSIONS, is_image_name
 from dinov2clip.presets import PRESETS
 
@@ -111,7 +112,7 @@ def derived_name(spec: str) -> str:
              if p not in ("/", ".", "..")]
     base = "-".join(parts[-2:] if parts and parts[-1] == "model" else parts[-1:]) or "model"
     base = "".join(c if c.isalnum() or c in "_-" else "-" for c in base)
-    content = config.known_fingerprint() or hashlib.sha256(spec.encode()).hexdigest()
+    content = known_model(config) or hashlib.sha256(spec.encode()).hexdigest()
     return f"{registry.PRESET_PREFIX}{base}-{content[:10]}"
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dinov2clip import identity
 from dinov2clip.errors import UserError
 
 from . import quality as q
@@ -117,12 +118,11 @@ def feature_dir(source: str, device: str | None, dtype: str, cache: Path | None)
     from dinov2clip.model import default_device, resolve_dtype
     from dinov2clip.sources import cache_dir
 
-    from .precompute import source_fingerprint
 
     kind = torch.device(device or default_device()).type
     resolved = str(resolve_dtype(dtype, kind)).removeprefix("torch.")
     root = Path(cache) if cache else cache_dir() / "fit"
-    return root / "features" / f"{source_fingerprint(source)[:24]}-{kind}-{resolved}-v{FIT_VERSION}"
+    return root / "features" / f"{identity.of_source(source)[:24]}-{kind}-{resolved}-v{FIT_VERSION}"
 
 
 class Encoding:
@@ -177,7 +177,8 @@ def encode_shards(urls: list[str], features: Path, encoding: Encoding, val_perce
     import fsspec
     from tqdm.auto import tqdm
 
-    from .precompute import IMAGE_EXTS, UnreadableShard, clean_partial, is_done, read_samples
+    from .precompute import IMAGE_EXTS, UnreadableShard, read_samples
+    from .shards import clean_partial, is_done
 
     def side_of(sample) -> str:
         data = next((sample[e] for e in IMAGE_EXTS if e in sample), b"")
@@ -219,7 +220,7 @@ def encode_chunks(hashes: list[str], features: Path, name_of, write, desc: str, 
     by `write(name, members, bar)` (a killed writer's temporaries removed first); returns every chunk's name."""
     from tqdm.auto import tqdm
 
-    from .precompute import clean_partial, is_done
+    from .shards import clean_partial, is_done
 
     todo = [(name_of(c), c) for c in chunks(hashes)]
     clean_partial(features, [n for n, _ in todo])
@@ -328,9 +329,9 @@ def fit(inputs, model: str, out, *, init: str | None = None, from_scratch: bool 
                         f"{', '.join(map(str, inputs))}" + (f" ({len(images.unreadable)} unreadable)"
                                                            if images.unreadable else ""))
     start, start_model = resolve_init(model, init, from_scratch)
-    if start_model is not None and start_model.config.encoder_fingerprint() != config.encoder_fingerprint():
-        raise UserError(f"--init {start} was trained for encoders {start_model.config.encoders_label()}, "
-                        f"{model} has {config.encoders_label()}: its projector does not fit them")
+    if start_model is not None and start_model.encoder_fingerprint != identity.encoders(config):
+        raise UserError(f"--init {start} was trained for encoders {identity.label(start_model.config)}, "
+                        f"{model} has {identity.label(config)}: its projector does not fit them")
     train_hashes, val_hashes = split(images, val_percent)
     features = feature_dir(model, device, dtype, cache)
     encoding = Encoding(model, device, dtype, encode_batch_size, workers, progress)
@@ -347,7 +348,7 @@ def fit(inputs, model: str, out, *, init: str | None = None, from_scratch: bool 
 
     recipe = {"version": FIT_VERSION, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
               "hidden_dim": hidden_dim, "num_blocks": num_blocks, "pooling": pooling, "val_percent": val_percent,
-              "init": start, "init_projector": start_model and start_model.config.projector.get("tensor_sha256")}
+              "init": start, "init_projector": start_model and start_model.projector.sha256}
     trained = train_stage(features, train_names, val_names, recipe, start_model, model, device, progress)
     after, before = held_out_quality(trained, model, images, val_hashes, start_model, queries, template, labels)
     counts = {"images_given": images.given, "distinct": len(images.paths), "from_shards": from_shards,
@@ -472,7 +473,7 @@ def export(trained: Path, out: Path, record: dict, parts: Path | None = None) ->
 
 def kept_rows(split_dir: Path) -> list[str]:
     """The content hashes of the rows of a split, in EmbeddingSet's row order (shard name, then row)."""
-    from .precompute import TEXT
+    from .shards import TEXT
 
     out = []
     for shard in sorted((split_dir / "shards").iterdir()):

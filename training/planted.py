@@ -155,7 +155,7 @@ def fit_path(out: Path, sets: dict, hidden: int, num_blocks: int, epochs: int, b
     """The planted train and val pairs as `fit` stores images (no captions), trained by `fit`'s train stage
     (MSE, the epoch selected on image↔teacher recall); returns its training run directory."""
     from .fit import train_stage
-    from .precompute import write_shard
+    from .shards import write_shard
 
     features = out / "fit" / "features" / "planted"
     names = {}

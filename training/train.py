@@ -218,7 +218,9 @@ def _settings(config: dict) -> dict:
 def check_same_encoders(cfg: TrainConfig, train_data: EmbeddingSet) -> None:
     """train, val and test (and an explicit --model-source) must come from one encoder: a projector trained
     on one space and judged or exported on another would be meaningless."""
-    from .precompute import check_one_encoder, fingerprints, source_fingerprint
+    from dinov2clip import identity
+
+    from .shards import check_one_encoder, fingerprints
 
     want = train_data.encoder_fingerprint
     for split, dirs in (("val", cfg.val), ("test", cfg.test)):
@@ -230,7 +232,7 @@ def check_same_encoders(cfg: TrainConfig, train_data: EmbeddingSet) -> None:
         if got and got != want:
             raise UserError(f"--{split} shards come from encoders {got[:12]}, --train shards from {want[:12]}: "
                             "precompute every split with the same model")
-    if cfg.model_source and (got := source_fingerprint(cfg.model_source)) != want:
+    if cfg.model_source and (got := identity.of_source(cfg.model_source)) != want:
         raise UserError(f"--model-source {cfg.model_source} has encoders {got[:12]}, the training shards "
                         f"{want[:12]}: the exported model would not match its projector")
 

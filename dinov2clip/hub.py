@@ -6,7 +6,7 @@ from pathlib import Path
 
 from . import identity
 from .config import CONFIG_FILE, check_relative, read_config
-from .errors import UserError
+from .errors import UserError, first_line
 
 CARD_FILE = "README.md"
 
@@ -102,5 +102,5 @@ def push(model_dir: str, repo_id: str, private: bool = False, token: str | None 
         info = api.create_commit(repo_id, operations=ops, commit_message="Upload dinov2clip model")
     except Exception as e:
         raise UserError(f"cannot push to hf-hub:{repo_id} ({type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+                        f"{first_line(e)})") from None
     return str(getattr(info, "commit_url", info))

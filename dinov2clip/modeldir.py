@@ -13,7 +13,7 @@ from .clip_text import (CLIP_CONFIG_FILE, CLIP_WEIGHTS_FILE, check_quickgelu, re
                         text_tensor_sha256)
 from .config import CONFIG_FILE, FORMAT_VERSION, PROJECTOR_FILE, ModelConfig, file_sha256, read_config, tensor_sha256
 from .dinov2 import check_pooling, pooled_dim, resolve_dinov2_source
-from .errors import UserError
+from .errors import UserError, first_line
 from .projector import ProjectorWithResiduals, load_projector
 
 TINY_LICENSE = "Apache-2.0 (random weights, for tests and demos only)"
@@ -89,7 +89,7 @@ def convert_reference(checkpoint: str, out_dir: str, dinov2: str, pooling: str, 
         hidden = AutoConfig.from_pretrained(dinov2, trust_remote_code=False).hidden_size
     except OSError as e:
         raise UserError(f"cannot read the DINOv2 config of {dinov2!r} to check dims: "
-                        f"{str(e).strip().splitlines()[0]}") from None
+                        f"{first_line(e)}") from None
     clip_cfg = open_clip.get_model_config(clip_name)
     if clip_cfg is None:
         raise UserError(f"unknown open_clip model {clip_name!r}")

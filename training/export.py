@@ -3,7 +3,6 @@ model directory it is exported as (encoders of the training data + this projecto
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -11,11 +10,9 @@ from dinov2clip.atomic import atomic_path, write_json_atomic
 from dinov2clip.errors import UserError
 from dinov2clip.projector import ProjectorWithResiduals
 
+from .config import TrainConfig
 from .data import EmbeddingSet
 from .validation import evaluate_split, judged_on_karpathy, load_split, teacher_recall
-
-if TYPE_CHECKING:
-    from .train import TrainConfig
 
 
 def write_metrics(out: Path, history: list, cfg: TrainConfig) -> None:

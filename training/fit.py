@@ -376,7 +376,8 @@ def train_stage(features: Path, train_names: list[str], val_names: list[str], re
     """The train stage (MSE only, the best validation epoch selected) over cached shards `features`/`names`, in
     a run directory named by the recipe and the shards, so a killed run resumes from its last epoch.
     `model_source` is what the trained model directory is built from ("" : the shards' recorded config)."""
-    from .train import TrainConfig, train
+    from .config import TrainConfig
+    from .train import train
 
     run_key = hashlib.sha256(json.dumps({"recipe": recipe, "train": train_names, "val": val_names,
                                          "features": features.name}, sort_keys=True).encode()).hexdigest()[:24]

@@ -77,7 +77,8 @@ def load_config(spec, overrides=()) -> dict:
 
 def run_pipeline(cfg: dict, output, progress: bool = True) -> dict:
     from .precompute import precompute
-    from .train import TrainConfig, train
+    from .config import TrainConfig
+    from .train import train
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)

@@ -3,18 +3,15 @@ selects the epoch. Evaluated with the projector being trained on precomputed fea
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from dinov2clip.errors import UserError
 
+from .config import TrainConfig
 from .data import EmbeddingSet
 from .metrics import retrieval_recall
-
-if TYPE_CHECKING:
-    from .train import TrainConfig
 
 
 def load_split(dirs, cfg: TrainConfig, device) -> EmbeddingSet:

@@ -5,14 +5,15 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from .atomic import atomic_path
 from .errors import ImageError, UserError
-from .formats import is_image_name
+from .formats import images_under
+from .preprocess import BACKGROUND, load_rgb
 
 FILE_FORMAT = "dinov2clip-embeddings/1"
 
@@ -23,8 +24,7 @@ def expand_images(inputs: Iterable[str]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            # a broken symlink is kept: reading it fails, and it is named and counted like any unreadable image
-            out += sorted(p for p in path.rglob("*") if is_image_name(p.name) and (p.is_file() or p.is_symlink()))
+            out += images_under(path)
         elif path.is_file():
             out.append(path)
         else:
@@ -32,13 +32,20 @@ def expand_images(inputs: Iterable[str]) -> list[Path]:
     return out
 
 
-def iter_pixel_batches(preprocess, items: list, batch_size: int, workers: int = 0) -> Iterator[tuple]:
-    """Yield (indices, pixels, failures) per batch; a bad image fails alone, never its batch.
+def iter_pixel_batches(transforms: Callable | Mapping[str, Callable], items: Sequence, batch_size: int,
+                       workers: int = 0, background: tuple = BACKGROUND) -> Iterator[tuple]:
+    """The one image loop: each item (path, bytes, PIL image) decoded once (`load_rgb`: EXIF orientation, RGB
+    over `background`) and given to `transforms` (one callable, or several by name: e.g. DINOv2's and the
+    teacher's), in batches. Yields (indices, pixels, failures) per batch: pixels stacked (a dict of them for
+    several transforms; None when the whole batch failed), failures a list of (index, message): a bad image
+    fails alone, never its batch. Decoding runs on `workers` threads: PIL releases the GIL."""
+    several = isinstance(transforms, Mapping)
+    named = transforms if several else {None: transforms}
 
-    failures is a list of (index, message). Decoding runs on threads: PIL releases the GIL."""
     def one(i):
         try:
-            return i, preprocess(items[i]), None
+            image = load_rgb(items[i], background)
+            return i, {name: transform(image) for name, transform in named.items()}, None
         except ImageError as e:
             return i, None, str(e)
 
@@ -49,8 +56,8 @@ def iter_pixel_batches(preprocess, items: list, batch_size: int, workers: int = 
             results = list(pool.map(one, idx)) if pool else [one(i) for i in idx]
             ok = [(i, t) for i, t, err in results if err is None]
             failures = [(i, err) for i, _, err in results if err is not None]
-            pixels = torch.stack([t for _, t in ok]) if ok else None
-            yield [i for i, _ in ok], pixels, failures
+            pixels = {name: torch.stack([t[name] for _, t in ok]) for name in named} if ok else None
+            yield [i for i, _ in ok], pixels if several or pixels is None else pixels[None], failures
     finally:
         if pool:
             pool.shutdown()
@@ -65,7 +72,8 @@ def embed_files(model, paths: list[Path], batch_size: int | None = None, workers
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     embs, kept, failures = [], [], []
     with tqdm(total=len(paths), desc="embed", unit="img", disable=not progress) as bar:
-        for idx, pixels, failed in iter_pixel_batches(model.preprocess, paths, batch_size, workers):
+        for idx, pixels, failed in iter_pixel_batches(model.preprocess, paths, batch_size, workers,
+                                                      model.preprocess.config.background):
             if pixels is not None:
                 embs.append(model.encode_image(pixels, batch_size=batch_size))
                 kept += [paths[i] for i in idx]

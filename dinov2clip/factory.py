@@ -92,9 +92,37 @@ def _local(root: Path | None, section: dict, where: str) -> Path | None:
     return root / check_relative(rel, where)
 
 
+class ProcessCache:
+    """What a process builds once and reuses, the `size` most recently used kept, shared by its threads (App
+    request threads build models concurrently): `get(key, make)` makes a missing value once, under the lock.
+    A None key (content that cannot be keyed) is made every time, never cached."""
+
+    def __init__(self, size: int):
+        self.size, self._items, self._lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key, make):
+        if key is None:
+            return make()
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            value = self._items[key] = make()
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+            return value
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
 # Hashes of weight files already read in this process, by `file_version`: a file is hashed once per process
 # unless it changes on disk (a long-lived App server builds a model per request).
-_FILE_HASHES: dict[tuple, str] = {}
+_FILE_HASHES = ProcessCache(64)
 
 
 def file_version(path: Path, st: os.stat_result | None = None) -> tuple:
@@ -118,21 +146,14 @@ def read_verified(root: Path, config: ModelConfig, rel: str) -> bytes:
     expected = config.weights_sha256.get(rel)
     if expected is None:
         return data
-    digest = _FILE_HASHES.get(before) if unchanged else None
-    if digest is None:
-        digest = hashlib.sha256(data).hexdigest()
-        if unchanged:
-            _FILE_HASHES[before] = digest
+    digest = _FILE_HASHES.get(before if unchanged else None, lambda: hashlib.sha256(data).hexdigest())
     if digest != expected:
         raise UserError(f"{root}: {rel} does not match its sha256 in config.json (corrupt or edited)")
     return data
 
 
 def verified_sha256(path: Path) -> str:
-    key = file_version(path)
-    if key not in _FILE_HASHES:
-        _FILE_HASHES[key] = file_sha256(path)
-    return _FILE_HASHES[key]
+    return _FILE_HASHES.get(file_version(path), lambda: file_sha256(path))
 
 
 def _part_files(config: ModelConfig, prefix: str) -> dict[str, str]:
@@ -202,8 +223,7 @@ def build_image_encoder(config: ModelConfig, root: Path | None) -> DinoV2Encoder
 
 # CLIP text towers built in this process, most recent last (see `build_clip`).
 TEXT_TOWER_CACHE_SIZE = 2
-_TEXT_TOWERS: OrderedDict[str, tuple] = OrderedDict()
-_TEXT_TOWERS_LOCK = threading.Lock()
+_TEXT_TOWERS = ProcessCache(TEXT_TOWER_CACHE_SIZE)
 
 
 def build_clip(config: ModelConfig, root: Path | None, keep_visual: bool = False, device: str | None = None,
@@ -215,20 +235,15 @@ def build_clip(config: ModelConfig, root: Path | None, keep_visual: bool = False
     weights in the dtype autocast runs them in (`store_matmul_weights`: same outputs, faster)."""
     local = _local(root, config.clip, "clip")
     dtype = resolve_dtype(dtype, torch.device(device or default_device()).type)
-    key = None if keep_visual else _text_tower_key(config, root, local, device, dtype)
-    with _TEXT_TOWERS_LOCK:  # App request threads build models concurrently: one build per tower
-        if key in _TEXT_TOWERS:
-            _TEXT_TOWERS.move_to_end(key)
-            return _TEXT_TOWERS[key]
+
+    def read():
         clip_model, tokenizer = _read_clip(config, root, local, keep_visual)
         if not keep_visual:
             clip_model.visual = None  # only the text tower is needed for queries
             store_matmul_weights(clip_model, dtype)
-        if key is not None:
-            _TEXT_TOWERS[key] = (clip_model.eval(), tokenizer)
-            while len(_TEXT_TOWERS) > TEXT_TOWER_CACHE_SIZE:
-                _TEXT_TOWERS.popitem(last=False)
-    return clip_model, tokenizer
+        return clip_model.eval(), tokenizer
+
+    return _TEXT_TOWERS.get(None if keep_visual else _text_tower_key(config, root, local, device, dtype), read)
 
 
 def _text_tower_key(config: ModelConfig, root: Path | None, local: Path | None, device: str | None,

@@ -11,7 +11,7 @@ from dinov2clip.atomic import AtomicDir
 from dinov2clip.cli import positive_int, run
 from dinov2clip.errors import UserError
 from dinov2clip.identity import known_model
-from dinov2clip.formats import IMAGE_EXTENSIONS, is_image_name
+from dinov2clip.formats import IMAGE_EXTENSIONS, images_under
 from dinov2clip.presets import PRESETS
 
 from . import registry
@@ -119,7 +119,7 @@ def derived_name(spec: str) -> str:
 def images_in(folder: Path) -> list[str]:
     # a broken symlink is kept: it becomes a sample whose image fails, named and counted like any other
     return sorted(str(p.absolute()) if p.is_symlink() and not p.exists() else str(p.resolve())
-                  for p in folder.rglob("*") if is_image_name(p.name) and (p.is_file() or p.is_symlink()))
+                  for p in images_under(folder))
 
 
 def check_target(target: str) -> list[str] | None:

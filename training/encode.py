@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -24,9 +23,8 @@ import numpy as np
 import torch
 
 from dinov2clip import identity
-from dinov2clip.embed import load_embeddings, save_embeddings
+from dinov2clip.embed import iter_pixel_batches, load_embeddings, save_embeddings
 from dinov2clip.errors import ImageError, UserError
-from dinov2clip.preprocess import load_rgb
 
 from .datasets import RetrievalSet
 
@@ -149,36 +147,24 @@ def embed_set(models, ds: RetrievalSet, cache: EmbeddingCache, skip_unreadable: 
 
 
 def _image_pass(ds: RetrievalSet, towers: dict, batch_size: int, skip: bool, workers: int | None, progress: bool):
-    """Decode each image once, run every tower on it. A bad image fails alone, never its batch; without
-    `skip` the first one stops the run at once."""
+    """Decode each image once (the core's image loop), run every tower on it. A bad image fails alone, never
+    its batch; without `skip` the first one stops the run at once."""
     from tqdm.auto import tqdm
-
-    def prepare(i):
-        try:
-            image = load_rgb(ds.images[i])
-            return i, {part: transform(image) for part, (transform, _) in towers.items()}, None
-        except ImageError as e:
-            return i, None, str(e)
 
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     out = {part: [None] * len(ds.images) for part in towers}
     failed: dict[int, str] = {}
-    with ThreadPoolExecutor(max(1, workers)) as pool, \
-            tqdm(total=len(ds.images), desc=f"embed {ds.name} images", unit="img", disable=not progress) as bar:
-        for start in range(0, len(ds.images), batch_size):
-            results = list(pool.map(prepare, range(start, min(start + batch_size, len(ds.images)))))
-            for i, _, err in results:
-                if err is not None:
-                    if not skip:
-                        raise UserError(f"{ds.annotation_file}: {ds.entries[i]}: {err}; pass --skip-missing to skip it")
-                    failed[i] = err
-            ok = [(i, pix) for i, pix, err in results if err is None]
-            for part, (_, encode) in towers.items():
-                if ok:
-                    emb = encode(torch.stack([pix[part] for _, pix in ok])).float().cpu().numpy()
-                    for (i, _), row in zip(ok, emb):
-                        out[part][i] = row
-            bar.update(len(results))
+    transforms = {part: transform for part, (transform, _) in towers.items()}
+    with tqdm(total=len(ds.images), desc=f"embed {ds.name} images", unit="img", disable=not progress) as bar:
+        for idx, pixels, failures in iter_pixel_batches(transforms, ds.images, batch_size, max(1, workers)):
+            for i, err in failures:
+                if not skip:
+                    raise UserError(f"{ds.annotation_file}: {ds.entries[i]}: {err}; pass --skip-missing to skip it")
+                failed[i] = err
+            for part, (_, encode) in towers.items() if pixels is not None else ():
+                for i, row in zip(idx, encode(pixels[part]).float().cpu().numpy()):
+                    out[part][i] = row
+            bar.update(len(idx) + len(failures))
     arrays = {}
     for part, rows in out.items():
         dim = next((r.shape[0] for r in rows if r is not None), 0)

@@ -103,13 +103,10 @@ class Teacher:
         """(indices embedded, their teacher embeddings, index → why for the images that could not be read),
         through the core's per-image batch loop: a bad image fails alone."""
         from dinov2clip.embed import iter_pixel_batches
-        from dinov2clip.preprocess import load_rgb
 
         enc = self.load()
-        transform = enc.teacher_transform
         kept, embs, failed = [], [], {}
-        for idx, pixels, failures in iter_pixel_batches(lambda p: transform(load_rgb(p)), paths, self.batch_size,
-                                                        self.workers):
+        for idx, pixels, failures in iter_pixel_batches(enc.teacher_transform, paths, self.batch_size, self.workers):
             failed.update(dict(failures))
             if pixels is not None:
                 kept += idx

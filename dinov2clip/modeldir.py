@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from . import identity
 from .atomic import AtomicDir, write_json_atomic
 from .clip_text import (CLIP_CONFIG_FILE, CLIP_WEIGHTS_FILE, check_quickgelu, resolve_teacher, save_clip,
                         text_tensor_sha256)
-from .config import CONFIG_FILE, FORMAT_VERSION, PROJECTOR_FILE, ModelConfig, file_sha256, read_config, tensor_sha256
+from .config import (CONFIG_FILE, FORMAT_VERSION, PROJECTOR_FILE, ModelConfig, check_relative, file_sha256, read_config,
+                     tensor_sha256)
 from .dinov2 import check_pooling, pooled_dim, resolve_dinov2_source
 from .errors import UserError, first_line
 from .projector import ProjectorWithResiduals, load_projector
@@ -59,14 +61,17 @@ def finish_config(config: ModelConfig, root: Path) -> None:
 
 
 def save_model_dir(config: ModelConfig, projector: ProjectorWithResiduals, out_dir: Path,
-                   overwrite: bool = False, extra=None) -> Path:
-    """A model directory that references its DINOv2/CLIP sources and ships its own projector.
-    `extra(tmp_dir, config)` may add bundled parts before hashes are recorded."""
+                   overwrite: bool = False, extra=None, parts: Path | None = None) -> Path:
+    """A model directory that references its DINOv2/CLIP sources and ships its own projector. The towers the
+    config bundles (its `path`s) are copied from `parts`; `extra(tmp_dir, config)` may add others, before
+    hashes are recorded."""
     config = replace(config)
     with AtomicDir(out_dir, overwrite, is_ours=is_model_dir, what="model directory") as tmp:
         digest = write_projector(projector, tmp / PROJECTOR_FILE)
         config.projector = {**{k: v for k, v in config.projector.items() if k != "source"},
                             **projector.config.to_dict(), "path": PROJECTOR_FILE, "tensor_sha256": digest}
+        for rel in (s["path"] for s in (config.dinov2, config.clip) if s.get("path") and parts is not None):
+            shutil.copytree(parts / check_relative(rel, f"model source {parts}"), tmp / rel)
         if extra is not None:
             extra(tmp, config)
         config.projector["encoder_fingerprint"] = identity.encoders(config)  # the encoders it is trained for

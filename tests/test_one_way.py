@@ -45,6 +45,24 @@ def test_one_decode_feeds_several_transforms_and_a_bad_image_fails_alone(tmp_pat
     assert one[0][:2] == ([], None) and len(one[0][2]) == 2 and one[1][1].tolist() == [[10, 20]]
 
 
+def test_a_stream_is_read_a_batch_ahead_not_whole(tmp_path):
+    path = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(path)
+    pulled = []
+
+    def stream():
+        for i in range(1000):
+            pulled.append(i)
+            yield path
+
+    batches = iter_pixel_batches(_size, stream(), batch_size=4, workers=2)
+    idx, pixels, _ = next(batches)
+    assert idx == [0, 1, 2, 3] and len(pixels) == 4 and len(pulled) <= 8  # this batch and the one decoding ahead
+    idx, _, _ = next(batches)
+    assert idx == [4, 5, 6, 7]
+    batches.close()
+
+
 def test_folder_walker_keeps_broken_links_and_sorts(tmp_path):
     (tmp_path / "b").mkdir()
     for name in ("b/2.JPG", "a.png", "notes.txt"):

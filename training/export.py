@@ -75,9 +75,7 @@ def git_sha() -> str | None:
 def export_model(cfg: TrainConfig, projector, train_data: EmbeddingSet, metrics: dict, best: dict, out_dir: Path,
                  selected_on: str = "val"):
     """A dinov2clip model directory: the precompute's DINOv2 + CLIP (bundled copies kept), this projector."""
-    import shutil
-
-    from dinov2clip.config import ModelConfig, check_relative
+    from dinov2clip.config import ModelConfig
     from dinov2clip.factory import resolve_source
     from dinov2clip.modeldir import save_model_dir
 
@@ -100,11 +98,4 @@ def export_model(cfg: TrainConfig, projector, train_data: EmbeddingSet, metrics:
         "metrics": metrics, "base_model": str(source),
         **({"demo": base.provenance["demo"]} if base.provenance.get("demo") else {}),  # random towers stay a demo
     }
-
-    def copy_parts(tmp: Path, config) -> None:
-        for section in (config.dinov2, config.clip):
-            rel = section.get("path")
-            if rel and root is not None:
-                shutil.copytree(root / check_relative(rel, "model source"), tmp / rel)
-
-    return save_model_dir(base, projector, out_dir, overwrite=True, extra=copy_parts)
+    return save_model_dir(base, projector, out_dir, overwrite=True, parts=root)

@@ -452,24 +452,15 @@ def check_out(out, overwrite: bool) -> None:
 def export(trained: Path, out: Path, record: dict, parts: Path | None = None) -> Path:
     """The trained model directory, with `record` in its provenance, written to `out` (atomically); its bundled
     towers are copied from `parts` (default: the trained directory)."""
-    import shutil
-
-    from dinov2clip.config import check_relative, read_config
+    from dinov2clip.config import read_config
     from dinov2clip.modeldir import save_model_dir
     from dinov2clip.projector import load_projector
 
     config = read_config(trained)
     config.provenance = {**config.provenance, "recipe": "fit (training.run fit)", "fit": record}
-
-    def copy_parts(tmp: Path, cfg) -> None:
-        for section in (cfg.dinov2, cfg.clip):
-            rel = section.get("path")
-            if rel:
-                shutil.copytree((parts or trained) / check_relative(rel, "fitted model"), tmp / rel)
-
     config.weights_sha256 = {}
     config.projector = {k: v for k, v in config.projector.items() if k not in ("tensor_sha256", "path")}
-    return save_model_dir(config, load_projector(trained), out, overwrite=True, extra=copy_parts)
+    return save_model_dir(config, load_projector(trained), out, overwrite=True, parts=parts or trained)
 
 
 def kept_rows(split_dir: Path) -> list[str]:

@@ -23,7 +23,6 @@ import shutil
 import sys
 import tarfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 from dinov2clip import identity
-from dinov2clip.errors import ImageError, UserError
+from dinov2clip.errors import UserError
 from dinov2clip.formats import IMAGE_EXTENSIONS
 
 from .shards import META, clean_partial, encoders_record, fingerprints, is_done, write_shard
@@ -160,90 +159,49 @@ def precompute_shard(enc, url: str, out_dir, batch_size: int = 64, workers: int 
     `samples` (dicts in `read_samples`' layout) replaces reading `url`, and `name` names the shard: `fit`
     gives image files this way. `captioned=False`: images alone (`fit`'s MSE needs no caption); clip_text is
     then zeros and the meta says so."""
-    from dinov2clip.preprocess import load_rgb
+    from dinov2clip.embed import iter_pixel_batches
 
-    model = enc
-    keys, captions, parts, skipped = [], [], {k: [] for k in ("dinov2_cls", "dinov2_patch_mean", "clip_image")}, {}
-    num_patches = None
+    found, kept, skipped = [], [], {}  # (key, caption) of each sample with an image; rows kept; key → why not
+    parts, num_patches = {k: [] for k in ("dinov2_cls", "dinov2_patch_mean", "clip_image")}, 0
 
-    def decode(sample):
-        key = sample["__key__"]
-        caption = caption_of(sample)
-        data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
-        if data is None:
-            return key, None, None, "no image"
-        if caption is None and captioned:
-            return key, None, None, "no caption"
-        caption = bound_caption(caption or "")
-        try:
-            image = load_rgb(data)
-            return key, caption, (model.preprocess(image), enc.teacher_transform(image)), None
-        except ImageError as e:
-            return key, None, None, str(e)
-        except Exception as e:  # a decoder's own error on corrupt bytes
-            return key, None, None, f"{type(e).__name__}: {e}"
-
-    def flush(batch):
-        nonlocal num_patches
-        out = encode_images(enc, torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch]))
-        num_patches = out.pop("num_patches")
-        for k, v in out.items():
-            parts[k].append(v.numpy())
-
-    try:
-        samples = read_samples(url) if samples is None else samples
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            pending: list = []  # decoded pixels waiting for a full batch
-            decoding = None  # the full chunk the threads decode while the model runs on the one before
-            chunk: list = []
-
-            def collect(chunk_results, size):
-                pending.extend(_collect_chunk(chunk_results, keys, captions, skipped))
-                if len(pending) >= batch_size:
-                    flush(pending[:batch_size])
-                    del pending[:batch_size]
+    def images(samples):
+        for sample in samples:
+            key, caption = sample["__key__"], caption_of(sample)
+            data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+            if data is None or (caption is None and captioned):
+                skipped[key] = "no image" if data is None else "no caption"
                 if bar is not None:
-                    bar.update(size)
+                    bar.update(1)
+                continue
+            found.append((key, bound_caption(caption or "")))
+            yield data
 
-            for sample in samples:
-                chunk.append(sample)
-                if len(chunk) == batch_size:
-                    submitted = pool.map(decode, chunk)  # starts decoding now
-                    if decoding is not None:
-                        collect(decoding, batch_size)
-                    decoding, chunk = submitted, []
-            if decoding is not None:
-                collect(decoding, batch_size)
-            collect(pool.map(decode, chunk), len(chunk))
-            for i in range(0, len(pending), batch_size):
-                flush(pending[i:i + batch_size])
+    transforms = {"dinov2": enc.preprocess, "teacher": enc.teacher_transform}
+    try:  # the core's image loop: decoded once for both towers, a chunk ahead of the model
+        stream = images(read_samples(url) if samples is None else samples)
+        for idx, pixels, failures in iter_pixel_batches(transforms, stream, batch_size, max(1, workers)):
+            skipped.update((found[i][0], why) for i, why in failures)
+            if pixels is not None:
+                out = encode_images(enc, pixels["dinov2"], pixels["teacher"])
+                num_patches = out.pop("num_patches")
+                for k, v in out.items():
+                    parts[k].append(v.numpy())
+                kept += idx
+            if bar is not None:
+                bar.update(len(idx) + len(failures))
     except (OSError, tarfile.TarError, EOFError) as e:
         raise UnreadableShard(f"unreadable shard {url}: {type(e).__name__}: {e}") from None
-    dim_d = model.image_encoder.hidden_size
-    arrays = {k: (np.concatenate(v) if v else np.zeros((0, dim_d if "dinov2" in k else model.embed_dim), np.float32))
+    keys, captions = [found[i][0] for i in kept], [found[i][1] for i in kept]
+    dim_d = enc.image_encoder.hidden_size
+    arrays = {k: (np.concatenate(v) if v else np.zeros((0, dim_d if "dinov2" in k else enc.embed_dim), np.float32))
               for k, v in parts.items()}
-    arrays["clip_text"] = (model.encode_text(captions).numpy() if captions and captioned
-                           else np.zeros((len(captions), model.embed_dim), np.float32))
-    if num_patches is None:
-        num_patches = 0
-    meta = {"source": url, "num_patches": int(num_patches), "num_register_tokens": model.image_encoder.num_register_tokens,
+    arrays["clip_text"] = (enc.encode_text(captions).numpy() if captions and captioned
+                           else np.zeros((len(captions), enc.embed_dim), np.float32))
+    meta = {"source": url, "num_patches": int(num_patches), "num_register_tokens": enc.image_encoder.num_register_tokens,
             "skipped": len(skipped), "skipped_keys": skipped, "encoders": encoders_record(enc, source or ""),
             "captioned": captioned, "captions_cut": sum(c.endswith(CUT_MARK) for c in captions)}
     write_shard(out_dir, name or shard_name(url), arrays, keys, captions, meta)
     return meta
-
-
-def _collect_chunk(results, keys, captions, skipped) -> list:
-    """One decoded chunk, in order: keys and captions of the good samples recorded, bad ones counted."""
-    ok = []
-    for key, caption, pixels, err in results:
-        if err is not None:
-            skipped[key] = err
-        else:
-            keys.append(key)
-            captions.append(caption)
-            ok.append(pixels)
-    return ok
 
 
 def precompute(model: str, shards: Sequence[str], out_dir, batch_size: int = 64, device: str | None = None,

@@ -242,12 +242,8 @@ class Run:
         return self.rank == 0
 
     @property
-    def out(self) -> Path:
-        return Path(self.cfg.out)
-
-    @property
     def ckpt_dir(self) -> Path:
-        return self.out / "checkpoints"
+        return Path(self.cfg.out) / "checkpoints"
 
 
 def _train(cfg: TrainConfig) -> dict:
@@ -301,7 +297,7 @@ def _resume(run: Run, last: Path) -> None:
     cfg, fingerprint = run.cfg, run.train_data.encoder_fingerprint
     state = torch.load(last, map_location="cpu", weights_only=True)
     check_same_config(settings(json.loads(state["config"])), settings(cfg.to_dict()), f"{last}",
-                      f"choose another --out to train with this config (or remove {run.out} to start over)")
+                      f"choose another --out to train with this config (or remove {cfg.out} to start over)")
     if state.get("encoder_fingerprint", fingerprint) != fingerprint:
         raise UserError(f"{last} was trained on encoders {state['encoder_fingerprint'][:12]}, the --train "
                         f"shards now come from {fingerprint[:12]}: choose another --out")
@@ -380,7 +376,7 @@ def _end_epoch(run: Run, row: dict) -> None:
             "history": json.dumps(run.history), "best": json.dumps(run.best)})
         if improved:
             save_checkpoint(run.ckpt_dir / "best.pt", {"projector": projector.state_dict(), "epoch": epoch + 1})
-        write_metrics(run.out, run.history, cfg)
+        write_metrics(Path(cfg.out), run.history, cfg)
         judge = f" (Karpathy {cfg.val_split})" if judged_on_karpathy(row, cfg) else ""
         print(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['train']['loss']:.4f}  val "
               f"R@{cfg.ks[0]} {row['val'][f'image_retrieval_recall@{cfg.ks[0]}']:.3f}  "
@@ -391,8 +387,8 @@ def _end_epoch(run: Run, row: dict) -> None:
 
 def _finish(run: Run) -> dict:
     """The best epoch tested and exported (master)."""
-    summary = finish(run.cfg, run.projector, run.train_data, run.val_data, run.history, run.best, run.out,
-                     run.device) if run.master else {}
+    summary = finish(run.cfg, run.projector, run.train_data, run.val_data, run.history, run.best,
+                     Path(run.cfg.out), run.device) if run.master else {}
     if run.world > 1:
         dist.barrier()
     return summary

@@ -76,7 +76,7 @@ def time_fit_encode(model: str, root: Path, cache: Path, args) -> float:
 
 def time_training(work: Path, args) -> float:
     """Samples/s of fit's training (its TrainConfig: MSE, one epoch) on synthetic precompute-format rows."""
-    from training.precompute import write_shard
+    from training.shards import write_shard
     from training.train import TrainConfig, train
 
     rng = np.random.default_rng(0)

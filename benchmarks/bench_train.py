@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.data import EmbeddingSet  # noqa: E402
-from training.precompute import write_shard  # noqa: E402
+from training.shards import write_shard  # noqa: E402
 
 LOADER_TARGET = 500_000
 

@@ -63,7 +63,7 @@ def log(msg: str) -> None:
 def write_pairs(root: Path, n: int, per_shard: int, seed: int = 0) -> None:
     """`n` rows in the precompute format. Values are random and repeat across shards (speed does not depend
     on them; one random block keeps writing 10 GB quick)."""
-    from training.precompute import write_shard
+    from training.shards import write_shard
 
     if root.is_dir() and sum(json.loads(p.read_text())["count"] for p in root.glob("shards/*/meta.json")) == n:
         return

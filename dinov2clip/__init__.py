@@ -7,14 +7,14 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "ModelConfig": "config", "ImageError": "errors", "UserError": "errors", "attach": "factory",
+    "ModelConfig": "config", "ImageError": "errors", "UserError": "errors",
     "from_parts": "factory", "load": "factory", "load_encoders": "factory", "Encoders": "model", "DinoV2Clip": "model", "bundle": "modeldir",
     "convert_reference": "modeldir", "make_tiny": "modeldir", "DEFAULT_PRESET": "presets", "PRESETS": "presets",
     "list_presets": "presets", "Preprocess": "preprocess", "PreprocessConfig": "preprocess",
     "load_rgb": "preprocess", "ProjectorWithResiduals": "projector", "load_projector": "projector",
 }
 
-_SUBMODULES = {"atomic", "cli", "formats", "clip_text", "config", "dinov2", "embed", "errors", "factory", "hub", "model", "modeldir",
+_SUBMODULES = {"atomic", "cli", "formats", "clip_text", "config", "dinov2", "embed", "errors", "factory", "hub", "identity", "model", "modeldir",
                "presets", "preprocess", "projector", "sources"}
 
 __all__ = sorted(_LAZY)

@@ -45,13 +45,6 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def is_temp_of(name: str, pid: int | None = None) -> bool:
-    """Whether `name` is one of our temporary names (of process `pid`, when given)."""
-    if not (name.startswith(".") and TMP_MARK in name):
-        return False
-    return pid is None or name.rsplit(TMP_MARK, 1)[1].split("-", 1)[0] == str(pid)
-
-
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path to write; on success it is renamed over `path`, on failure removed."""

@@ -12,6 +12,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from . import identity
 from .atomic import environment_errno
 from .errors import UserError
 from .presets import DEFAULT_PRESET
@@ -26,9 +27,9 @@ def cmd_info(args) -> None:
 
     config, root = resolve_source(args.source)
     info = {"source": args.source, "directory": str(root) if root else None, **config.to_dict(),
-            "encoder_fingerprint": config.encoder_fingerprint()}
-    if config.known_fingerprint():
-        info["fingerprint"] = config.known_fingerprint()
+            "encoder_fingerprint": identity.encoders(config)}
+    if identity.known_model(config):
+        info["fingerprint"] = identity.known_model(config)
     if args.json:
         print(json.dumps(info, indent=2))
         return
@@ -128,7 +129,7 @@ def cmd_search(args) -> None:
     emb, items, meta = load_embeddings(Path(args.file))
     args.model = args.model or meta["model"]
     args.projector = args.projector or meta.get("projector")
-    fingerprint = None if args.projector else resolve_source(args.model)[0].known_fingerprint()
+    fingerprint = None if args.projector else identity.known_model(resolve_source(args.model)[0])
     if fingerprint and not args.explain:  # a model directory names its projector: the text tower suffices
         model = load_encoders(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                               image=False)

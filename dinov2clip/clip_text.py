@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 # Short names for the OpenAI teachers, each mapped to its QuickGELU architecture.
 TEACHER_ALIASES = {
@@ -64,7 +64,7 @@ def load_clip(model_name: str, pretrained: str | None = None, root: Path | None 
             model = open_clip.create_model(model_name, pretrained=pretrained)
     except RuntimeError as e:
         raise UserError(f"cannot load CLIP {model_name!r} pretrained {pretrained!r}: "
-                        f"{str(e).strip().splitlines()[0]}") from None
+                        f"{first_line(e)}") from None
     return model.eval(), open_clip.get_tokenizer(model_name)
 
 
@@ -263,6 +263,13 @@ class ClipTextEncoder(nn.Module):
                           None)
             if stored is not None and stored != clip_model.token_embedding.weight.dtype:
                 self.weights_dtype = stored
+
+    @property
+    def embed_dim(self) -> int:
+        proj = getattr(self.clip, "text_projection", None)
+        if isinstance(proj, nn.Linear):
+            return proj.out_features
+        return self.clip.text.output_dim if proj is None else proj.shape[1]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if not self.fast:

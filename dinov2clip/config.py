@@ -57,46 +57,6 @@ class ModelConfig:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
 
-    def encoder_identity(self, pooling: bool = True) -> dict:
-        """What the encoders are: DINOv2 id + revision (+ pooling), CLIP name/pretrained (the name says
-        QuickGELU), preprocessing version and every preprocessing setting that differs from that version's
-        defaults (a config.json written with the defaults keeps the fingerprint it always had). Bundled files
-        are not named here: their hashes are verified at load (docs/identity.md). `pooling=False`: the towers
-        alone (precomputed shards hold every pooling)."""
-        ident = {
-            "dinov2": self.dinov2.get("origin") or self.dinov2["source"],
-            "dinov2_revision": self.dinov2.get("revision"),
-            "clip": self.clip.get("origin") or f"{self.clip['model_name']}/{self.clip.get('pretrained')}",
-            "preprocess_version": self.preprocess.get("version"),
-        }
-        default = PreprocessConfig().to_dict()
-        changed = {k: v for k, v in self.preprocess.items() if k != "version" and default.get(k) != v}
-        if changed:
-            ident["preprocess"] = changed
-        return {**ident, "pooling": self.dinov2["pooling"]} if pooling else ident
-
-    def encoder_fingerprint(self, pooling: bool = True) -> str:
-        """Identity of the encoders: same encoder fingerprint ⇒ the same DINOv2 inputs and text embeddings,
-        so one projector fits both. `pooling=False`: of the towers alone."""
-        return _digest(self.encoder_identity(pooling))
-
-    def encoders_label(self) -> str:
-        d, c = self.dinov2, self.clip
-        return f"{d.get('origin') or d['source']} {d['pooling']} + {c.get('origin') or c['model_name']}"
-
-    def fingerprint(self) -> str:
-        """Identity of the embedding space — encoders and projector: same fingerprint ⇒ comparable embeddings."""
-        return _digest({**self.encoder_identity(), "projector": self.projector.get("tensor_sha256")})
-
-    def known_fingerprint(self) -> str | None:
-        """The model fingerprint when the config alone tells it (a model directory records its projector's
-        hash); None for a preset, whose projector is identified only once fetched."""
-        return self.fingerprint() if self.projector.get("tensor_sha256") else None
-
-
-def _digest(ident: dict) -> str:
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
-
 
 def read_config(model_dir: Path) -> ModelConfig:
     path = model_dir / CONFIG_FILE

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 POOLINGS = ("mean", "cls", "cls+mean")
 
@@ -48,6 +48,7 @@ class DinoV2Encoder(nn.Module):
         check_pooling(pooling)
         self.backbone = backbone
         self.pooling = pooling
+        self.kind = type(backbone).__name__
         self.num_register_tokens = int(getattr(backbone.config, "num_register_tokens", 0) or 0)
         self.patch_size = int(backbone.config.patch_size)
         self.hidden_size = int(backbone.config.hidden_size)
@@ -78,7 +79,7 @@ def load_dinov2_backbone(source: str, revision: str | None = None, state_dict: d
     try:
         config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=False)
     except OSError as e:
-        raise UserError(f"cannot load DINOv2 config from {source!r}: {_first_line(e)}") from None
+        raise UserError(f"cannot load DINOv2 config from {source!r}: {first_line(e)}") from None
     if config.model_type not in ("dinov2", "dinov2_with_registers"):
         raise UserError(f"{source!r} is a {config.model_type!r} model, not DINOv2")
     if state_dict is None:
@@ -106,7 +107,7 @@ def _read_safetensors(source: str, revision: str | None) -> dict:
         try:
             folder = Path(snapshot_download(source, revision=revision, allow_patterns=["*.safetensors"]))
         except Exception as e:  # offline and not cached, unknown repo, no network: one line
-            raise UserError(f"cannot load DINOv2 weights from {source!r}: {_first_line(e)}") from None
+            raise UserError(f"cannot load DINOv2 weights from {source!r}: {first_line(e)}") from None
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise UserError(f"{source!r} has no safetensors weights (other formats are never loaded)")
@@ -114,8 +115,3 @@ def _read_safetensors(source: str, revision: str | None) -> dict:
     for f in files:
         state_dict.update(load(f.read_bytes()))
     return state_dict
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

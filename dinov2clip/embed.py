@@ -1,18 +1,20 @@
 """Embedding files on disk with per-image failure handling, and the embeddings file format."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
 
 from .atomic import atomic_path
 from .errors import ImageError, UserError
-from .formats import is_image_name
+from .formats import images_under
+from .preprocess import BACKGROUND, load_rgb
 
 FILE_FORMAT = "dinov2clip-embeddings/1"
 
@@ -23,8 +25,7 @@ def expand_images(inputs: Iterable[str]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            # a broken symlink is kept: reading it fails, and it is named and counted like any unreadable image
-            out += sorted(p for p in path.rglob("*") if is_image_name(p.name) and (p.is_file() or p.is_symlink()))
+            out += images_under(path)
         elif path.is_file():
             out.append(path)
         else:
@@ -32,28 +33,45 @@ def expand_images(inputs: Iterable[str]) -> list[Path]:
     return out
 
 
-def iter_pixel_batches(preprocess, items: list, batch_size: int, workers: int = 0) -> Iterator[tuple]:
-    """Yield (indices, pixels, failures) per batch; a bad image fails alone, never its batch.
+def iter_pixel_batches(transforms: Callable | Mapping[str, Callable], items: Iterable, batch_size: int,
+                       workers: int = 0, background: tuple = BACKGROUND) -> Iterator[tuple]:
+    """The one image loop: each item (path, bytes, PIL image) decoded once (`load_rgb`: EXIF orientation, RGB
+    over `background`) and given to `transforms` (one callable, or several by name: e.g. DINOv2's and the
+    teacher's), in batches. Yields (indices, pixels, failures) per batch: pixels stacked (a dict of them for
+    several transforms; None when the whole batch failed), failures a list of (index, message): a bad image
+    fails alone, never its batch. `items` is read as batches are needed (a stream works); on `workers`
+    threads (PIL releases the GIL) the next batch decodes while the caller works on this one."""
+    several = isinstance(transforms, Mapping)
+    named = transforms if several else {None: transforms}
 
-    failures is a list of (index, message). Decoding runs on threads: PIL releases the GIL."""
-    def one(i):
+    def one(item):
         try:
-            return i, preprocess(items[i]), None
+            image = load_rgb(item, background)
+            return {name: transform(image) for name, transform in named.items()}, None
         except ImageError as e:
-            return i, None, str(e)
+            return None, str(e)
 
+    def batch(start, results):
+        ok = [(start + k, px) for k, (px, err) in enumerate(results) if err is None]
+        failures = [(start + k, err) for k, (_, err) in enumerate(results) if err is not None]
+        pixels = {name: torch.stack([px[name] for _, px in ok]) for name in named} if ok else None
+        return [i for i, _ in ok], pixels if several or pixels is None else pixels[None], failures
+
+    items, start, ahead = iter(items), 0, None  # ahead: (start, results or futures) of the next batch
     pool = ThreadPoolExecutor(workers) if workers > 0 else None
     try:
-        for start in range(0, len(items), batch_size):
-            idx = range(start, min(start + batch_size, len(items)))
-            results = list(pool.map(one, idx)) if pool else [one(i) for i in idx]
-            ok = [(i, t) for i, t, err in results if err is None]
-            failures = [(i, err) for i, _, err in results if err is not None]
-            pixels = torch.stack([t for _, t in ok]) if ok else None
-            yield [i for i, _ in ok], pixels, failures
+        while True:
+            chunk = list(itertools.islice(items, batch_size))
+            submitted = (start, [pool.submit(one, x) for x in chunk] if pool else [one(x) for x in chunk])
+            start += len(chunk)
+            if ahead is not None:
+                yield batch(ahead[0], [f.result() for f in ahead[1]] if pool else ahead[1])
+            if not chunk:
+                return
+            ahead = submitted
     finally:
         if pool:
-            pool.shutdown()
+            pool.shutdown(cancel_futures=True)
 
 
 def embed_files(model, paths: list[Path], batch_size: int | None = None, workers: int | None = None,
@@ -65,7 +83,8 @@ def embed_files(model, paths: list[Path], batch_size: int | None = None, workers
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     embs, kept, failures = [], [], []
     with tqdm(total=len(paths), desc="embed", unit="img", disable=not progress) as bar:
-        for idx, pixels, failed in iter_pixel_batches(model.preprocess, paths, batch_size, workers):
+        for idx, pixels, failed in iter_pixel_batches(model.preprocess, paths, batch_size, workers,
+                                                      model.preprocess.config.background):
             if pixels is not None:
                 embs.append(model.encode_image(pixels, batch_size=batch_size))
                 kept += [paths[i] for i in idx]

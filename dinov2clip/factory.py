@@ -18,6 +18,7 @@ import torch
 
 from .clip_text import (CLIP_WEIGHTS_FILE, ClipTextEncoder, check_quickgelu, load_clip, read_clip_text,
                         resolve_teacher, store_matmul_weights)
+from . import identity
 from .config import PROJECTOR_FILE, ModelConfig, file_sha256, read_config, tensor_sha256, check_relative
 from .dinov2 import DinoV2Encoder, check_pooling, load_dinov2_backbone, resolve_dinov2_source
 from .errors import UserError
@@ -91,9 +92,37 @@ def _local(root: Path | None, section: dict, where: str) -> Path | None:
     return root / check_relative(rel, where)
 
 
+class ProcessCache:
+    """What a process builds once and reuses, the `size` most recently used kept, shared by its threads (App
+    request threads build models concurrently): `get(key, make)` makes a missing value once, under the lock.
+    A None key (content that cannot be keyed) is made every time, never cached."""
+
+    def __init__(self, size: int):
+        self.size, self._items, self._lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key, make):
+        if key is None:
+            return make()
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            value = self._items[key] = make()
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+            return value
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
 # Hashes of weight files already read in this process, by `file_version`: a file is hashed once per process
 # unless it changes on disk (a long-lived App server builds a model per request).
-_FILE_HASHES: dict[tuple, str] = {}
+_FILE_HASHES = ProcessCache(64)
 
 
 def file_version(path: Path, st: os.stat_result | None = None) -> tuple:
@@ -117,21 +146,14 @@ def read_verified(root: Path, config: ModelConfig, rel: str) -> bytes:
     expected = config.weights_sha256.get(rel)
     if expected is None:
         return data
-    digest = _FILE_HASHES.get(before) if unchanged else None
-    if digest is None:
-        digest = hashlib.sha256(data).hexdigest()
-        if unchanged:
-            _FILE_HASHES[before] = digest
+    digest = _FILE_HASHES.get(before if unchanged else None, lambda: hashlib.sha256(data).hexdigest())
     if digest != expected:
         raise UserError(f"{root}: {rel} does not match its sha256 in config.json (corrupt or edited)")
     return data
 
 
 def verified_sha256(path: Path) -> str:
-    key = file_version(path)
-    if key not in _FILE_HASHES:
-        _FILE_HASHES[key] = file_sha256(path)
-    return _FILE_HASHES[key]
+    return _FILE_HASHES.get(file_version(path), lambda: file_sha256(path))
 
 
 def _part_files(config: ModelConfig, prefix: str) -> dict[str, str]:
@@ -168,12 +190,12 @@ def build_projector(config: ModelConfig, root: Path | None) -> ProjectorWithResi
     digest = tensor_sha256(projector.state_dict())
     if p.get("tensor_sha256") and p["tensor_sha256"] != digest:
         raise UserError("projector weights differ from the tensor_sha256 in the model config")
-    trained_for, these = p.get("encoder_fingerprint"), config.encoder_fingerprint()
+    trained_for, these = p.get("encoder_fingerprint"), identity.encoders(config)
     if trained_for and trained_for != these:
         raise UserError(f"projector {p.get('source') or p.get('path')} was trained for encoders "
-                        f"{trained_for[:12]}, these are {these[:12]} ({config.encoders_label()}): "
+                        f"{trained_for[:12]}, these are {these[:12]} ({identity.label(config)}): "
                         "their embeddings would not be comparable")
-    config.projector = {**p, **got.to_dict(), "tensor_sha256": digest}
+    projector.sha256, projector.trained_for = digest, trained_for
     return projector
 
 
@@ -196,18 +218,12 @@ def build_image_encoder(config: ModelConfig, root: Path | None) -> DinoV2Encoder
         _verify_files(root, config, d["path"], checked_elsewhere=tuple(shards))
     backbone = load_dinov2_backbone(str(local or d["source"]), revision=None if local else d.get("revision"),
                                     state_dict=state_dict or None)
-    encoder = DinoV2Encoder(backbone, d["pooling"])
-    if config.projector.get("input_dim") not in (None, encoder.output_dim):
-        raise UserError(f"DINOv2 {d['source']} with {d['pooling']} pooling gives {encoder.output_dim}-d "
-                        f"embeddings; the projector takes {config.projector['input_dim']}-d")
-    config.dinov2 = {**d, "class": type(backbone).__name__, "hidden_size": backbone.config.hidden_size}
-    return encoder
+    return DinoV2Encoder(backbone, d["pooling"])
 
 
 # CLIP text towers built in this process, most recent last (see `build_clip`).
 TEXT_TOWER_CACHE_SIZE = 2
-_TEXT_TOWERS: OrderedDict[str, tuple] = OrderedDict()
-_TEXT_TOWERS_LOCK = threading.Lock()
+_TEXT_TOWERS = ProcessCache(TEXT_TOWER_CACHE_SIZE)
 
 
 def build_clip(config: ModelConfig, root: Path | None, keep_visual: bool = False, device: str | None = None,
@@ -217,30 +233,17 @@ def build_clip(config: ModelConfig, root: Path | None, keep_visual: bool = False
     anew for every request): at most TEXT_TOWER_CACHE_SIZE are kept. Weights that changed on disk have other
     hashes or file versions, hence another key: the cache never serves them. A text tower keeps its matmul
     weights in the dtype autocast runs them in (`store_matmul_weights`: same outputs, faster)."""
-    c = config.clip
-    local = _local(root, c, "clip")
+    local = _local(root, config.clip, "clip")
     dtype = resolve_dtype(dtype, torch.device(device or default_device()).type)
-    key = None if keep_visual else _text_tower_key(config, root, local, device, dtype)
-    with _TEXT_TOWERS_LOCK:  # App request threads build models concurrently: one build per tower
-        if key in _TEXT_TOWERS:
-            _TEXT_TOWERS.move_to_end(key)
-            clip_model, tokenizer, section = _TEXT_TOWERS[key]
-        else:
-            clip_model, tokenizer = _read_clip(config, root, local, keep_visual)
-            section = {"embed_dim": _clip_embed_dim(clip_model),
-                       "quick_gelu": "quickgelu" in c["model_name"] or bool(getattr(clip_model, "_quick_gelu", False))}
-            if not keep_visual:
-                clip_model.visual = None  # only the text tower is needed for queries
-                store_matmul_weights(clip_model, dtype)
-            if key is not None:
-                _TEXT_TOWERS[key] = (clip_model.eval(), tokenizer, section)
-                while len(_TEXT_TOWERS) > TEXT_TOWER_CACHE_SIZE:
-                    _TEXT_TOWERS.popitem(last=False)
-    if config.projector.get("output_dim") not in (None, section["embed_dim"]):
-        raise UserError(f"CLIP {c['model_name']} embeds in {section['embed_dim']}-d; the projector outputs "
-                        f"{config.projector['output_dim']}-d")
-    config.clip = {**c, **section}
-    return clip_model, tokenizer
+
+    def read():
+        clip_model, tokenizer = _read_clip(config, root, local, keep_visual)
+        if not keep_visual:
+            clip_model.visual = None  # only the text tower is needed for queries
+            store_matmul_weights(clip_model, dtype)
+        return clip_model.eval(), tokenizer
+
+    return _TEXT_TOWERS.get(None if keep_visual else _text_tower_key(config, root, local, device, dtype), read)
 
 
 def _text_tower_key(config: ModelConfig, root: Path | None, local: Path | None, device: str | None,
@@ -276,15 +279,6 @@ def _read_clip(config: ModelConfig, root: Path | None, local: Path | None, keep_
     return load_clip(c["model_name"], c.get("pretrained"), root=local, data=read_verified(root, config, weights))
 
 
-def _clip_embed_dim(clip_model) -> int:
-    proj = getattr(clip_model, "text_projection", None)
-    if isinstance(proj, torch.nn.Linear):
-        return proj.out_features
-    if proj is not None:
-        return proj.shape[1]
-    return clip_model.text.output_dim
-
-
 def _towers(config: ModelConfig, root: Path | None, image: bool, text: bool, teacher: bool, device=None,
             dtype="auto"):
     image_encoder = build_image_encoder(config, root) if image else None
@@ -299,51 +293,38 @@ def build_encoders(config: ModelConfig, root: Path | None = None, device: str | 
                    batch_size: int = 32, image: bool = True, text: bool = True, teacher: bool = False) -> Encoders:
     """The encoders of `config`, without its projector (none is read, fetched or checked)."""
     config = replace(config, projector={})  # what the encoders are does not depend on any projector
-    encoders = Encoders(config, *_towers(config, root, image, text, teacher, device, dtype), device=device, dtype=dtype,
-                        batch_size=batch_size)
-    encoders.root = root
-    return encoders
+    return Encoders(config, *_towers(config, root, image, text, teacher, device, dtype), device=device, dtype=dtype,
+                    batch_size=batch_size)
 
 
 def build(config: ModelConfig, root: Path | None = None, device: str | None = None, dtype="auto",
-          batch_size: int = 32, image: bool = True, text: bool = True, keep_clip_visual: bool = False,
-          teacher: bool = False) -> DinoV2Clip:
-    config = replace(config)  # the build fills in dims and hashes; never mutate the caller's copy
+          batch_size: int = 32, image: bool = True, text: bool = True, teacher: bool = False) -> DinoV2Clip:
+    """The projector of `config` and its encoders, refused where their dimensions disagree."""
     projector = build_projector(config, root)
-    model = DinoV2Clip(config, projector, *_towers(config, root, image, text, teacher or keep_clip_visual, device,
-                                                  dtype),
-                       device=device, dtype=dtype, batch_size=batch_size)
-    model.root = root  # where `attach` finds bundled parts later
-    return model
-
-
-def attach(model: DinoV2Clip, image: bool = False, text: bool = False) -> DinoV2Clip:
-    """Load the towers `model` was built without, from the same source and config (lazy front-ends:
-    an App process answering text queries never loads DINOv2 unless it embeds images)."""
-    root = getattr(model, "root", None)
-    if image and model.image_encoder is None:
-        model.image_encoder = build_image_encoder(model.config, root).to(model.device).eval()
-    if text and model.text_encoder is None:
-        clip_model, tokenizer = build_clip(model.config, root, device=str(model.device), dtype=model.dtype)
-        model.text_encoder = ClipTextEncoder(clip_model).to(model.device).eval()
-        model.tokenizer = tokenizer
-    return model
+    encoders = build_encoders(config, root, device, dtype, batch_size, image, text, teacher)
+    got, d, c = projector.config, config.dinov2, config.clip
+    if encoders.image_encoder is not None and encoders.image_encoder.output_dim != got.input_dim:
+        raise UserError(f"DINOv2 {d['source']} with {d['pooling']} pooling gives {encoders.image_encoder.output_dim}"
+                        f"-d embeddings; the projector takes {got.input_dim}-d")
+    if encoders.text_encoder is not None and encoders.embed_dim != got.output_dim:
+        raise UserError(f"CLIP {c['model_name']} embeds in {encoders.embed_dim}-d; the projector outputs "
+                        f"{got.output_dim}-d")
+    return DinoV2Clip(config, encoders, projector)
 
 
 def load(source: str = DEFAULT_PRESET, device: str | None = None, dtype="auto", batch_size: int = 32,
-         image: bool = True, text: bool = True, projector: str | None = None,
-         keep_clip_visual: bool = False, teacher: bool = False) -> DinoV2Clip:
+         image: bool = True, text: bool = True, projector: str | None = None, teacher: bool = False) -> DinoV2Clip:
     """Load a model directory, a named preset or `hf-hub:org/repo`: its encoders and its projector.
 
     `image=False` keeps only the text tower (query-only processes); `projector` overrides the
     projector source (a path, URL or `hf-hub:` spec; a model directory's projector must have been trained
-    for these encoders); `teacher=True` (alias `keep_clip_visual`) keeps the CLIP teacher's image tower
+    for these encoders); `teacher=True` keeps the CLIP teacher's image tower
     (`model.teacher`, `model.encode_teacher`: evaluation)."""
     config, root = resolve_source(source)
     if projector is not None:
         config.projector = {"source": projector, **_trained_for(projector)}
     model = build(config, root, device=device, dtype=dtype, batch_size=batch_size, image=image, text=text,
-                  teacher=teacher or keep_clip_visual)
+                  teacher=teacher)
     demo_notice(config, source)
     return model
 

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from .dinov2 import pool
-from .errors import ImageError, UserError
+from .errors import UserError
+from .embed import iter_pixel_batches
 from .preprocess import load_rgb
 
 
@@ -139,27 +140,25 @@ def heatmaps(model, images, text: str, method: str | Callable = DEFAULT_METHOD, 
         images = [images]
     elif torch.is_tensor(images) and images.ndim == 3:
         images = images[None]
+    elif len(images) and all(torch.is_tensor(x) for x in images):
+        images = torch.stack(list(images))
     report = on_error or (lambda i, msg: warnings.warn(f"no heatmap: {msg}", stacklevel=3))
     query = model.encode_text([text])[0].to(model.device)
     batch_size = batch_size or model.batch_size
     out: list[np.ndarray | None] = [None] * len(images)
-    for start in range(0, len(images), batch_size):
-        kept, pixels, sizes = [], [], []
-        for i in range(start, min(start + batch_size, len(images))):
-            image = images[i]
-            if torch.is_tensor(image):
-                kept.append(i), pixels.append(image), sizes.append(None)
-                continue
-            try:
-                rgb = load_rgb(image, model.preprocess.config.background)
-                pixels.append(model.preprocess(rgb))
-            except ImageError as e:
-                report(i, str(e) or f"cannot read {_name(image)}")
-                continue
-            kept.append(i), sizes.append(rgb.size)
+    if torch.is_tensor(images):  # pixels: maps of the crop
+        batches = ((list(range(s, min(s + batch_size, len(images)))), {"pixels": images[s:s + batch_size]}, [])
+                   for s in range(0, len(images), batch_size))
+    else:  # the core's image loop; each map in its image's coordinates
+        batches = iter_pixel_batches({"pixels": model.preprocess, "size": lambda rgb: torch.tensor(rgb.size)},
+                                     images, batch_size, background=model.preprocess.config.background)
+    for kept, got, failures in batches:
+        for i, msg in failures:
+            report(i, msg or f"cannot read {_name(images[i])}")
         if not kept:
             continue
-        batch = torch.stack(pixels).to(model.device)
+        sizes = [tuple(s) for s in got["size"].tolist()] if "size" in got else [None] * len(kept)
+        batch = got["pixels"].to(model.device)
         with torch.inference_mode(False), torch.no_grad(), model.autocast():
             cls, patches = model.image_encoder.tokens(batch)
         gh, gw = batch.shape[-2] // model.image_encoder.patch_size, batch.shape[-1] // model.image_encoder.patch_size

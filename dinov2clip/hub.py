@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import identity
 from .config import CONFIG_FILE, check_relative, read_config
-from .errors import UserError
+from .errors import UserError, first_line
 
 CARD_FILE = "README.md"
 
@@ -52,7 +53,7 @@ def model_card(model_dir: Path, repo_id: str) -> str:
         f"| DINOv2 | `{d.get('origin') or d['source']}` ({d['pooling']} pooling) |",
         f"| CLIP text tower | `{c['model_name']}` / `{c.get('pretrained')}` |",
         f"| projector | {p['input_dim']}→{p['hidden_dim']}×{p['num_blocks']}→{p['output_dim']} |",
-        f"| embedding space fingerprint | `{config.fingerprint()}` |",
+        f"| embedding space fingerprint | `{identity.model(config, p.get('tensor_sha256'))}` |",
         f"| licence | {config.license} |",
         f"| format version | {config.format_version} |",
         "",
@@ -101,5 +102,5 @@ def push(model_dir: str, repo_id: str, private: bool = False, token: str | None 
         info = api.create_commit(repo_id, operations=ops, commit_message="Upload dinov2clip model")
     except Exception as e:
         raise UserError(f"cannot push to hf-hub:{repo_id} ({type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+                        f"{first_line(e)})") from None
     return str(getattr(info, "commit_url", info))

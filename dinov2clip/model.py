@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import replace
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -10,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import identity
 from .config import ModelConfig
+from .dinov2 import pool
 from .errors import UserError
 from .preprocess import ImageInput, Preprocess, PreprocessConfig
 
@@ -58,7 +61,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 
 class Encoders(nn.Module):
     """A model's towers without its projector: DINOv2 + pooling, CLIP's text tower (and its image tower,
-    the teacher, when asked for), with both preprocessings. Its identity is the *encoder fingerprint*.
+    the teacher, when asked for), with both preprocessings. Its identity: `encoder_fingerprint`.
 
     Precompute, the evaluation teacher, Karpathy validation and text-only processes need nothing more, so
     they run before any projector exists. Build it with `dinov2clip.load_encoders(...)`; `__init__` only
@@ -76,23 +79,20 @@ class Encoders(nn.Module):
         self.device = torch.device(device or default_device())
         self.dtype = resolve_dtype(dtype, self.device.type)
         self.batch_size = batch_size
-        self.root = None  # model directory the parts came from (set by the factory; used by `attach`)
         self._teacher_transform = None
         self.to(self.device).eval()
 
     # -- identity -------------------------------------------------------------------------
     @property
     def embed_dim(self) -> int:
+        """The CLIP space's dimension (the text tower's output)."""
+        if self.text_encoder is not None:
+            return self.text_encoder.embed_dim
         return self.config.clip.get("embed_dim") or self.config.embed_dim
 
     @property
     def encoder_fingerprint(self) -> str:
-        return self.config.encoder_fingerprint()
-
-    @property
-    def fingerprint(self) -> str:
-        """The identity of the space this object embeds into (encoders alone: the encoder fingerprint)."""
-        return self.encoder_fingerprint
+        return identity.encoders(self.config)
 
     @property
     def dinov2_provenance(self) -> dict:
@@ -102,6 +102,17 @@ class Encoders(nn.Module):
                 "preprocess_version": self.config.preprocess.get("version"),
                 "encoder_fingerprint": self.encoder_fingerprint}
 
+    def found_config(self) -> ModelConfig:
+        """The config with what building the loaded towers found (DINOv2 class and width, CLIP's embedding
+        dimension and activation): what a written config records. The config given is left as it was."""
+        dinov2, clip = dict(self.config.dinov2), dict(self.config.clip)
+        if self.image_encoder is not None:
+            dinov2.update({"class": self.image_encoder.kind, "hidden_size": self.image_encoder.hidden_size})
+        if self.text_encoder is not None:
+            clip.update({"embed_dim": self.text_encoder.embed_dim, "quick_gelu": "quickgelu" in clip["model_name"]
+                         or bool(getattr(self.text_encoder.clip, "_quick_gelu", False))})
+        return replace(self.config, dinov2=dinov2, clip=clip)
+
     # -- encoding -------------------------------------------------------------------------
     def autocast(self):
         if self.dtype == torch.float32:
@@ -110,27 +121,17 @@ class Encoders(nn.Module):
 
     def _require(self, part: str):
         if getattr(self, part) is None:
-            raise UserError(f"this {type(self).__name__} was loaded without its {part.replace('_', ' ')}: "
+            raise UserError(f"this model was loaded without its {part.replace('_', ' ')}: "
                             f"load it with {'image' if 'image' in part else 'text'}=True")
 
-    def _pixel_batches(self, images, batch_size: int):
-        if torch.is_tensor(images):
-            images = images.unsqueeze(0) if images.ndim == 3 else images
-            for i in range(0, len(images), batch_size):
-                yield images[i:i + batch_size]
-            return
-        if isinstance(images, (str, os.PathLike, bytes)) or not isinstance(images, Sequence):
-            images = [images]
-        for i in range(0, len(images), batch_size):
-            chunk = images[i:i + batch_size]
-            yield torch.stack([x if torch.is_tensor(x) else self.preprocess(x) for x in chunk])
-
     @torch.inference_mode()
-    def encode_dinov2(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Preprocessed pixels [B, 3, H, W] → raw pooled DINOv2 embedding, float32."""
+    def encode_dinov2(self, pixels: torch.Tensor, pooling: str | None = None) -> torch.Tensor:
+        """Preprocessed pixels [B, 3, H, W] → raw pooled DINOv2 embedding, float32; `pooling` (default: the
+        model's) pools the same features another way."""
         self._require("image_encoder")
         with self.autocast():
-            return self.image_encoder(pixels.to(self.device, non_blocking=True)).float()
+            cls, patch_mean, num_patches = self.image_encoder.features(pixels.to(self.device, non_blocking=True))
+            return pool(cls, patch_mean, pooling or self.image_encoder.pooling, num_patches).float()
 
     # -- the CLIP teacher's image side ------------------------------------------------------
     @property
@@ -222,35 +223,36 @@ class Encoders(nn.Module):
         return out
 
 
-class DinoV2Clip(Encoders):
-    """Encoders + projector: images through DINOv2 and the projector, texts through CLIP, into one
-    L2-normalised space. Its identity, the model fingerprint, covers both units.
+
+class DinoV2Clip(nn.Module):
+    """Encoders ∘ projector: images through DINOv2 and the projector, texts through CLIP, into one
+    L2-normalised space. It holds the two units (`encoders`, `projector`); its identity, `fingerprint`,
+    covers both.
 
     Build it with `dinov2clip.load(...)`; `__init__` only assembles already-loaded parts."""
 
-    def __init__(self, config: ModelConfig, projector: nn.Module, image_encoder: nn.Module | None = None,
-                 text_encoder: nn.Module | None = None, tokenizer=None, device: str | None = None,
-                 dtype: str | torch.dtype | None = "auto", batch_size: int = 32):
-        super().__init__(config, image_encoder, text_encoder, tokenizer, device, dtype, batch_size)
-        self.projector = projector
-        self.to(self.device).eval()
+    def __init__(self, config: ModelConfig, encoders: Encoders, projector: nn.Module):
+        super().__init__()
+        self.config = config
+        self.encoders = encoders
+        self.projector = projector.to(encoders.device).eval()
 
     @property
     def embed_dim(self) -> int:
-        return self.config.embed_dim
+        return self.projector.config.output_dim
 
     @property
     def fingerprint(self) -> str:
-        return self.config.fingerprint()
+        return identity.model(self.config, self.projector.sha256)
 
     @torch.inference_mode()
     def project(self, dinov2_embedding: torch.Tensor | np.ndarray) -> torch.Tensor:
         """DINOv2 embedding (this model's pooling and source) → L2-normalised CLIP-space embedding.
         The projector runs in fp32: it is <1% of the compute and keeps outputs close to reference."""
         x = torch.as_tensor(dinov2_embedding, dtype=torch.float32, device=self.device)
-        if x.shape[-1] != self.config.projector["input_dim"]:
+        if x.shape[-1] != self.projector.config.input_dim:
             raise UserError(f"DINOv2 embedding has dimension {x.shape[-1]}, the projector takes "
-                            f"{self.config.projector['input_dim']}")
+                            f"{self.projector.config.input_dim}")
         return F.normalize(self.projector(x).float(), dim=-1)
 
     def encode_image(self, images: ImageInput | Sequence[ImageInput] | torch.Tensor, batch_size: int | None = None,
@@ -260,7 +262,7 @@ class DinoV2Clip(Encoders):
         With `return_dinov2=True` also returns the projector's input (the pooled DINOv2 embedding)
         from the same forward pass. An unreadable image raises `ImageError` (an `OSError`)."""
         outs, dinos = [], []
-        batches = self._pixel_batches(images, batch_size or self.batch_size)
+        batches = _pixel_batches(self.preprocess, images, batch_size or self.batch_size)
         if progress:
             from tqdm.auto import tqdm
             batches = tqdm(batches, desc="encode images", unit="batch")
@@ -271,7 +273,7 @@ class DinoV2Clip(Encoders):
                 dinos.append(dino.cpu())
         emb = torch.cat(outs) if outs else torch.empty(0, self.embed_dim)
         if return_dinov2:
-            return emb, (torch.cat(dinos) if dinos else torch.empty(0, self.config.projector["input_dim"]))
+            return emb, (torch.cat(dinos) if dinos else torch.empty(0, self.projector.config.input_dim))
         return emb
 
     def heatmap(self, images, text: str, **options) -> list:
@@ -284,3 +286,24 @@ class DinoV2Clip(Encoders):
         d, c = self.config.dinov2, self.config.clip
         return (f"dinov2={d.get('origin') or d['source']}, pooling={d['pooling']}, clip={c['model_name']}/"
                 f"{c.get('pretrained')}, embed_dim={self.embed_dim}, device={self.device}, dtype={self.dtype}")
+
+
+# What a model answers through its encoders, unchanged (one meaning per name: no override).
+for _name in ("image_encoder", "text_encoder", "tokenizer", "preprocess", "device", "dtype", "batch_size",
+              "autocast", "encode_dinov2", "teacher", "teacher_transform", "teacher_preprocess", "teacher_dtype",
+              "encode_teacher", "tokenize", "text_limit", "encode_text", "encode_tokens", "encoder_fingerprint",
+              "dinov2_provenance"):
+    setattr(DinoV2Clip, _name, property(lambda self, _n=_name: getattr(self.encoders, _n)))
+
+
+def _pixel_batches(preprocess, images, batch_size: int):
+    if torch.is_tensor(images):
+        images = images.unsqueeze(0) if images.ndim == 3 else images
+        for i in range(0, len(images), batch_size):
+            yield images[i:i + batch_size]
+        return
+    if isinstance(images, (str, os.PathLike, bytes)) or not isinstance(images, Sequence):
+        images = [images]
+    for i in range(0, len(images), batch_size):
+        chunk = images[i:i + batch_size]
+        yield torch.stack([x if torch.is_tensor(x) else preprocess(x) for x in chunk])

@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from . import identity
 from .atomic import AtomicDir, write_json_atomic
 from .clip_text import (CLIP_CONFIG_FILE, CLIP_WEIGHTS_FILE, check_quickgelu, resolve_teacher, save_clip,
                         text_tensor_sha256)
-from .config import CONFIG_FILE, FORMAT_VERSION, PROJECTOR_FILE, ModelConfig, file_sha256, read_config, tensor_sha256
+from .config import (CONFIG_FILE, FORMAT_VERSION, PROJECTOR_FILE, ModelConfig, check_relative, file_sha256, read_config,
+                     tensor_sha256)
 from .dinov2 import check_pooling, pooled_dim, resolve_dinov2_source
-from .errors import UserError
+from .errors import UserError, first_line
 from .projector import ProjectorWithResiduals, load_projector
 
 TINY_LICENSE = "Apache-2.0 (random weights, for tests and demos only)"
@@ -58,17 +61,20 @@ def finish_config(config: ModelConfig, root: Path) -> None:
 
 
 def save_model_dir(config: ModelConfig, projector: ProjectorWithResiduals, out_dir: Path,
-                   overwrite: bool = False, extra=None) -> Path:
-    """A model directory that references its DINOv2/CLIP sources and ships its own projector.
-    `extra(tmp_dir, config)` may add bundled parts before hashes are recorded."""
+                   overwrite: bool = False, extra=None, parts: Path | None = None) -> Path:
+    """A model directory that references its DINOv2/CLIP sources and ships its own projector. The towers the
+    config bundles (its `path`s) are copied from `parts`; `extra(tmp_dir, config)` may add others, before
+    hashes are recorded."""
     config = replace(config)
     with AtomicDir(out_dir, overwrite, is_ours=is_model_dir, what="model directory") as tmp:
         digest = write_projector(projector, tmp / PROJECTOR_FILE)
         config.projector = {**{k: v for k, v in config.projector.items() if k != "source"},
                             **projector.config.to_dict(), "path": PROJECTOR_FILE, "tensor_sha256": digest}
+        for rel in (s["path"] for s in (config.dinov2, config.clip) if s.get("path") and parts is not None):
+            shutil.copytree(parts / check_relative(rel, f"model source {parts}"), tmp / rel)
         if extra is not None:
             extra(tmp, config)
-        config.projector["encoder_fingerprint"] = config.encoder_fingerprint()  # the encoders it is trained for
+        config.projector["encoder_fingerprint"] = identity.encoders(config)  # the encoders it is trained for
         finish_config(config, tmp)
     return Path(out_dir)
 
@@ -88,7 +94,7 @@ def convert_reference(checkpoint: str, out_dir: str, dinov2: str, pooling: str, 
         hidden = AutoConfig.from_pretrained(dinov2, trust_remote_code=False).hidden_size
     except OSError as e:
         raise UserError(f"cannot read the DINOv2 config of {dinov2!r} to check dims: "
-                        f"{str(e).strip().splitlines()[0]}") from None
+                        f"{first_line(e)}") from None
     clip_cfg = open_clip.get_model_config(clip_name)
     if clip_cfg is None:
         raise UserError(f"unknown open_clip model {clip_name!r}")
@@ -109,23 +115,21 @@ def convert_reference(checkpoint: str, out_dir: str, dinov2: str, pooling: str, 
 
 def bundle(source: str, out_dir: str, overwrite: bool = False) -> Path:
     """Any source → a self-contained directory (DINOv2, CLIP and projector inside) that loads offline."""
-    from .factory import build_clip, build_image_encoder, build_projector, resolve_source
+    from .factory import build, resolve_source
 
     config, root = resolve_source(source)
-    config = replace(config)
-    projector = build_projector(config, root)
-    encoder = build_image_encoder(config, root)
-    clip_model, _ = build_clip(config, root, keep_visual=True)
+    model = build(config, root, device="cpu", teacher=True)
     clip_cfg = _open_clip_cfg(config, root)
 
     def add_parts(tmp: Path, cfg: ModelConfig) -> None:
-        encoder.backbone.save_pretrained(tmp / "dinov2", safe_serialization=True)
-        save_clip(clip_model, clip_cfg, tmp / "clip")
+        model.image_encoder.backbone.save_pretrained(tmp / "dinov2", safe_serialization=True)
+        save_clip(model.teacher, clip_cfg, tmp / "clip")
         d, c = cfg.dinov2, cfg.clip
         cfg.dinov2 = {**d, "origin": d.get("origin") or _id(d["source"], d.get("revision")), "path": "dinov2"}
         cfg.clip = {**c, "origin": c.get("origin") or f"{c['model_name']}/{c.get('pretrained')}", "path": "clip"}
 
-    return save_model_dir(config, projector, Path(out_dir), overwrite, extra=add_parts)
+    found = replace(model.encoders.found_config(), projector=config.projector)
+    return save_model_dir(found, model.projector, Path(out_dir), overwrite, extra=add_parts)
 
 
 def _id(source: str, revision: str | None) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,9 @@ class ProjectorWithResiduals(nn.Module):
         if hidden_dim % 2:
             raise ValueError(f"hidden_dim must be even, got {hidden_dim}")
         self.config = ProjectorConfig(input_dim, output_dim, hidden_dim, num_blocks)
+        # The unit's identity, set by the factory that loads it: its weights' `tensor_sha256` and the encoder
+        # fingerprint it was trained for (None: not recorded).
+        self.sha256 = self.trained_for = None
         self.input_proj = nn.Linear(input_dim, hidden_dim)
         self.residual_blocks = nn.ModuleList(ResidualBlock(hidden_dim) for _ in range(num_blocks))
         self.hidden_norm = nn.LayerNorm(hidden_dim)
@@ -135,12 +138,10 @@ def load_projector(path: str | Path, data: bytes | None = None) -> ProjectorWith
         try:
             sd = load(data)
         except Exception as e:  # a truncated or foreign file
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"cannot read projector {path}: {first}") from None
+            raise UserError(f"cannot read projector {path}: {first_line(e)}") from None
     else:
         try:
             sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as e:  # pickle errors carry multi-line text; keep one line
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"cannot read projector checkpoint {path} with weights_only=True: {first}") from None
+            raise UserError(f"cannot read projector checkpoint {path} with weights_only=True: {first_line(e)}") from None
     return projector_from_state_dict(sd)

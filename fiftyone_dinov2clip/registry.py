@@ -22,6 +22,7 @@ from pathlib import Path
 
 from dinov2clip.atomic import write_json_atomic, write_text_atomic
 from dinov2clip.errors import UserError
+from dinov2clip.identity import known_model
 from dinov2clip.presets import PRESETS
 
 SOURCE_NAME = "dinov2clip-zoo"  # the manifest name = its folder under the zoo directory. Never "dinov2clip":
@@ -135,7 +136,7 @@ def register(name: str, source: str, description: str | None = None, root: Path 
     version; anything else becomes a new version."""
     check_name(name)
     source, config = describe_source(source)
-    fingerprint = config.known_fingerprint()
+    fingerprint = known_model(config)
     with locked(root):
         return _register(name, source, config, fingerprint, description, root)
 

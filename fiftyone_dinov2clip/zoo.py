@@ -123,12 +123,16 @@ class DinoV2ClipModel(fout.TorchImageModel, fom.PromptMixin):
         return self._config_cache
 
     def core(self, image: bool = False, text: bool = False) -> dinov2clip.DinoV2Clip:
-        """The core model (projector included), with (at least) the requested towers loaded."""
-        if self._core is None:
+        """The core model (projector included), with (at least) the requested towers loaded: one loaded without
+        them is loaded again with them (the process keeps the text tower and the weight hashes)."""
+        had = self._core
+        if had is None or (image and had.image_encoder is None) or (text and had.text_encoder is None):
+            image = image or (had is not None and had.image_encoder is not None)
+            text = text or (had is not None and had.text_encoder is not None)
             self._core = dinov2clip.load(self.config.source, device=str(self.device), dtype=self.config.dtype,
                                          batch_size=self.config.batch_size, image=image, text=text)
             self._check_fingerprint(self._core.fingerprint)
-        return dinov2clip.attach(self._core, image=image, text=text)
+        return self._core
 
     def text_encoders(self) -> dinov2clip.Encoders:
         """What a text query needs and no more: CLIP's text tower, without the projector or DINOv2 (the App
@@ -136,7 +140,7 @@ class DinoV2ClipModel(fout.TorchImageModel, fom.PromptMixin):
         if self._core is not None:
             return self.core(text=True)
         if self._text is None:
-            known = self.core_config().known_fingerprint()
+            known = dinov2clip.identity.known_model(self.core_config())
             if known:  # a model directory records its projector's hash
                 self._check_fingerprint(known)
             self._text = dinov2clip.load_encoders(self.config.source, device=str(self.device),

@@ -5,7 +5,7 @@ import torch
 
 from dinov2clip.dinov2 import pool
 from training.data import EmbeddingSet
-from training.precompute import ARRAYS, write_shard
+from training.shards import ARRAYS, write_shard
 
 
 @pytest.fixture(scope="module")

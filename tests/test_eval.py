@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dinov2clip import UserError
+from dinov2clip import UserError, identity
 from dinov2clip.atomic import write_json_atomic
 from dinov2clip.config import ModelConfig, read_config
 from dinov2clip.modeldir import save_model_dir
@@ -455,7 +455,7 @@ def test_teacher_off_its_published_figure_warns(tiny_dir, karpathy, tmp_path, ca
     config = json.loads((claimed / "config.json").read_text())
     config["clip"]["origin"] = "ViT-B-16-quickgelu/openai"
     # the projector, re-declared as trained for the encoders claimed (else the pairing is refused)
-    config["projector"]["encoder_fingerprint"] = ModelConfig.from_dict(config).encoder_fingerprint()
+    config["projector"]["encoder_fingerprint"] = identity.encoders(ModelConfig.from_dict(config))
     write_json_atomic(claimed / "config.json", config)
     with pytest.warns(TeacherCheckWarning) as caught:
         r = run_eval(claimed, karpathy, tmp_path / "out")

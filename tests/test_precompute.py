@@ -15,6 +15,7 @@ from dinov2clip.errors import UserError
 pytest.importorskip("fsspec", reason="shards are opened with fsspec (the [train] extra)")
 pytest.importorskip("braceexpand", reason="shard lists use brace patterns (the [train] extra)")
 from training import precompute as pc  # noqa: E402
+from training import shards as fmt  # noqa: E402
 from dinov2clip.dinov2 import DinoV2Encoder, pool  # noqa: E402
 from training.data import EmbeddingSet  # noqa: E402
 from training.synthetic import write_shapes_shards  # noqa: E402
@@ -39,7 +40,7 @@ def done(shards, tiny_dir, tmp_path_factory):
 def test_outputs_shapes_counts_and_skips(done, shards):
     out, summary = done
     assert summary == {**summary, "shards": 3, "written": 3, "done_before": 0, "samples": 34, "skipped": 2}
-    metas = [json.loads((out / "shards" / p.stem / pc.META).read_text()) for p in shards]
+    metas = [json.loads((out / "shards" / p.stem / fmt.META).read_text()) for p in shards]
     assert [m["count"] for m in metas] and sum(m["skipped"] for m in metas) == 2
     for m in metas:
         assert m["skipped"] == len(m["skipped_keys"]) and m["count"] + m["skipped"] == 12
@@ -48,7 +49,7 @@ def test_outputs_shapes_counts_and_skips(done, shards):
         for name, dim in (("dinov2_cls", 32), ("dinov2_patch_mean", 32), ("clip_image", 32), ("clip_text", 32)):
             arr = np.load(d / f"{name}.npy", mmap_mode="r")
             assert arr.dtype == np.float16 and arr.shape == (m["count"], dim)
-        text = json.loads((d / pc.TEXT).read_text())
+        text = json.loads((d / fmt.TEXT).read_text())
         assert len(text["keys"]) == len(text["captions"]) == m["count"]
         assert not set(text["keys"]) & set(m["skipped_keys"])
     assert not list((out / "shards").glob(".*"))  # no temporary directories left
@@ -64,7 +65,7 @@ def test_values_match_the_model_and_teacher(done, shards, tiny_dir):
     out, _ = done
     models = m = pc.load_encoders(str(tiny_dir), device="cpu", dtype="fp32")
     d = out / "shards" / shards[0].stem
-    text = json.loads((d / pc.TEXT).read_text())
+    text = json.loads((d / fmt.TEXT).read_text())
     samples = {s["__key__"]: s for s in pc.read_samples(str(shards[0]))}
     images = [Image.open(io.BytesIO(samples[k]["jpg"])).convert("RGB") for k in text["keys"]]
     pixels = torch.stack([m.preprocess(im) for im in images])
@@ -102,10 +103,10 @@ def test_rank_split_is_identical_to_one_process(done, shards, tiny_dir, tmp_path
                            progress=False)["shards"] for r in (0, 1)]
     assert parts == [2, 1]
     for p in shards:
-        for name in pc.ARRAYS:
+        for name in fmt.ARRAYS:
             assert (tmp_path / "shards" / p.stem / f"{name}.npy").read_bytes() == \
                 (out / "shards" / p.stem / f"{name}.npy").read_bytes()
-    assert pc.manifest(tmp_path)["sha256"] == pc.manifest(out)["sha256"]
+    assert fmt.manifest(tmp_path)["sha256"] == fmt.manifest(out)["sha256"]
     data = EmbeddingSet([out], "mean")
     assert len(data) == 34 and data.input_dim == 32
 
@@ -145,12 +146,12 @@ pc.precompute({str(tiny_dir)!r}, {[str(p) for p in shards]!r}, {str(tmp_path)!r}
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert pc.is_done(tmp_path, shards[0].stem) and not pc.is_done(tmp_path, shards[1].stem)
+    assert fmt.is_done(tmp_path, shards[0].stem) and not fmt.is_done(tmp_path, shards[1].stem)
     assert list((tmp_path / "shards").glob(".*.tmp-*"))
     summary = pc.precompute(str(tiny_dir), [str(p) for p in shards], tmp_path, batch_size=5, device="cpu",
                             dtype="fp32", workers=2, progress=False)
     assert summary["done_before"] == 1 and summary["written"] == 2
-    assert pc.manifest(tmp_path)["sha256"] == pc.manifest(out)["sha256"]
+    assert fmt.manifest(tmp_path)["sha256"] == fmt.manifest(out)["sha256"]
 
 
 def test_cli_errors_are_one_line(tmp_path):
@@ -175,7 +176,7 @@ def test_an_unreadable_shard_is_skipped_named_and_retried(shards, tiny_dir, tmp_
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "skipped unreadable shard" in proc.stderr and "shapes-00099.tar" in proc.stderr
     assert "'written': 2" in proc.stdout and "shapes-00099.tar" in proc.stdout
-    assert pc.is_done(out, shards[0].stem) and pc.is_done(out, shards[2].stem) and not pc.is_done(out, bad.stem)
+    assert fmt.is_done(out, shards[0].stem) and fmt.is_done(out, shards[2].stem) and not fmt.is_done(out, bad.stem)
     assert not list((out / "shards").glob(".*"))
     again = pc.precompute(str(tiny_dir), inputs, out, batch_size=5, device="cpu", dtype="fp32", workers=1,
                           progress=False)
@@ -209,8 +210,8 @@ def test_captions_bounded_and_bad_ones_skipped(tmp_path, tiny_dir):
     summary = pc.precompute(str(tiny_dir), [str(tar_path)], tmp_path / "out", batch_size=4, device="cpu",
                             dtype="fp32", workers=1, progress=False)
     assert summary["samples"] == 2 and summary["skipped"] == 3
-    meta = json.loads((tmp_path / "out" / "shards" / "captions" / pc.META).read_text())
+    meta = json.loads((tmp_path / "out" / "shards" / "captions" / fmt.META).read_text())
     assert set(meta["skipped_keys"]) == {"empty", "blank", "num"} and meta["captions_cut"] == 1
-    captions = dict(zip(*json.loads((tmp_path / "out" / "shards" / "captions" / pc.TEXT).read_text()).values()))
+    captions = dict(zip(*json.loads((tmp_path / "out" / "shards" / "captions" / fmt.TEXT).read_text()).values()))
     assert len(captions["long"]) == pc.MAX_CAPTION_CHARS and captions["long"].endswith(pc.CUT_MARK)
     assert captions["ok"] == "a red square"

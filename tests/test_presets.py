@@ -53,7 +53,8 @@ def test_reference_preset_loads_offline_and_matches_manual_pipeline(seeded, refe
     import open_clip
     from transformers import Dinov2Model
 
-    assert reference.embed_dim == 512 and reference.config.clip["quick_gelu"]
+    assert reference.embed_dim == 512 and reference.encoders.found_config().clip["quick_gelu"]
+    assert "quick_gelu" not in reference.config.clip  # what the build found goes to the built object
     imgs = [solid("red"), solid("navy", (120, 300))]
     ours = reference.encode_image(imgs)
     backbone = Dinov2Model.from_pretrained(str(seeded["dinov2_dir"])).eval()
@@ -102,7 +103,7 @@ def test_bundle_of_preset_is_self_contained(seeded, reference, tmp_path):
     hidden = hub.with_name("hub-hidden")
     hub.rename(hidden)  # nothing may come from the caches now
     try:
-        bundled = dinov2clip.load(str(out), device="cpu", dtype="fp32", keep_clip_visual=True)
+        bundled = dinov2clip.load(str(out), device="cpu", dtype="fp32", teacher=True)
         assert bundled.fingerprint == reference.fingerprint
         from open_clip.model import get_model_preprocess_cfg  # the teacher's own preprocessing travels along
 
@@ -127,16 +128,16 @@ def test_unreachable_projector_names_url_and_remedy(seeded):
 
 
 def test_preset_pins_are_checked_on_load(seeded, monkeypatch):
-    """A preset's recorded sha256 and revision reach the config; the projector's is checked on load. The
-    reference records neither: both are unknown to us (never fetched where we build), so none is guessed."""
+    """A preset's recorded sha256 and revision reach the config; the projector's is checked on load (the loaded
+    unit says its hash). The reference records neither: both are unknown to us (never fetched where we build), so none is guessed."""
     from dataclasses import replace
 
     from dinov2clip.factory import resolve_source
 
     assert PRESETS["reference"].dinov2_revision is None and PRESETS["reference"].projector_tensor_sha256 is None
-    good = dinov2clip.load("reference", text=False, device="cpu", dtype="fp32").config.projector["tensor_sha256"]
+    good = dinov2clip.load("reference", text=False, device="cpu", dtype="fp32").projector.sha256
     monkeypatch.setitem(PRESETS, "pinned", replace(PRESETS["reference"], projector_tensor_sha256=good))
-    assert dinov2clip.load("pinned", text=False, device="cpu", dtype="fp32").config.projector["tensor_sha256"] == good
+    assert dinov2clip.load("pinned", text=False, device="cpu", dtype="fp32").projector.sha256 == good
     monkeypatch.setitem(PRESETS, "pinned", replace(PRESETS["reference"], projector_tensor_sha256="0" * 64,
                                                    dinov2_revision="main"))
     assert resolve_source("pinned")[0].dinov2["revision"] == "main"

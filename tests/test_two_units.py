@@ -13,11 +13,13 @@ import pytest
 import torch
 
 import dinov2clip
+from dinov2clip import identity
 from dinov2clip.errors import UserError
 
 pytest.importorskip("yaml", reason="the pipeline reads YAML configs (the [train] extra)")
 pytest.importorskip("braceexpand", reason="shard lists use brace patterns (the [train] extra)")
 from training import precompute as pc  # noqa: E402
+from training import shards as fmt  # noqa: E402
 from training.data import EmbeddingSet  # noqa: E402
 from training.synthetic import write_shapes_shards  # noqa: E402
 from training.train import TrainConfig, train  # noqa: E402
@@ -71,7 +73,7 @@ def test_encoders_load_without_a_projector(tiny_dir, shards, tmp_path):
     proc = cli("training.run", "precompute", "--model", bare, "--shards", *shards[:2], "--out", out, "--device", "cpu",
                "--dtype", "fp32", "--batch-size", "8", "--workers", "1", "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert list(pc.fingerprints(out)) == [full.config.encoder_fingerprint(pooling=False)]
+    assert list(fmt.fingerprints(out)) == [identity.towers(full.config)]
 
 
 def test_projector_for_other_encoders_is_refused(tiny_dir, other_dir):
@@ -87,16 +89,16 @@ def test_projector_for_other_encoders_is_refused(tiny_dir, other_dir):
 def test_precompute_refuses_an_out_of_other_encoders(tiny_dir, other_dir, shards, tmp_path):
     out = tmp_path / "pre"
     precompute(tiny_dir, shards, out)
-    before = {p.name: (p / pc.META).read_bytes() for p in (out / "shards").iterdir()}
-    a = list(pc.fingerprints(out))[0]
-    b = dinov2clip.load_encoders(str(other_dir), image=False, text=False).config.encoder_fingerprint(pooling=False)
+    before = {p.name: (p / fmt.META).read_bytes() for p in (out / "shards").iterdir()}
+    a = list(fmt.fingerprints(out))[0]
+    b = identity.towers(dinov2clip.load_encoders(str(other_dir), image=False, text=False).config)
     args = ["precompute", "--model", other_dir, "--shards", *shards, "--out", out, "--device", "cpu", "--dtype",
             "fp32", "--batch-size", "8", "--workers", "1", "--quiet"]
     one_line_error(cli("training.run", *args), a[:12], b[:12], "--overwrite")
-    assert {p.name: (p / pc.META).read_bytes() for p in (out / "shards").iterdir()} == before
+    assert {p.name: (p / fmt.META).read_bytes() for p in (out / "shards").iterdir()} == before
     proc = cli("training.run", *args, "--overwrite")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert list(pc.fingerprints(out)) == [b]
+    assert list(fmt.fingerprints(out)) == [b]
 
 
 def test_train_refuses_mixed_shards_and_splits(tiny_dir, other_dir, shards, tmp_path):
@@ -127,7 +129,7 @@ def test_resume_with_a_changed_config_is_refused(tiny_dir, shards, tmp_path):
                num_blocks=1, batch_size=12, device="cpu", progress=False, model_source=str(tiny_dir))
     first = train(TrainConfig(epochs=1, **cfg))
     ckpt = torch_load(tmp_path / "run" / "checkpoints" / "last.pt")
-    assert ckpt["encoder_fingerprint"] == list(pc.fingerprints(pre))[0]
+    assert ckpt["encoder_fingerprint"] == list(fmt.fingerprints(pre))[0]
     with pytest.raises(UserError, match=r"changed: epochs 1 → 2"):
         train(TrainConfig(epochs=2, resume=True, **cfg))
     again = train(TrainConfig(**{**cfg, "epochs": 1, "resume": True, "progress": True}))  # how it runs may change

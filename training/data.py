@@ -13,10 +13,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from dinov2clip import identity
 from dinov2clip.dinov2 import check_pooling, pool
 from dinov2clip.errors import UserError
 
-from .precompute import ARRAYS, META, TEXT, check_one_encoder, manifest, shard_fingerprint
+from .shards import ARRAYS, META, TEXT, check_one_encoder, manifest
 
 
 class EmbeddingSet:
@@ -29,7 +30,7 @@ class EmbeddingSet:
         found: dict[str, list[str]] = {}
         for man in self.manifests:
             for meta in man["shards"]:
-                found.setdefault(str(shard_fingerprint(meta)), []).append(meta["name"])
+                found.setdefault(str(identity.of_shard(meta)), []).append(meta["name"])
         self.encoder_fingerprint = check_one_encoder(found, ", ".join(map(str, dirs)))
         self.shards = []
         for d, man in zip(dirs, self.manifests):

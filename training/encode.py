@@ -15,16 +15,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dinov2clip.embed import load_embeddings, save_embeddings
+from dinov2clip import identity
+from dinov2clip.embed import iter_pixel_batches, load_embeddings, save_embeddings
 from dinov2clip.errors import ImageError, UserError
-from dinov2clip.preprocess import load_rgb
 
 from .datasets import RetrievalSet
 
@@ -39,12 +39,12 @@ def load_models(source: str, device: str | None = None, dtype="auto", batch_size
     return load(source, device=device, dtype=dtype, batch_size=batch_size, teacher=True)
 
 
-def dinov2_identity(enc) -> dict:
-    """What the pooled DINOv2 features depend on (an eval-cache key)."""
-    d = enc.config.dinov2
-    return {"origin": d.get("origin") or d["source"], "revision": d.get("revision"), "class": d.get("class"),
-            "pooling": d["pooling"], "files": _bundled_hashes(enc.config, d),
-            "encoder_fingerprint": enc.encoder_fingerprint}
+def dinov2_identity(enc, pooling: str | None = None) -> dict:
+    """What the DINOv2 features pooled by `pooling` (default: the encoders') depend on (an eval-cache key)."""
+    d, pooling = enc.config.dinov2, pooling or enc.config.dinov2["pooling"]
+    return {"origin": d.get("origin") or d["source"], "revision": d.get("revision"), "class": enc.image_encoder.kind,
+            "pooling": pooling, "files": _bundled_hashes(enc.config, d),
+            "encoder_fingerprint": identity.encoders(enc.config, pooling)}
 
 
 def clip_identity(enc) -> dict:
@@ -100,14 +100,16 @@ class Embedded:
 
 
 def embed_set(models, ds: RetrievalSet, cache: EmbeddingCache, skip_unreadable: bool = False,
-              workers: int | None = None, progress: bool = True) -> Embedded:
-    model = models  # `dinov2clip.Encoders` (or a model) with the teacher
+              workers: int | None = None, progress: bool = True, pooling: str | None = None) -> Embedded:
+    """`models`: `dinov2clip.Encoders` (or a model) with the teacher; `pooling` (default: theirs) pools the
+    DINOv2 features."""
+    model = models
     common = {"dtype": str(model.dtype).removeprefix("torch."), "device": model.device.type,
               "pipeline": PIPELINE_VERSION}
     images = {**common, "annotation_sha256": ds.annotation_sha256, "split": ds.split,
               "image_root": str(ds.image_root.resolve()), "images": ds.images_digest()}
     keys = {
-        "dinov2": {**images, "kind": "dinov2", "encoder": dinov2_identity(models),
+        "dinov2": {**images, "kind": "dinov2", "encoder": dinov2_identity(models, pooling),
                    "preprocess": model.config.preprocess},
         "teacher": {**images, "kind": "clip-image", "encoder": clip_identity(models),
                     "preprocess": models.teacher_preprocess,
@@ -120,7 +122,9 @@ def embed_set(models, ds: RetrievalSet, cache: EmbeddingCache, skip_unreadable: 
     arrays = {part: hit[0] for part, hit in found.items() if hit}
     failed = {int(i): msg for hit in found.values() if hit for i, msg in hit[1].get("failed", {}).items()}
 
-    towers = {part: tower for part, tower in _image_towers(models).items() if part not in arrays}
+    towers = {"dinov2": (model.preprocess, partial(model.encode_dinov2, pooling=pooling)),
+              "teacher": (model.teacher_transform, model.encode_teacher)}  # part → (image transform, batch encoder)
+    towers = {part: tower for part, tower in towers.items() if part not in arrays}
     if towers:
         new, new_failed = _image_pass(ds, towers, model.batch_size, skip_unreadable, workers, progress)
         for part, emb in new.items():
@@ -142,42 +146,25 @@ def embed_set(models, ds: RetrievalSet, cache: EmbeddingCache, skip_unreadable: 
     return Embedded(reduced, arrays["dinov2"][kept], arrays["teacher"][kept], arrays["text"][caption_kept], status)
 
 
-def _image_towers(enc) -> dict:
-    """part → (transform of an RGB PIL image, batch encoder)."""
-    return {"dinov2": (enc.preprocess, enc.encode_dinov2), "teacher": (enc.teacher_transform, enc.encode_teacher)}
-
-
 def _image_pass(ds: RetrievalSet, towers: dict, batch_size: int, skip: bool, workers: int | None, progress: bool):
-    """Decode each image once, run every tower on it. A bad image fails alone, never its batch; without
-    `skip` the first one stops the run at once."""
+    """Decode each image once (the core's image loop), run every tower on it. A bad image fails alone, never
+    its batch; without `skip` the first one stops the run at once."""
     from tqdm.auto import tqdm
-
-    def prepare(i):
-        try:
-            image = load_rgb(ds.images[i])
-            return i, {part: transform(image) for part, (transform, _) in towers.items()}, None
-        except ImageError as e:
-            return i, None, str(e)
 
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     out = {part: [None] * len(ds.images) for part in towers}
     failed: dict[int, str] = {}
-    with ThreadPoolExecutor(max(1, workers)) as pool, \
-            tqdm(total=len(ds.images), desc=f"embed {ds.name} images", unit="img", disable=not progress) as bar:
-        for start in range(0, len(ds.images), batch_size):
-            results = list(pool.map(prepare, range(start, min(start + batch_size, len(ds.images)))))
-            for i, _, err in results:
-                if err is not None:
-                    if not skip:
-                        raise UserError(f"{ds.annotation_file}: {ds.entries[i]}: {err}; pass --skip-missing to skip it")
-                    failed[i] = err
-            ok = [(i, pix) for i, pix, err in results if err is None]
-            for part, (_, encode) in towers.items():
-                if ok:
-                    emb = encode(torch.stack([pix[part] for _, pix in ok])).float().cpu().numpy()
-                    for (i, _), row in zip(ok, emb):
-                        out[part][i] = row
-            bar.update(len(results))
+    transforms = {part: transform for part, (transform, _) in towers.items()}
+    with tqdm(total=len(ds.images), desc=f"embed {ds.name} images", unit="img", disable=not progress) as bar:
+        for idx, pixels, failures in iter_pixel_batches(transforms, ds.images, batch_size, max(1, workers)):
+            for i, err in failures:
+                if not skip:
+                    raise UserError(f"{ds.annotation_file}: {ds.entries[i]}: {err}; pass --skip-missing to skip it")
+                failed[i] = err
+            for part, (_, encode) in towers.items() if pixels is not None else ():
+                for i, row in zip(idx, encode(pixels[part]).float().cpu().numpy()):
+                    out[part][i] = row
+            bar.update(len(idx) + len(failures))
     arrays = {}
     for part, rows in out.items():
         dim = next((r.shape[0] for r in rows if r is not None), 0)

@@ -147,7 +147,7 @@ def _model_info(source: str, models) -> dict:
     config = models.config
     local = Path(source)
     return {"source": str(local.resolve()) if local.is_dir() else source, "fingerprint": models.fingerprint,
-            "projector_sha256": config.projector.get("tensor_sha256"), "weights_sha256": config.weights_sha256,
+            "projector_sha256": models.projector.sha256, "weights_sha256": config.weights_sha256,
             "dinov2": dinov2_identity(models), "clip": clip_identity(models), "preprocess": config.preprocess}
 
 

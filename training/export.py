@@ -3,7 +3,6 @@ model directory it is exported as (encoders of the training data + this projecto
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -11,11 +10,9 @@ from dinov2clip.atomic import atomic_path, write_json_atomic
 from dinov2clip.errors import UserError
 from dinov2clip.projector import ProjectorWithResiduals
 
+from .config import TrainConfig
 from .data import EmbeddingSet
 from .validation import evaluate_split, judged_on_karpathy, load_split, teacher_recall
-
-if TYPE_CHECKING:
-    from .train import TrainConfig
 
 
 def write_metrics(out: Path, history: list, cfg: TrainConfig) -> None:
@@ -78,9 +75,7 @@ def git_sha() -> str | None:
 def export_model(cfg: TrainConfig, projector, train_data: EmbeddingSet, metrics: dict, best: dict, out_dir: Path,
                  selected_on: str = "val"):
     """A dinov2clip model directory: the precompute's DINOv2 + CLIP (bundled copies kept), this projector."""
-    import shutil
-
-    from dinov2clip.config import ModelConfig, check_relative
+    from dinov2clip.config import ModelConfig
     from dinov2clip.factory import resolve_source
     from dinov2clip.modeldir import save_model_dir
 
@@ -103,11 +98,4 @@ def export_model(cfg: TrainConfig, projector, train_data: EmbeddingSet, metrics:
         "metrics": metrics, "base_model": str(source),
         **({"demo": base.provenance["demo"]} if base.provenance.get("demo") else {}),  # random towers stay a demo
     }
-
-    def copy_parts(tmp: Path, config) -> None:
-        for section in (config.dinov2, config.clip):
-            rel = section.get("path")
-            if rel and root is not None:
-                shutil.copytree(root / check_relative(rel, "model source"), tmp / rel)
-
-    return save_model_dir(base, projector, out_dir, overwrite=True, extra=copy_parts)
+    return save_model_dir(base, projector, out_dir, overwrite=True, parts=root)

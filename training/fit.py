@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dinov2clip import identity
 from dinov2clip.errors import UserError
 
 from . import quality as q
@@ -117,12 +118,11 @@ def feature_dir(source: str, device: str | None, dtype: str, cache: Path | None)
     from dinov2clip.model import default_device, resolve_dtype
     from dinov2clip.sources import cache_dir
 
-    from .precompute import source_fingerprint
 
     kind = torch.device(device or default_device()).type
     resolved = str(resolve_dtype(dtype, kind)).removeprefix("torch.")
     root = Path(cache) if cache else cache_dir() / "fit"
-    return root / "features" / f"{source_fingerprint(source)[:24]}-{kind}-{resolved}-v{FIT_VERSION}"
+    return root / "features" / f"{identity.of_source(source)[:24]}-{kind}-{resolved}-v{FIT_VERSION}"
 
 
 class Encoding:
@@ -177,7 +177,8 @@ def encode_shards(urls: list[str], features: Path, encoding: Encoding, val_perce
     import fsspec
     from tqdm.auto import tqdm
 
-    from .precompute import IMAGE_EXTS, UnreadableShard, clean_partial, is_done, read_samples
+    from .precompute import IMAGE_EXTS, UnreadableShard, read_samples
+    from .shards import clean_partial, is_done
 
     def side_of(sample) -> str:
         data = next((sample[e] for e in IMAGE_EXTS if e in sample), b"")
@@ -219,7 +220,7 @@ def encode_chunks(hashes: list[str], features: Path, name_of, write, desc: str, 
     by `write(name, members, bar)` (a killed writer's temporaries removed first); returns every chunk's name."""
     from tqdm.auto import tqdm
 
-    from .precompute import clean_partial, is_done
+    from .shards import clean_partial, is_done
 
     todo = [(name_of(c), c) for c in chunks(hashes)]
     clean_partial(features, [n for n, _ in todo])
@@ -328,9 +329,9 @@ def fit(inputs, model: str, out, *, init: str | None = None, from_scratch: bool 
                         f"{', '.join(map(str, inputs))}" + (f" ({len(images.unreadable)} unreadable)"
                                                            if images.unreadable else ""))
     start, start_model = resolve_init(model, init, from_scratch)
-    if start_model is not None and start_model.config.encoder_fingerprint() != config.encoder_fingerprint():
-        raise UserError(f"--init {start} was trained for encoders {start_model.config.encoders_label()}, "
-                        f"{model} has {config.encoders_label()}: its projector does not fit them")
+    if start_model is not None and start_model.encoder_fingerprint != identity.encoders(config):
+        raise UserError(f"--init {start} was trained for encoders {identity.label(start_model.config)}, "
+                        f"{model} has {identity.label(config)}: its projector does not fit them")
     train_hashes, val_hashes = split(images, val_percent)
     features = feature_dir(model, device, dtype, cache)
     encoding = Encoding(model, device, dtype, encode_batch_size, workers, progress)
@@ -347,7 +348,7 @@ def fit(inputs, model: str, out, *, init: str | None = None, from_scratch: bool 
 
     recipe = {"version": FIT_VERSION, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
               "hidden_dim": hidden_dim, "num_blocks": num_blocks, "pooling": pooling, "val_percent": val_percent,
-              "init": start, "init_projector": start_model and start_model.config.projector.get("tensor_sha256")}
+              "init": start, "init_projector": start_model and start_model.projector.sha256}
     trained = train_stage(features, train_names, val_names, recipe, start_model, model, device, progress)
     after, before = held_out_quality(trained, model, images, val_hashes, start_model, queries, template, labels)
     counts = {"images_given": images.given, "distinct": len(images.paths), "from_shards": from_shards,
@@ -375,7 +376,8 @@ def train_stage(features: Path, train_names: list[str], val_names: list[str], re
     """The train stage (MSE only, the best validation epoch selected) over cached shards `features`/`names`, in
     a run directory named by the recipe and the shards, so a killed run resumes from its last epoch.
     `model_source` is what the trained model directory is built from ("" : the shards' recorded config)."""
-    from .train import TrainConfig, train
+    from .config import TrainConfig
+    from .train import train
 
     run_key = hashlib.sha256(json.dumps({"recipe": recipe, "train": train_names, "val": val_names,
                                          "features": features.name}, sort_keys=True).encode()).hexdigest()[:24]
@@ -450,29 +452,20 @@ def check_out(out, overwrite: bool) -> None:
 def export(trained: Path, out: Path, record: dict, parts: Path | None = None) -> Path:
     """The trained model directory, with `record` in its provenance, written to `out` (atomically); its bundled
     towers are copied from `parts` (default: the trained directory)."""
-    import shutil
-
-    from dinov2clip.config import check_relative, read_config
+    from dinov2clip.config import read_config
     from dinov2clip.modeldir import save_model_dir
     from dinov2clip.projector import load_projector
 
     config = read_config(trained)
     config.provenance = {**config.provenance, "recipe": "fit (training.run fit)", "fit": record}
-
-    def copy_parts(tmp: Path, cfg) -> None:
-        for section in (cfg.dinov2, cfg.clip):
-            rel = section.get("path")
-            if rel:
-                shutil.copytree((parts or trained) / check_relative(rel, "fitted model"), tmp / rel)
-
     config.weights_sha256 = {}
     config.projector = {k: v for k, v in config.projector.items() if k not in ("tensor_sha256", "path")}
-    return save_model_dir(config, load_projector(trained), out, overwrite=True, extra=copy_parts)
+    return save_model_dir(config, load_projector(trained), out, overwrite=True, parts=parts or trained)
 
 
 def kept_rows(split_dir: Path) -> list[str]:
     """The content hashes of the rows of a split, in EmbeddingSet's row order (shard name, then row)."""
-    from .precompute import TEXT
+    from .shards import TEXT
 
     out = []
     for shard in sorted((split_dir / "shards").iterdir()):

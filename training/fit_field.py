@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dinov2clip import identity
 from dinov2clip.errors import UserError
 
 from . import quality as q
@@ -57,11 +58,11 @@ def start_from(model: str, source_config, producer: dict, width: int, init: str 
         raise UserError("give --init SOURCE or --from-scratch, not both")
     if init and not from_scratch:
         start_model = load(init, image=False, text=False, device="cpu", dtype="fp32")
-        got = start_model.config.projector.get("input_dim")
+        got = start_model.projector.config.input_dim
         if got != width:
             raise UserError(f"--init {init} takes {got}-d inputs; the field holds {width}-d vectors")
         return init, start_model
-    if not from_scratch and producer.get("encoder_fingerprint") == source_config.encoder_fingerprint():
+    if not from_scratch and producer.get("encoder_fingerprint") == identity.encoders(source_config):
         return resolve_init(model, None, False)
     return None, None
 
@@ -102,13 +103,10 @@ class Teacher:
         """(indices embedded, their teacher embeddings, index → why for the images that could not be read),
         through the core's per-image batch loop: a bad image fails alone."""
         from dinov2clip.embed import iter_pixel_batches
-        from dinov2clip.preprocess import load_rgb
 
         enc = self.load()
-        transform = enc.teacher_transform
         kept, embs, failed = [], [], {}
-        for idx, pixels, failures in iter_pixel_batches(lambda p: transform(load_rgb(p)), paths, self.batch_size,
-                                                        self.workers):
+        for idx, pixels, failures in iter_pixel_batches(enc.teacher_transform, paths, self.batch_size, self.workers):
             failed.update(dict(failures))
             if pixels is not None:
                 kept += idx
@@ -121,7 +119,7 @@ class Teacher:
 
 def chunk_name(config, members: list[str], vectors: dict[str, np.ndarray]) -> str:
     """Named by its content: the producer, the images and the stored vectors (a changed vector is a new chunk)."""
-    h = hashlib.sha256(config.encoder_fingerprint(pooling=False).encode())
+    h = hashlib.sha256(identity.towers(config).encode())
     for m in members:
         h.update(m.encode())
         h.update(vectors[m].tobytes())
@@ -132,7 +130,7 @@ def write_chunk(features: Path, name: str, members: list[str], images: Images, v
                 bar) -> None:
     """One precompute-format shard: dinov2_cls = the stored vectors ("cls" pooling reads only those), the
     teacher's image embedding, no patches and no captions."""
-    from .precompute import encoders_identity, write_shard
+    from .shards import encoders_record, write_shard
 
     kept, clip_image, failed = teacher.embed([images.paths[h] for h in members], bar)
     keys = [members[i] for i in kept]
@@ -142,7 +140,7 @@ def write_chunk(features: Path, name: str, members: list[str], images: Images, v
     arrays = {"dinov2_cls": cls, "dinov2_patch_mean": np.zeros_like(cls), "clip_image": clip_image,
               "clip_text": np.zeros_like(clip_image)}
     # precompute's record of the teacher (preprocessing, dtypes), with the field model's own identity
-    encoders = {**encoders_identity(enc, ""), "fingerprint": config.encoder_fingerprint(pooling=False),
+    encoders = {**encoders_record(enc, ""), "fingerprint": identity.towers(config),
                 "config": config.to_dict()}
     meta = {"source": f"field {config.dinov2['field']}", "num_patches": 0, "num_register_tokens": 0,
             "skipped": len(failed), "skipped_keys": {members[i]: why for i, why in failed.items()},
@@ -209,7 +207,7 @@ def fit_field(dataset: str, field: str, model: str, out, *, view: str | None = N
 
     recipe = {"version": FIELD_VERSION, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
               "hidden_dim": hidden_dim, "num_blocks": num_blocks, "pooling": "cls", "val_percent": val_percent,
-              "init": start, "init_projector": start_model and start_model.config.projector.get("tensor_sha256"),
+              "init": start, "init_projector": start_model and start_model.projector.sha256,
               "from_field": {"field": field, "producer": found, "width": width}}
     # "" : the trained directory is built from the shards' recorded config (the field's, not a DINOv2's)
     trained = train_stage(features, train_names, val_names, recipe, start_model, "", device, progress)

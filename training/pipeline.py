@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from dinov2clip.errors import UserError
+from dinov2clip.errors import UserError, first_line
 
 from .rerun import record_or_check
 
@@ -57,7 +57,7 @@ def load_config(spec, overrides=()) -> dict:
     except OSError as e:  # a folder of that name, no permission: one line, like a missing file
         raise UserError(f"cannot read config {path}: {e.strerror or type(e).__name__}") from None
     except yaml.YAMLError as e:
-        raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{path}: invalid YAML ({first_line(e)})") from None
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -77,7 +77,8 @@ def load_config(spec, overrides=()) -> dict:
 
 def run_pipeline(cfg: dict, output, progress: bool = True) -> dict:
     from .precompute import precompute
-    from .train import TrainConfig, train
+    from .config import TrainConfig
+    from .train import train
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)

@@ -110,7 +110,8 @@ def run_planted(out, n_train: int = 200_000, n_eval: int = 5_000, in_dim: int = 
                 num_blocks: int = 2, seed: int = 0, progress: bool = False, cpu_threads: int = 0,
                 losses=("mse", "contrastive"), **train_options) -> dict:
     """Generate (once) and train; `train_options` go to `TrainConfig` (e.g. weight_decay=0.0)."""
-    from .train import TrainConfig, train
+    from .config import TrainConfig
+    from .train import train
 
     out = Path(out)
     data_config = {"n_train": n_train, "n_eval": n_eval, "in_dim": in_dim, "out_dim": out_dim, "hidden": hidden,
@@ -155,7 +156,7 @@ def fit_path(out: Path, sets: dict, hidden: int, num_blocks: int, epochs: int, b
     """The planted train and val pairs as `fit` stores images (no captions), trained by `fit`'s train stage
     (MSE, the epoch selected on image↔teacher recall); returns its training run directory."""
     from .fit import train_stage
-    from .precompute import write_shard
+    from .shards import write_shard
 
     features = out / "fit" / "features" / "planted"
     names = {}

@@ -17,28 +17,25 @@ hands each `torchrun` rank every WORLD_SIZE-th shard.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import sys
 import tarfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from dinov2clip.atomic import TMP_MARK, temp_name
-from dinov2clip.errors import ImageError, UserError
+from dinov2clip import identity
+from dinov2clip.errors import UserError
 from dinov2clip.formats import IMAGE_EXTENSIONS
 
-FORMAT = "dinov2clip-precompute/1"
-ARRAYS = ("dinov2_cls", "dinov2_patch_mean", "clip_image", "clip_text")
+from .shards import META, clean_partial, encoders_record, fingerprints, is_done, write_shard
+
 IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)  # webdataset member extensions
-META, TEXT = "meta.json", "text.json"
 
 
 # -- distributor ---------------------------------------------------------------------------------
@@ -145,89 +142,11 @@ def encode_images(enc, dino_pixels: torch.Tensor, clip_pixels: torch.Tensor) -> 
             "clip_image": enc.encode_teacher(clip_pixels), "num_patches": patches.shape[1]}
 
 
-def encoders_identity(enc, source: str) -> dict:
-    """What a shard's numbers depend on, recorded in its meta. `fingerprint` is of the towers alone (no
-    pooling: a shard holds every pooling); shards with different fingerprints never mix."""
-    cfg = enc.config
-    return {"fingerprint": cfg.encoder_fingerprint(pooling=False), "source": source, "config": cfg.to_dict(),
-            "teacher_preprocess": enc.teacher_preprocess, "dtype": str(enc.dtype).removeprefix("torch."),
-            "teacher_dtype": str(enc.teacher_dtype).removeprefix("torch.")}
-
-
 def load_encoders(source: str, device: str | None = None, dtype="auto", batch_size: int = 64):
     """The source's encoders with the CLIP teacher's image tower, and no projector (none need exist)."""
     from dinov2clip import load_encoders as load
 
     return load(source, device=device, dtype=dtype, batch_size=batch_size, teacher=True)
-
-
-# -- writer --------------------------------------------------------------------------------------
-
-def write_shard(out_dir, name: str, arrays: dict[str, np.ndarray], keys: list[str], captions: list[str],
-                meta: dict) -> Path:
-    """Write one shard directory atomically: a temporary sibling, renamed when complete."""
-    final = Path(out_dir) / "shards" / name
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(final)
-    tmp.mkdir()
-    hashes = {}
-    for key in ARRAYS:
-        arr = np.ascontiguousarray(arrays[key], dtype=np.float16)
-        np.save(tmp / f"{key}.npy", arr)
-        hashes[key] = hashlib.sha256(arr.tobytes()).hexdigest()
-    (tmp / TEXT).write_text(json.dumps({"keys": keys, "captions": captions}))
-    full = {"format": FORMAT, "name": name, "count": len(keys), "dinov2_dim": int(arrays["dinov2_cls"].shape[1]),
-            "clip_dim": int(arrays["clip_image"].shape[1]), "sha256": hashes, **meta}
-    (tmp / META).write_text(json.dumps(full, indent=2))
-    if final.exists():  # an older complete copy (overwrite): replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
-
-
-def is_done(out_dir, name: str) -> bool:
-    return (Path(out_dir) / "shards" / name / META).is_file()
-
-
-def clean_partial(out_dir, names: Sequence[str]) -> None:
-    """Remove the temporary directories a killed run left for these shards. Only this rank writes them, so
-    on a shared filesystem no other rank's shard in progress is touched."""
-    root = Path(out_dir) / "shards"
-    for name in names:
-        for p in root.glob(f".{name}{TMP_MARK}*"):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def shard_fingerprint(meta: dict) -> str | None:
-    """The encoder fingerprint (towers alone) a shard was computed with; older shards: from their config."""
-    enc = meta.get("encoders") or {}
-    if enc.get("fingerprint"):
-        return enc["fingerprint"]
-    if enc.get("config"):
-        from dinov2clip.config import ModelConfig
-
-        return ModelConfig.from_dict(enc["config"]).encoder_fingerprint(pooling=False)
-    return None
-
-
-def fingerprints(out_dir) -> dict[str, list[str]]:
-    """Encoder fingerprint → names of the finished shards under `out_dir` computed with it."""
-    root = Path(out_dir) / "shards"
-    found: dict[str, list[str]] = {}
-    for path in sorted(root.glob(f"*/{META}")) if root.is_dir() else []:
-        meta = json.loads(path.read_text())
-        if meta.get("format") == FORMAT:  # only shards this stage wrote (they alone may be replaced)
-            found.setdefault(str(shard_fingerprint(meta)), []).append(path.parent.name)
-    return found
-
-
-def check_one_encoder(found: dict[str, list[str]], where: str) -> str:
-    """The single encoder fingerprint of a set of shards; shards of two encoders are refused."""
-    if len(found) > 1:
-        (a, na), (b, nb) = list(found.items())[:2]
-        raise UserError(f"{where} mixes shards of two encoders: {a[:12]} ({na[0]}, ...) and {b[:12]} ({nb[0]}, ...); "
-                        "their embeddings are not comparable: precompute each model into its own --out")
-    return next(iter(found), "")
 
 
 # -- one shard, then the stage -------------------------------------------------------------------
@@ -240,90 +159,49 @@ def precompute_shard(enc, url: str, out_dir, batch_size: int = 64, workers: int 
     `samples` (dicts in `read_samples`' layout) replaces reading `url`, and `name` names the shard: `fit`
     gives image files this way. `captioned=False`: images alone (`fit`'s MSE needs no caption); clip_text is
     then zeros and the meta says so."""
-    from dinov2clip.preprocess import load_rgb
+    from dinov2clip.embed import iter_pixel_batches
 
-    model = enc
-    keys, captions, parts, skipped = [], [], {k: [] for k in ("dinov2_cls", "dinov2_patch_mean", "clip_image")}, {}
-    num_patches = None
+    found, kept, skipped = [], [], {}  # (key, caption) of each sample with an image; rows kept; key → why not
+    parts, num_patches = {k: [] for k in ("dinov2_cls", "dinov2_patch_mean", "clip_image")}, 0
 
-    def decode(sample):
-        key = sample["__key__"]
-        caption = caption_of(sample)
-        data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
-        if data is None:
-            return key, None, None, "no image"
-        if caption is None and captioned:
-            return key, None, None, "no caption"
-        caption = bound_caption(caption or "")
-        try:
-            image = load_rgb(data)
-            return key, caption, (model.preprocess(image), enc.teacher_transform(image)), None
-        except ImageError as e:
-            return key, None, None, str(e)
-        except Exception as e:  # a decoder's own error on corrupt bytes
-            return key, None, None, f"{type(e).__name__}: {e}"
-
-    def flush(batch):
-        nonlocal num_patches
-        out = encode_images(enc, torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch]))
-        num_patches = out.pop("num_patches")
-        for k, v in out.items():
-            parts[k].append(v.numpy())
-
-    try:
-        samples = read_samples(url) if samples is None else samples
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            pending: list = []  # decoded pixels waiting for a full batch
-            decoding = None  # the full chunk the threads decode while the model runs on the one before
-            chunk: list = []
-
-            def collect(chunk_results, size):
-                pending.extend(_collect_chunk(chunk_results, keys, captions, skipped))
-                if len(pending) >= batch_size:
-                    flush(pending[:batch_size])
-                    del pending[:batch_size]
+    def images(samples):
+        for sample in samples:
+            key, caption = sample["__key__"], caption_of(sample)
+            data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+            if data is None or (caption is None and captioned):
+                skipped[key] = "no image" if data is None else "no caption"
                 if bar is not None:
-                    bar.update(size)
+                    bar.update(1)
+                continue
+            found.append((key, bound_caption(caption or "")))
+            yield data
 
-            for sample in samples:
-                chunk.append(sample)
-                if len(chunk) == batch_size:
-                    submitted = pool.map(decode, chunk)  # starts decoding now
-                    if decoding is not None:
-                        collect(decoding, batch_size)
-                    decoding, chunk = submitted, []
-            if decoding is not None:
-                collect(decoding, batch_size)
-            collect(pool.map(decode, chunk), len(chunk))
-            for i in range(0, len(pending), batch_size):
-                flush(pending[i:i + batch_size])
+    transforms = {"dinov2": enc.preprocess, "teacher": enc.teacher_transform}
+    try:  # the core's image loop: decoded once for both towers, a chunk ahead of the model
+        stream = images(read_samples(url) if samples is None else samples)
+        for idx, pixels, failures in iter_pixel_batches(transforms, stream, batch_size, max(1, workers)):
+            skipped.update((found[i][0], why) for i, why in failures)
+            if pixels is not None:
+                out = encode_images(enc, pixels["dinov2"], pixels["teacher"])
+                num_patches = out.pop("num_patches")
+                for k, v in out.items():
+                    parts[k].append(v.numpy())
+                kept += idx
+            if bar is not None:
+                bar.update(len(idx) + len(failures))
     except (OSError, tarfile.TarError, EOFError) as e:
         raise UnreadableShard(f"unreadable shard {url}: {type(e).__name__}: {e}") from None
-    dim_d = model.image_encoder.hidden_size
-    arrays = {k: (np.concatenate(v) if v else np.zeros((0, dim_d if "dinov2" in k else model.embed_dim), np.float32))
+    keys, captions = [found[i][0] for i in kept], [found[i][1] for i in kept]
+    dim_d = enc.image_encoder.hidden_size
+    arrays = {k: (np.concatenate(v) if v else np.zeros((0, dim_d if "dinov2" in k else enc.embed_dim), np.float32))
               for k, v in parts.items()}
-    arrays["clip_text"] = (model.encode_text(captions).numpy() if captions and captioned
-                           else np.zeros((len(captions), model.embed_dim), np.float32))
-    if num_patches is None:
-        num_patches = 0
-    meta = {"source": url, "num_patches": int(num_patches), "num_register_tokens": model.image_encoder.num_register_tokens,
-            "skipped": len(skipped), "skipped_keys": skipped, "encoders": encoders_identity(enc, source or ""),
+    arrays["clip_text"] = (enc.encode_text(captions).numpy() if captions and captioned
+                           else np.zeros((len(captions), enc.embed_dim), np.float32))
+    meta = {"source": url, "num_patches": int(num_patches), "num_register_tokens": enc.image_encoder.num_register_tokens,
+            "skipped": len(skipped), "skipped_keys": skipped, "encoders": encoders_record(enc, source or ""),
             "captioned": captioned, "captions_cut": sum(c.endswith(CUT_MARK) for c in captions)}
     write_shard(out_dir, name or shard_name(url), arrays, keys, captions, meta)
     return meta
-
-
-def _collect_chunk(results, keys, captions, skipped) -> list:
-    """One decoded chunk, in order: keys and captions of the good samples recorded, bad ones counted."""
-    ok = []
-    for key, caption, pixels, err in results:
-        if err is not None:
-            skipped[key] = err
-        else:
-            keys.append(key)
-            captions.append(caption)
-            ok.append(pixels)
-    return ok
 
 
 def precompute(model: str, shards: Sequence[str], out_dir, batch_size: int = 64, device: str | None = None,
@@ -341,7 +219,7 @@ def precompute(model: str, shards: Sequence[str], out_dir, batch_size: int = 64,
     if dupes:
         raise UserError(f"two shards share the name {sorted(dupes)[0]!r}: outputs would collide")
     mine = rank_slice(urls, rank, world)
-    ours = source_fingerprint(model)
+    ours = identity.of_source(model)
     stale = {fp: n for fp, n in fingerprints(out_dir).items() if fp != ours}
     if stale and not overwrite:
         fp, theirs = next(iter(stale.items()))
@@ -378,22 +256,3 @@ def precompute(model: str, shards: Sequence[str], out_dir, batch_size: int = 64,
             bar.set_postfix(samples_per_s=f"{rate:.0f}", skipped=summary["skipped"])
     summary["seconds"] = time.perf_counter() - start
     return summary
-
-
-def source_fingerprint(model: str) -> str:
-    """The encoder fingerprint (towers alone) of a model source, from its config: nothing is loaded."""
-    from dinov2clip.factory import resolve_source
-
-    config, _ = resolve_source(model)
-    return config.encoder_fingerprint(pooling=False)
-
-
-def manifest(out_dir) -> dict:
-    """Every finished shard's meta (sorted by name) and one hash over their array hashes: the data identity."""
-    root = Path(out_dir) / "shards"
-    metas = [json.loads(p.read_text()) for p in sorted(root.glob(f"*/{META}"))] if root.is_dir() else []
-    if not metas:
-        raise UserError(f"no precomputed shards under {out_dir} (run the precompute stage first)")
-    ident = [(m["name"], m["count"], m["sha256"]) for m in metas]
-    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
-    return {"shards": metas, "sha256": digest, "count": sum(m["count"] for m in metas)}

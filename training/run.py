@@ -126,7 +126,8 @@ def cmd_train(args) -> None:
     from dataclasses import fields
 
     from .pipeline import load_config
-    from .train import TrainConfig, train
+    from .config import TrainConfig
+    from .train import train
 
     opts = dict((load_config(args.config, args.set).get("train") or {}) if args.config else {})
     for f in fields(TrainConfig):
@@ -143,7 +144,7 @@ def cmd_train(args) -> None:
 def add_train(sub) -> None:
     from dataclasses import MISSING, fields
 
-    from .train import TrainConfig
+    from .config import TrainConfig
 
     p = sub.add_parser("train", allow_abbrev=False, help="train a projector on precomputed embeddings",
                        description="Train a projector (AdamW + OneCycleLR; unit-norm MSE and/or InfoNCE with a "

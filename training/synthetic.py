@@ -130,7 +130,7 @@ def planted_alignment(out_dir, n_train: int = 200_000, n_val: int = 5_000, n_tes
     caption, noisier than the image embedding but still informative) unless `text_sigma` is given. (At the
     full size, text noise as large as the targets' own leaves the true map at recall 0.004 on texts: a
     contrastive loss would then learn from almost nothing.) Returns the levels and the true map's recalls."""
-    from .precompute import write_shard
+    from .shards import write_shard
 
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)

@@ -21,8 +21,10 @@ metrics.json + metrics.png. The best epoch on validation is exported; test is ev
 Seeded and deterministic on CPU: an interrupted run resumed with `resume=True` ends bitwise equal; a
 resume with another config, or on shards of other encoders, is refused.
 
-This module is the loop; validation and epoch selection live in `training/validation.py`, the test
-evaluation and the model-directory export in `training/export.py`.
+This module is the loop, read top to bottom: `_set_up` (ranks, data, projector, optimizer, resume) → one
+`_train_epoch` and `_end_epoch` (validate, select, checkpoint) per epoch → `_finish`. Its options live in
+`training/config.py`, validation and epoch selection in `training/validation.py`, the test evaluation and the
+model-directory export in `training/export.py`.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import contextlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +43,10 @@ from dinov2clip.atomic import atomic_path
 from dinov2clip.errors import UserError
 from dinov2clip.projector import ProjectorWithResiduals
 
+from .config import TrainConfig, settings
 from .data import EmbeddingSet
 from .export import finish, write_metrics
-from .losses import CONTRASTIVE_DIRECTIONS, MAX_LOGIT_SCALE, Trainee, combined_loss
+from .losses import MAX_LOGIT_SCALE, Trainee, combined_loss
 from .rerun import check_same_config
 from .validation import (
     evaluate_features,
@@ -55,96 +58,6 @@ from .validation import (
 )
 
 CKPT_FORMAT = "dinov2clip-train/1"
-
-
-@dataclass
-class TrainConfig:
-    train: list = field(default_factory=list, metadata={"help": "precomputed training director(ies)"})
-    val: list = field(default_factory=list, metadata={"help": "precomputed validation director(ies): held-out pairs"})
-    test: list = field(default_factory=list, metadata={"help": "precomputed test director(ies), evaluated once"})
-    val_karpathy: list = field(default_factory=list,
-                               metadata={"help": "Karpathy caption file(s) (dataset_coco.json...) whose val_split is "
-                                                 "evaluated every epoch, each with its val_images root"})
-    val_images: list = field(default_factory=list, metadata={"help": "image root of each val_karpathy file"})
-    val_split: str = field(default="val", metadata={"help": "Karpathy split evaluated every epoch"})
-    select_on: str = field(default="auto", metadata={"help": "what selects the epoch: pairs (held-out pairs), "
-                                                             "karpathy (mean over the Karpathy sets), auto: karpathy "
-                                                             "when given"})
-    eval_cache: str = field(default="", metadata={"help": "embedding cache of the Karpathy sets (default: "
-                                                          "eval's, $DINOV2CLIP_CACHE/eval or ~/.cache/dinov2clip/eval)"})
-    out: str = field(default="train", metadata={"help": "output directory (checkpoints, metrics, model/)"})
-    pooling: str = field(default="mean", metadata={"help": "DINOv2 pooling: mean, cls or cls+mean"})
-    hidden_dim: int = field(default=2048, metadata={"help": "projector width"})
-    num_blocks: int = field(default=6, metadata={"help": "projector residual blocks"})
-    epochs: int = field(default=16, metadata={"help": "training epochs"})
-    batch_size: int = field(default=4096, metadata={"help": "global samples per optimizer step"})
-    accum_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step (gradient accumulation)"})
-    grad_cache: bool = field(default=True, metadata={"help": "with accumulation and the contrastive loss: the "
-                                                              "whole batch's negatives via GradCache (one extra "
-                                                              "forward); off: each micro-batch's own only"})
-    lr: float = field(default=1e-3, metadata={"help": "OneCycleLR peak learning rate"})
-    pct_start: float = field(default=0.1, metadata={"help": "OneCycleLR warm-up fraction"})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (matrices only)"})
-    grad_clip: float = field(default=0.0, metadata={"help": "max gradient norm (0: off)"})
-    mse_weight: float = field(default=1.0, metadata={"help": "weight of unit-norm MSE to the CLIP image embedding"})
-    contrastive_weight: float = field(default=0.0, metadata={"help": "weight of InfoNCE to the CLIP text embedding"})
-    contrastive_directions: str = field(default="both", metadata={"help": "both (CLIP's symmetric InfoNCE) or "
-                                                                          "text_to_image (the text-search half "
-                                                                          "only; see training/losses.py)"})
-    ks: list = field(default_factory=lambda: [1, 5, 10], metadata={"help": "recall@K values"})
-    select_metric: str = field(default="mean_recall",
-                               metadata={"help": "validation metric that selects the epoch (a recall key or "
-                                                 "mean_recall)"})
-    seed: int = field(default=0, metadata={"help": "seed of initialisation and data order"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda (auto: cuda:LOCAL_RANK when available)"})
-    cpu_threads: int = field(default=0, metadata={"help": "torch threads on CPU (0: torch's default); results "
-                                                             "are bitwise reproducible for a fixed count"})
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast (GPU only; CPU always fp32)"})
-    resident: str = field(default="auto", metadata={"help": "keep all embeddings on the device: auto, yes, no"})
-    resident_max_gb: float = field(default=8.0, metadata={"help": "auto: resident when the arrays fit in this"})
-    resume: bool = field(default=False, metadata={"help": "continue from checkpoints/last.pt"})
-    init: str = field(default="", metadata={"help": "start from this projector (a model directory, .safetensors or "
-                                                    ".pt) instead of random weights; its dims replace hidden_dim "
-                                                    "and num_blocks"})
-    model_source: str = field(default="", metadata={"help": "model directory whose DINOv2/CLIP the output uses "
-                                                            "(default: the one recorded by precompute)"})
-    recipe: str = field(default="", metadata={"help": "recipe name recorded in provenance"})
-    progress: bool = field(default=True, metadata={"help": "progress bars"})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(f"unknown train option(s): {', '.join(unknown)}")
-        return cls(**d)
-
-    def check(self) -> None:
-        if not self.train or not self.val:
-            raise UserError("train needs --train DIR and --val DIR (held-out pairs select the epoch)")
-        if self.accum_steps < 1 or self.batch_size % self.accum_steps:
-            raise UserError(f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}")
-        if not (self.mse_weight or self.contrastive_weight):
-            raise UserError("both loss weights are 0: set mse_weight and/or contrastive_weight")
-        if self.contrastive_directions not in CONTRASTIVE_DIRECTIONS:
-            raise UserError(f"contrastive_directions must be one of {', '.join(CONTRASTIVE_DIRECTIONS)}, got "
-                            f"{self.contrastive_directions!r}")
-        if self.epochs < 1:
-            raise UserError("epochs must be ≥ 1")
-        if len(self.val_karpathy) != len(self.val_images):
-            raise UserError(f"give one val_images root per val_karpathy file (got {len(self.val_karpathy)} and "
-                            f"{len(self.val_images)})")
-        if self.select_on not in ("auto", "pairs", "karpathy"):
-            raise UserError(f"select_on must be auto, pairs or karpathy, got {self.select_on!r}")
-        if self.select_on == "karpathy" and not self.val_karpathy:
-            raise UserError("select_on karpathy needs val_karpathy files")
-
-    @property
-    def selects_on_karpathy(self) -> bool:
-        return bool(self.val_karpathy) and self.select_on != "pairs"
 
 
 # -- distributed ----------------------------------------------------------------------------------
@@ -207,18 +120,12 @@ def restore_best_checkpoint(path: Path, best: dict, last_epoch: int, projector) 
 
 # -- what a run starts from ----------------------------------------------------------------------
 
-# What may change between an interrupted run and its resumption: how it runs, not what it computes.
-RUN_ONLY = ("progress", "resume", "device", "cpu_threads", "resident", "resident_max_gb", "eval_cache")
-
-
-def _settings(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in RUN_ONLY}
-
-
 def check_same_encoders(cfg: TrainConfig, train_data: EmbeddingSet) -> None:
     """train, val and test (and an explicit --model-source) must come from one encoder: a projector trained
     on one space and judged or exported on another would be meaningless."""
-    from .precompute import check_one_encoder, fingerprints, source_fingerprint
+    from dinov2clip import identity
+
+    from .shards import check_one_encoder, fingerprints
 
     want = train_data.encoder_fingerprint
     for split, dirs in (("val", cfg.val), ("test", cfg.test)):
@@ -230,7 +137,7 @@ def check_same_encoders(cfg: TrainConfig, train_data: EmbeddingSet) -> None:
         if got and got != want:
             raise UserError(f"--{split} shards come from encoders {got[:12]}, --train shards from {want[:12]}: "
                             "precompute every split with the same model")
-    if cfg.model_source and (got := source_fingerprint(cfg.model_source)) != want:
+    if cfg.model_source and (got := identity.of_source(cfg.model_source)) != want:
         raise UserError(f"--model-source {cfg.model_source} has encoders {got[:12]}, the training shards "
                         f"{want[:12]}: the exported model would not match its projector")
 
@@ -310,12 +217,48 @@ def _cached_backward(model, module, data, micro_rows, cfg, autocast) -> dict:
     return {"loss": loss.detach().double(), **{k: v.double() for k, v in parts.items()}}
 
 
+@dataclass
+class Run:
+    """One run's state: what `_set_up` builds, each epoch advances and `_finish` exports."""
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    train_data: EmbeddingSet
+    val_data: EmbeddingSet
+    karpathy: list
+    projector: ProjectorWithResiduals
+    module: Trainee
+    model: torch.nn.Module  # `module`, wrapped in DDP across ranks
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    steps_per_epoch: int
+    history: list = field(default_factory=list)
+    best: dict | None = None
+    start_epoch: int = 0
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return Path(self.cfg.out) / "checkpoints"
+
+
 def _train(cfg: TrainConfig) -> dict:
+    run = _set_up(cfg)
+    for epoch in range(run.start_epoch, cfg.epochs):
+        row = _train_epoch(run, epoch)
+        _end_epoch(run, row)
+    return _finish(run)
+
+
+def _set_up(cfg: TrainConfig) -> Run:
+    """Ranks, the data, the projector and its optimizer, seeded; resumed from last.pt when asked."""
     rank, world, device = setup_distributed(cfg.device)
-    master = rank == 0
-    out = Path(cfg.out)
-    ckpt_dir = out / "checkpoints"
-    if master:
+    ckpt_dir = Path(cfg.out) / "checkpoints"
+    if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     last = ckpt_dir / "last.pt"
     if last.exists() and not cfg.resume:
@@ -329,7 +272,7 @@ def _train(cfg: TrainConfig) -> dict:
     train_data = load_split(cfg.train, cfg, device)
     val_data = load_split(cfg.val, cfg, device)
     check_same_encoders(cfg, train_data)
-    karpathy = load_karpathy_val(cfg, train_data, device) if master and cfg.val_karpathy else []
+    karpathy = load_karpathy_val(cfg, train_data, device) if rank == 0 and cfg.val_karpathy else []
     steps_per_epoch = len(train_data) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"{len(train_data)} training samples is fewer than one batch of {cfg.batch_size}")
@@ -342,87 +285,110 @@ def _train(cfg: TrainConfig) -> dict:
     model = torch.nn.parallel.DistributedDataParallel(module, **ddp_args) if world > 1 else module
     optimizer = torch.optim.AdamW(_param_groups(module, cfg.weight_decay), lr=cfg.lr)
     scheduler = get_lr_schedule(optimizer, cfg, cfg.epochs * steps_per_epoch)
-    history, best, start_epoch = [], None, 0
+    run = Run(cfg, rank, world, device, train_data, val_data, karpathy, projector, module, model, optimizer,
+              scheduler, steps_per_epoch)
     if cfg.resume and last.exists():
-        state = torch.load(last, map_location="cpu", weights_only=True)
-        check_same_config(_settings(json.loads(state["config"])), _settings(cfg.to_dict()), f"{last}",
-                          f"choose another --out to train with this config (or remove {out} to start over)")
-        if state.get("encoder_fingerprint", train_data.encoder_fingerprint) != train_data.encoder_fingerprint:
-            raise UserError(f"{last} was trained on encoders {state['encoder_fingerprint'][:12]}, the --train "
-                            f"shards now come from {train_data.encoder_fingerprint[:12]}: choose another --out")
-        module.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"], device)
-        history, start_epoch = json.loads(state["history"]), int(state["epoch"]) + 1
-        best = json.loads(state["best"])
-        if master:
-            restore_best_checkpoint(ckpt_dir / "best.pt", best, start_epoch, projector)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda" \
+        _resume(run, last)
+    return run
+
+
+def _resume(run: Run, last: Path) -> None:
+    """Continue from last.pt: refused for another config or shards of other encoders."""
+    cfg, fingerprint = run.cfg, run.train_data.encoder_fingerprint
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    check_same_config(settings(json.loads(state["config"])), settings(cfg.to_dict()), f"{last}",
+                      f"choose another --out to train with this config (or remove {cfg.out} to start over)")
+    if state.get("encoder_fingerprint", fingerprint) != fingerprint:
+        raise UserError(f"{last} was trained on encoders {state['encoder_fingerprint'][:12]}, the --train "
+                        f"shards now come from {fingerprint[:12]}: choose another --out")
+    run.module.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"], run.device)
+    run.history, run.start_epoch = json.loads(state["history"]), int(state["epoch"]) + 1
+    run.best = json.loads(state["best"])
+    if run.master:
+        restore_best_checkpoint(run.ckpt_dir / "best.pt", run.best, run.start_epoch, run.projector)
+
+
+def _train_epoch(run: Run, epoch: int) -> dict:
+    """One seeded permutation of the training rows, step by step; returns the epoch's row of the history
+    (its mean training losses, summed over ranks)."""
+    cfg, module, data, world = run.cfg, run.module, run.train_data, run.world
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and run.device.type == "cuda" \
         else contextlib.nullcontext()
     micro = cfg.batch_size // cfg.accum_steps
     local = micro // world
-    cached = cfg.grad_cache and cfg.accum_steps > 1 and bool(cfg.contrastive_weight)
-
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        perm = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
-        sums = {"loss": torch.zeros((), dtype=torch.float64)}
-        model.train()
-        steps = range(steps_per_epoch)
-        if cfg.progress and master:
-            from tqdm.auto import tqdm
-            steps = tqdm(steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False)
-        for step in steps:
-            idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size].numpy()
-            # each rank's rows of each micro-batch, sorted: the memmap gather then needs no permutation,
-            # and the losses do not depend on the order of rows within a batch
-            micro_rows = [np.sort(idx[m * micro:(m + 1) * micro][rank * local:(rank + 1) * local])
-                          for m in range(cfg.accum_steps)]
-            optimizer.zero_grad(set_to_none=True)
-            backward = _cached_backward if cached else _accumulated_backward
-            for k, v in backward(model, module, train_data, micro_rows, cfg, autocast).items():
-                sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64)) + v
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            if module.logit_scale is not None:
-                with torch.no_grad():
-                    module.logit_scale.clamp_(0, np.log(MAX_LOGIT_SCALE))
-        if world > 1:
-            for v in sums.values():
-                dist.all_reduce(v)  # gloo and nccl: SUM; divided by world below
-        row = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0,
-               "train": {k: float(v) / steps_per_epoch / world for k, v in sums.items()}}
+    backward = _cached_backward if cfg.grad_cache and cfg.accum_steps > 1 and cfg.contrastive_weight \
+        else _accumulated_backward
+    t0 = time.perf_counter()
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
+    sums = {"loss": torch.zeros((), dtype=torch.float64)}
+    run.model.train()
+    steps = range(run.steps_per_epoch)
+    if cfg.progress and run.master:
+        from tqdm.auto import tqdm
+        steps = tqdm(steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False)
+    for step in steps:
+        idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size].numpy()
+        # each rank's rows of each micro-batch, sorted: the memmap gather then needs no permutation,
+        # and the losses do not depend on the order of rows within a batch
+        micro_rows = [np.sort(idx[m * micro:(m + 1) * micro][run.rank * local:(run.rank + 1) * local])
+                      for m in range(cfg.accum_steps)]
+        run.optimizer.zero_grad(set_to_none=True)
+        for k, v in backward(run.model, module, data, micro_rows, cfg, autocast).items():
+            sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64)) + v
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
+        run.optimizer.step()
+        run.scheduler.step()
         if module.logit_scale is not None:
-            row["temperature"] = float(1 / module.logit_scale.detach().exp())
-        row["val"] = evaluate_split(projector, val_data, cfg.ks)
-        if karpathy:
-            row["val_karpathy"] = {v["name"]: evaluate_features(projector, v, cfg.ks) for v in karpathy}
-        history.append(row)
-        score = selection_score(row, cfg)
-        improved = best is None or score > best["score"]
-        if improved:
-            best = {"epoch": epoch + 1, "score": score}
-        if master:
-            # last.pt first: it names the best epoch, and a run killed before best.pt is written rewrites it on
-            # resume from last.pt's own weights (the best epoch is then the last one)
-            save_checkpoint(last, {"format": CKPT_FORMAT, "model": module.state_dict(),
-                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                   "rng": rng_state(device), "epoch": epoch, "config": json.dumps(cfg.to_dict()),
-                                   "encoder_fingerprint": train_data.encoder_fingerprint,
-                                   "history": json.dumps(history), "best": json.dumps(best)})
-            if improved:
-                save_checkpoint(ckpt_dir / "best.pt", {"projector": projector.state_dict(), "epoch": epoch + 1})
-            write_metrics(out, history, cfg)
-            judge = f" (Karpathy {cfg.val_split})" if judged_on_karpathy(row, cfg) else ""
-            print(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['train']['loss']:.4f}  val "
-                  f"R@{cfg.ks[0]} {row['val'][f'image_retrieval_recall@{cfg.ks[0]}']:.3f}  "
-                  f"{cfg.select_metric} {score:.4f}{judge}  ({row['seconds']:.1f}s)", flush=True)
-        if world > 1:
-            dist.barrier()
-    summary = finish(cfg, projector, train_data, val_data, history, best, out, device) if master else {}
+            with torch.no_grad():
+                module.logit_scale.clamp_(0, np.log(MAX_LOGIT_SCALE))
     if world > 1:
+        for v in sums.values():
+            dist.all_reduce(v)  # gloo and nccl: SUM; divided by world below
+    row = {"epoch": epoch + 1, "lr": run.scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0,
+           "train": {k: float(v) / run.steps_per_epoch / world for k, v in sums.items()}}
+    if module.logit_scale is not None:
+        row["temperature"] = float(1 / module.logit_scale.detach().exp())
+    return row
+
+
+def _end_epoch(run: Run, row: dict) -> None:
+    """Validate the epoch, select it if best, and (master) checkpoint it and write the metrics."""
+    cfg, projector, epoch = run.cfg, run.projector, row["epoch"] - 1
+    row["val"] = evaluate_split(projector, run.val_data, cfg.ks)
+    if run.karpathy:
+        row["val_karpathy"] = {v["name"]: evaluate_features(projector, v, cfg.ks) for v in run.karpathy}
+    run.history.append(row)
+    score = selection_score(row, cfg)
+    improved = run.best is None or score > run.best["score"]
+    if improved:
+        run.best = {"epoch": epoch + 1, "score": score}
+    if run.master:
+        # last.pt first: it names the best epoch, and a run killed before best.pt is written rewrites it on
+        # resume from last.pt's own weights (the best epoch is then the last one)
+        save_checkpoint(run.ckpt_dir / "last.pt", {
+            "format": CKPT_FORMAT, "model": run.module.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "rng": rng_state(run.device), "epoch": epoch,
+            "config": json.dumps(cfg.to_dict()), "encoder_fingerprint": run.train_data.encoder_fingerprint,
+            "history": json.dumps(run.history), "best": json.dumps(run.best)})
+        if improved:
+            save_checkpoint(run.ckpt_dir / "best.pt", {"projector": projector.state_dict(), "epoch": epoch + 1})
+        write_metrics(Path(cfg.out), run.history, cfg)
+        judge = f" (Karpathy {cfg.val_split})" if judged_on_karpathy(row, cfg) else ""
+        print(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['train']['loss']:.4f}  val "
+              f"R@{cfg.ks[0]} {row['val'][f'image_retrieval_recall@{cfg.ks[0]}']:.3f}  "
+              f"{cfg.select_metric} {score:.4f}{judge}  ({row['seconds']:.1f}s)", flush=True)
+    if run.world > 1:
+        dist.barrier()
+
+
+def _finish(run: Run) -> dict:
+    """The best epoch tested and exported (master)."""
+    summary = finish(run.cfg, run.projector, run.train_data, run.val_data, run.history, run.best,
+                     Path(run.cfg.out), run.device) if run.master else {}
+    if run.world > 1:
         dist.barrier()
     return summary

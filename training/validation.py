@@ -3,18 +3,15 @@ selects the epoch. Evaluated with the projector being trained on precomputed fea
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from dinov2clip.errors import UserError
 
+from .config import TrainConfig
 from .data import EmbeddingSet
 from .metrics import retrieval_recall
-
-if TYPE_CHECKING:
-    from .train import TrainConfig
 
 
 def load_split(dirs, cfg: TrainConfig, device) -> EmbeddingSet:
@@ -86,13 +83,11 @@ def load_karpathy_val(cfg: TrainConfig, train_data: EmbeddingSet, device) -> lis
                           for f, root in zip(cfg.val_karpathy, cfg.val_images)])
     # encoders only: no projector exists yet (the one being trained is applied to these features)
     encoders = load_encoders(source, device=str(device), dtype=enc.get("dtype", "auto"), teacher=True)
-    if encoders.config.dinov2["pooling"] != cfg.pooling:  # same backbone, pooled as the projector is trained
-        encoders.config.dinov2 = {**encoders.config.dinov2, "pooling": cfg.pooling}
-        encoders.image_encoder.pooling = cfg.pooling
     cache = EmbeddingCache(Path(cfg.eval_cache) if cfg.eval_cache else default_cache_dir())
     out = []
     for ds in sets:
-        emb = embed_set(encoders, ds, cache, skip_unreadable=True, progress=cfg.progress)
+        # pooled as the projector is trained, whatever the source's pooling
+        emb = embed_set(encoders, ds, cache, skip_unreadable=True, progress=cfg.progress, pooling=cfg.pooling)
         out.append({"name": ds.name, "x": torch.from_numpy(emb.dinov2), "text": torch.from_numpy(emb.text),
                     "text_image_ids": list(emb.dataset.text_image_ids), "summary": emb.dataset.summary()})
     return out

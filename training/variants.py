@@ -88,10 +88,10 @@ def _checked_projector(path, model):
                 raise UserError(f"{path}: built on {what} {ident(theirs)}, the evaluated model on "
                                 f"{ident(model.config)}: its embeddings are not comparable")
     projector = load_projector(path)
-    got, want = projector.config, model.config.projector
-    if (got.input_dim, got.output_dim) != (want["input_dim"], want["output_dim"]):
+    got, want = projector.config, model.projector.config
+    if (got.input_dim, got.output_dim) != (want.input_dim, want.output_dim):
         raise UserError(f"{path}: projector maps {got.input_dim}→{got.output_dim}, the evaluated model's "
-                        f"{want['input_dim']}→{want['output_dim']}")
+                        f"{want.input_dim}→{want.output_dim}")
     return projector
 
 

@@ -124,7 +124,7 @@ def causal_mask(n: int) -> torch.Tensor:
 
 def read_clip_text(root: Path) -> tuple[nn.Module, object] | None:
     """The text tower of a bundled CLIP directory and its tokenizer, reading only the text tensors of
-    `open_clip_model.safetensors` (~40 % of a ViT-B/16 file) and never building the image tower: what a
+    `open_clip_model.safetensors` (a fraction of the file) and never building the image tower: what a
     query-only process (the FiftyOne App server) needs. None where this architecture has no text-only build."""
     cfg = read_bundled_cfg(root)["model_cfg"]
     model = _text_skeleton(cfg)

@@ -21,8 +21,8 @@ from .preprocess import ImageInput, Preprocess, PreprocessConfig
 # No token of CLIP's vocabulary spans more than 32 characters, so the context_length tokens CLIP keeps of a text
 # lie in its first 32 × context_length characters, unless whitespace runs or HTML entities (which the tokenizer
 # collapses) pad them: cutting there leaves a text that fits CLIP's context as it was, and bounds the tokenizer's
-# work on one that does not (byte-pair merging is quadratic in a word's length: a 40,000-character word without
-# spaces took 46 s in the App before CLIP cut it to 77 tokens). What a text means is its first this many characters.
+# work on one that does not (byte-pair merging is quadratic in a word's length: one very long word without spaces
+# stalled the App before CLIP cut it to 77 tokens). What a text means is its first this many characters.
 TEXT_CHARS_PER_TOKEN = 32
 
 

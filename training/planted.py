@@ -18,8 +18,8 @@ reported beside it (`*_text`).
 `linear_ceiling_pct` asks whether the bar is reachable at all with this many pairs: a *linear* true map
 with the same noise calibration, fitted by its exact estimator (least squares), reaches this share of its
 own true map. A richer map has more to estimate from the same pairs, so a trainer is not expected to beat
-it (a guide, not a theorem): at the full size (768-d, 200k pairs) it is 86 % (97 % at 1M pairs). It is
-necessary, not sufficient: with 128-d inputs it is 99 % and the MSE still stops at 76 % of the true map.
+it (a guide, not a theorem): at the full size (768-d, 200k pairs) it is well under the bar, and it is
+necessary, not sufficient (figures and commands: docs/planted.md).
 Goal (issue): trainer ≥ 90% of the true map and ≥ 10 points above ridge.
 """
 from __future__ import annotations

@@ -45,16 +45,16 @@ def check_quickgelu(model_name: str, pretrained: str | None) -> None:
 
 
 def load_clip(model_name: str, pretrained: str | None = None, root: Path | None = None,
-              data: bytes | None = None) -> tuple[nn.Module, object]:
+              data: bytes | None = None, saved: dict | None = None) -> tuple[nn.Module, object]:
     """Return (open_clip CLIP model, tokenizer).
 
     `model_name` is an open_clip name with a pretrained tag or file, or — when `root` is given — a
     bundled directory holding `open_clip_config.json` + `open_clip_model.safetensors` (`data`: the weight
-    file's bytes, already read and checked)."""
+    file's bytes, `saved` its config's contents, already read and checked)."""
     import open_clip
 
     if root is not None:
-        return _load_bundled_clip(root, data)
+        return _load_bundled_clip(root, data, saved)
     if open_clip.get_model_config(model_name) is None and not model_name.startswith("hf-hub:"):
         raise UserError(f"unknown open_clip model {model_name!r} (see open_clip.list_models())")
     check_quickgelu(model_name, pretrained)
@@ -73,11 +73,12 @@ def load_clip(model_name: str, pretrained: str | None = None, root: Path | None 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
 
 
-def read_bundled_cfg(root: Path) -> dict:
-    """A bundled `open_clip_config.json`, refused where its text tower or tokenizer would be read from a local
-    folder (transformers looks for a folder of that name first): nothing in or near a model directory runs."""
+def read_bundled_cfg(root: Path, saved: dict | None = None) -> dict:
+    """A bundled `open_clip_config.json` (`saved`: its contents, when the caller has read and verified them), refused
+    where its text tower or tokenizer would be read from a local folder (transformers looks for a folder of that
+    name first): nothing in or near a model directory runs."""
     where = root / CLIP_CONFIG_FILE
-    saved = json.loads(where.read_text())
+    saved = json.loads(where.read_text()) if saved is None else saved
     text_cfg = saved.get("model_cfg", {}).get("text_cfg", {})
     for key in ("hf_model_name", "hf_tokenizer_name"):
         name = text_cfg.get(key)
@@ -87,13 +88,13 @@ def read_bundled_cfg(root: Path) -> dict:
     return saved
 
 
-def _load_bundled_clip(root: Path, data: bytes | None = None):
+def _load_bundled_clip(root: Path, data: bytes | None = None, saved: dict | None = None):
     """Build from a config dict directly: works on open_clip 2.x (no `local-dir:`) and 3.x. The weights are
     read into memory, never memory-mapped: a mapped file overwritten later would change the loaded model."""
     from open_clip.model import CLIP, CustomTextCLIP, set_model_preprocess_cfg
     from safetensors.torch import load
 
-    saved = read_bundled_cfg(root)
+    saved = read_bundled_cfg(root, saved)
     cfg = saved["model_cfg"]
     cls = CustomTextCLIP if cfg.get("custom_text") else CLIP
     model = cls(**{k: v for k, v in cfg.items() if k != "custom_text"})
@@ -122,11 +123,11 @@ def causal_mask(n: int) -> torch.Tensor:
     return torch.full((n, n), float("-inf")).triu_(1)
 
 
-def read_clip_text(root: Path) -> tuple[nn.Module, object] | None:
+def read_clip_text(root: Path, saved: dict | None = None) -> tuple[nn.Module, object] | None:
     """The text tower of a bundled CLIP directory and its tokenizer, reading only the text tensors of
     `open_clip_model.safetensors` (a fraction of the file) and never building the image tower: what a
     query-only process (the FiftyOne App server) needs. None where this architecture has no text-only build."""
-    cfg = read_bundled_cfg(root)["model_cfg"]
+    cfg = read_bundled_cfg(root, saved)["model_cfg"]
     model = _text_skeleton(cfg)
     if model is None:
         return None

@@ -69,15 +69,23 @@ class DinoV2Encoder(nn.Module):
         cls, patch_mean, num_patches = self.features(pixel_values)
         return pool(cls, patch_mean, self.pooling, num_patches)
 
-def load_dinov2_backbone(source: str, revision: str | None = None, state_dict: dict | None = None) -> nn.Module:
+def load_dinov2_backbone(source: str, revision: str | None = None, state_dict: dict | None = None,
+                         config_json: dict | None = None) -> nn.Module:
     """Load a DINOv2 (or DINOv2-with-registers) backbone from a hub id or a local directory. Its weights are read
     into memory (`state_dict`, when the caller has read and verified them already, or the source's safetensors
     files): transformers would otherwise memory-map them, and a mapped file overwritten later changes the model,
-    truncated it crashes it. Only safetensors weights load (never a pickle)."""
-    from transformers import MODEL_MAPPING, AutoConfig
+    truncated it crashes it. `config_json`: its config.json, when the caller has read and verified it already
+    (the file is not read again). Only safetensors weights load (never a pickle)."""
+    from transformers import CONFIG_MAPPING, MODEL_MAPPING, AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=False)
+        if config_json is not None:
+            kind = config_json.get("model_type")
+            if kind not in CONFIG_MAPPING:
+                raise UserError(f"{source!r}: its config.json names no DINOv2 model_type ({kind!r})")
+            config = CONFIG_MAPPING[kind].from_dict(config_json)
+        else:
+            config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=False)
     except OSError as e:
         raise UserError(f"cannot load DINOv2 config from {source!r}: {first_line(e)}") from None
     if config.model_type not in ("dinov2", "dinov2_with_registers"):

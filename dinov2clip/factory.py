@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from .clip_text import (CLIP_WEIGHTS_FILE, ClipTextEncoder, check_quickgelu, load_clip, read_clip_text,
-                        resolve_teacher, store_matmul_weights)
+from .clip_text import (CLIP_CONFIG_FILE, CLIP_WEIGHTS_FILE, ClipTextEncoder, check_quickgelu, load_clip,
+                        read_clip_text, resolve_teacher, store_matmul_weights)
 from . import identity
 from .config import PROJECTOR_FILE, ModelConfig, file_sha256, read_config, tensor_sha256, check_relative
 from .dinov2 import DinoV2Encoder, check_pooling, load_dinov2_backbone, resolve_dinov2_source
-from .errors import UserError
+from .errors import UserError, first_line
 from .model import DinoV2Clip, Encoders, default_device, resolve_dtype
 from .presets import DEFAULT_PRESET, PRESETS, Preset, get_preset
 from .projector import ProjectorWithResiduals, load_projector
@@ -152,6 +152,14 @@ def read_verified(root: Path, config: ModelConfig, rel: str) -> bytes:
     return data
 
 
+def _verified_json(root: Path, config: ModelConfig, rel: str) -> dict:
+    """A part's JSON config, parsed from the very bytes its sha256 was checked on (never read a second time)."""
+    try:
+        return json.loads(read_verified(root, config, rel))
+    except ValueError as e:
+        raise UserError(f"{root}: {rel} is not valid JSON ({first_line(e)})") from None
+
+
 def verified_sha256(path: Path) -> str:
     return _FILE_HASHES.get(file_version(path), lambda: file_sha256(path))
 
@@ -207,7 +215,7 @@ def build_image_encoder(config: ModelConfig, root: Path | None) -> DinoV2Encoder
                         f"by {producer}); it embeds no image itself: embed images with {producer}, then project "
                         "them (python -m fiftyone_dinov2clip index DATASET --model MODEL does both)")
     local = _local(root, d, "dinov2")
-    state_dict = None
+    state_dict = config_json = None
     if local is not None:
         from safetensors.torch import load as load_safetensors
 
@@ -215,9 +223,11 @@ def build_image_encoder(config: ModelConfig, root: Path | None) -> DinoV2Encoder
         state_dict = {}
         for rel in shards:
             state_dict.update(load_safetensors(read_verified(root, config, rel)))
-        _verify_files(root, config, d["path"], checked_elsewhere=tuple(shards))
+        config_rel = f"{d['path'].rstrip('/')}/config.json"
+        config_json = _verified_json(root, config, config_rel)
+        _verify_files(root, config, d["path"], checked_elsewhere=(*shards, config_rel))
     backbone = load_dinov2_backbone(str(local or d["source"]), revision=None if local else d.get("revision"),
-                                    state_dict=state_dict or None)
+                                    state_dict=state_dict or None, config_json=config_json)
     return DinoV2Encoder(backbone, d["pooling"])
 
 
@@ -266,17 +276,20 @@ def _read_clip(config: ModelConfig, root: Path | None, local: Path | None, keep_
     if local is None:
         return load_clip(c["model_name"], c.get("pretrained"))
     weights = f"{c['path'].rstrip('/')}/{CLIP_WEIGHTS_FILE}"
+    config_rel = f"{c['path'].rstrip('/')}/{CLIP_CONFIG_FILE}"
+    saved = _verified_json(root, config, config_rel)
     text_only = not keep_visual and c.get("text_sha256") and weights in config.weights_sha256
-    _verify_files(root, config, c["path"], checked_elsewhere=(weights,))
+    _verify_files(root, config, c["path"], checked_elsewhere=(weights, config_rel))
     if text_only:
-        loaded = read_clip_text(local)
+        loaded = read_clip_text(local, saved)
         if loaded is not None:
             if tensor_sha256(loaded[0].state_dict()) != c["text_sha256"]:
                 raise UserError(f"{root}: the CLIP text weights in {weights} do not match their sha256 in "
                                 "config.json (corrupt or edited)")
             return loaded
     # this open_clip has no text-only build, or the whole CLIP is wanted: check and load the whole file
-    return load_clip(c["model_name"], c.get("pretrained"), root=local, data=read_verified(root, config, weights))
+    return load_clip(c["model_name"], c.get("pretrained"), root=local, data=read_verified(root, config, weights),
+                     saved=saved)
 
 
 def _towers(config: ModelConfig, root: Path | None, image: bool, text: bool, teacher: bool, device=None,

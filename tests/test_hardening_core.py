@@ -310,3 +310,30 @@ def test_a_directory_written_before_config_hashes_still_loads(copy_of_tiny, tiny
     old = dinov2clip.load(str(copy_of_tiny), device="cpu", dtype="fp32")
     assert old.fingerprint == tiny_model.fingerprint
     assert (old.encode_text(["a dog"]).numpy() == tiny_model.encode_text(["a dog"]).numpy()).all()
+
+
+# A check then a second read would let a file swapped in between be what loads: each tower config is read once,
+# and what is parsed is the bytes that were hashed (Python's audit hook sees every open, in a fresh process).
+COUNT_OPENS = """
+import collections, os, sys
+import dinov2clip
+root = sys.argv[1]
+opened = collections.Counter()
+sys.addaudithook(lambda ev, args: ev == "open" and isinstance(args[0], str) and args[0].startswith(root)
+                 and args[0].endswith(".json") and opened.update([os.path.relpath(args[0], root)]))
+for kwargs in ({}, {"image": False}, {"teacher": True}):
+    dinov2clip.load(root, device="cpu", **kwargs)
+    print(sorted(opened.items()))
+    opened.clear()
+    dinov2clip.factory._TEXT_TOWERS.clear()  # the next load reads the text tower again
+"""
+
+
+def test_each_tower_config_is_read_once_from_the_bytes_its_hash_was_checked_on(copy_of_tiny):
+    out = subprocess.run([sys.executable, "-c", COUNT_OPENS, str(copy_of_tiny)], capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    full, text_only, teacher = (dict(eval(line)) for line in out.stdout.strip().splitlines())
+    for opened in (full, teacher):
+        assert opened.get("dinov2/config.json") == 1 and opened.get("clip/open_clip_config.json") == 1, opened
+    assert text_only.get("clip/open_clip_config.json") == 1 and "dinov2/config.json" not in text_only, text_only

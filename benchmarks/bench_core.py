@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from dinov2clip.clip_text import ClipTextEncoder  # noqa: E402
 from dinov2clip.config import ModelConfig  # noqa: E402
 from dinov2clip.dinov2 import DinoV2Encoder  # noqa: E402
-from dinov2clip.model import DinoV2Clip  # noqa: E402
+from dinov2clip.model import DinoV2Clip, Encoders  # noqa: E402
 from dinov2clip.preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from dinov2clip.projector import ProjectorWithResiduals  # noqa: E402
 
@@ -203,8 +203,9 @@ def ours_around(backbone, projector, dinov2: str, dtype="auto", clip_model=None,
     (copies, because ours may cast its own weights: the reference must stay fp32)."""
     image = DinoV2Encoder(copy.deepcopy(backbone), "mean") if backbone is not None else None
     text = ClipTextEncoder(copy.deepcopy(clip_model)) if clip_model is not None else None
-    return DinoV2Clip(model_config(dinov2, projector.config.input_dim), copy.deepcopy(projector), image, text,
-                      tokenizer, device="cpu", dtype=dtype, batch_size=IMAGE_BATCH)
+    config = model_config(dinov2, projector.config.input_dim)
+    encoders = Encoders(config, image, text, tokenizer, device="cpu", dtype=dtype, batch_size=IMAGE_BATCH)
+    return DinoV2Clip(config, encoders, copy.deepcopy(projector))
 
 
 def dinov2_base(seed: int):

@@ -117,8 +117,8 @@ class ForwardTimer:
 
     def __init__(self, core):
         self.seconds = 0.0
-        for name in ("encode_dinov2", "project"):
-            setattr(core, name, self._wrap(getattr(core, name)))
+        for owner, name in ((core.encoders, "encode_dinov2"), (core, "project")):  # the two units it holds
+            setattr(owner, name, self._wrap(getattr(owner, name)))
 
     def _wrap(self, fn):
         def timed(*args, **kwargs):

@@ -38,7 +38,7 @@ def scene(rng: np.random.Generator, crop_share: float = 224 / 256):
     """→ (PIL image, caption of the queried shape, its box (x0, y0, x1, y1), the crop box)."""
     from PIL import Image
 
-    from training.synthetic import COLOURS, SHAPES
+    from training.synthetic import COLOURS, SHAPES, draw_shape_at
 
     w, h = SIZES[rng.integers(len(SIZES))]
     kind = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
@@ -65,25 +65,10 @@ def scene(rng: np.random.Generator, crop_share: float = 224 / 256):
             box = (x - r, y - r, x + r, y + r)
             if all(box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1] for b in boxes):
                 break
-        draw(img, colour, shape, x, y, r)
+        draw_shape_at(img, colour, shape, x, y, r)
         boxes.append(box), captions.append(f"a {colour} {shape}")
     q = rng.integers(len(boxes))
     return img, captions[q], boxes[q], crop
-
-
-def draw(img, colour: str, shape: str, x: float, y: float, r: float) -> None:
-    """A shape of radius `r` centred at (x, y), as training.synthetic draws its shapes."""
-    from PIL import ImageDraw
-
-    from training.synthetic import COLOURS
-
-    d, fill = ImageDraw.Draw(img), COLOURS[colour]
-    if shape == "circle":
-        d.ellipse([x - r, y - r, x + r, y + r], fill=fill)
-    elif shape == "square":
-        d.rectangle([x - r, y - r, x + r, y + r], fill=fill)
-    else:
-        d.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
 
 
 def points(heatmap: np.ndarray, box) -> bool:

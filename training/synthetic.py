@@ -35,19 +35,23 @@ def shape_image(rng: np.random.Generator, colour: str, shape: str, size: int = 6
 
 def draw_shape(rng: np.random.Generator, img, colour: str, shape: str, scale=(0.2, 0.4)):
     """Draw a `colour` `shape` on `img` at a random place, its radius a random share (`scale`) of the size."""
-    from PIL import ImageDraw
-
     size = img.size[0]
-    draw = ImageDraw.Draw(img)
     r = rng.uniform(*scale) * size
     cx, cy = rng.uniform(r, size - r, 2)
-    fill = COLOURS[colour]
+    return draw_shape_at(img, colour, shape, cx, cy, r)
+
+
+def draw_shape_at(img, colour: str, shape: str, x: float, y: float, r: float):
+    """Draw a `colour` `shape` of radius `r` centred at (x, y) on `img`; returns `img`."""
+    from PIL import ImageDraw
+
+    draw, fill = ImageDraw.Draw(img), COLOURS[colour]
     if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
     elif shape == "square":
-        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        draw.rectangle([x - r, y - r, x + r, y + r], fill=fill)
     else:
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+        draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
     return img
 
 

@@ -3,6 +3,7 @@
 In the main environment clip-retrieval is absent by design and these tests skip; CI's clip-retrieval
 environment sets DINOV2CLIP_REQUIRE_CLIP_RETRIEVAL=1, which turns that skip into a failure."""
 import base64
+import contextlib
 import io
 import json
 import os
@@ -123,27 +124,45 @@ def post(port, payload):
         return json.loads(resp.read())
 
 
-def test_index_and_back_answer_text_and_image_queries(wds_run, tmp_path, tiny_dir, core_model):
-    index = tmp_path / "index"
-    res = run_cli("index", "--embeddings_folder", wds_run, "--index_folder", index)
-    assert res.returncode == 0, res.stderr[-3000:]
-    (tmp_path / "indices.json").write_text(json.dumps({"tiny": str(index)}))
+def wait_http(url: str, proc: subprocess.Popen, what: str, seconds: float = 180) -> None:
+    deadline = time.time() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert proc.poll() is None, f"{what} exited: {proc.stderr.read().decode()[-3000:]}"
+            assert time.time() < deadline, f"{what} did not start"
+            time.sleep(0.5)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def serving_back(tmp_path, name: str, index, tiny_dir):
+    """`clip-retrieval back` serving `index` as `name` with our model, answering; yields its port."""
+    (tmp_path / "indices.json").write_text(json.dumps({name: str(index)}))
     port = free_port()
-    server = subprocess.Popen(
+    back = subprocess.Popen(
         [str(EXE), "back", "--port", str(port), "--indices_paths", str(tmp_path / "indices.json"),
          "--clip_model", f"dinov2clip:{tiny_dir}", "--enable_mclip_option", "False",
          "--provide_aesthetic_embeddings", "False"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, start_new_session=True)
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/indices-list", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read().decode()[-3000:]
-                assert time.time() < deadline, "clip-retrieval back did not start"
-                time.sleep(0.5)
+        wait_http(f"http://127.0.0.1:{port}/indices-list", back, "clip-retrieval back")
+        yield port
+    finally:
+        stop(back)
+
+
+def test_index_and_back_answer_text_and_image_queries(wds_run, tmp_path, tiny_dir, core_model):
+    index = tmp_path / "index"
+    res = run_cli("index", "--embeddings_folder", wds_run, "--index_folder", index)
+    assert res.returncode == 0, res.stderr[-3000:]
+    with serving_back(tmp_path, "tiny", index, tiny_dir) as port:
         meta, img, _ = read_run(wds_run)
         query = "a green thing"
         best = int(np.argmax(img.astype(np.float32) @ core_model.encode_text([query])[0].numpy()))
@@ -156,9 +175,6 @@ def test_index_and_back_answer_text_and_image_queries(wds_run, tmp_path, tiny_di
         hits = post(port, {"image": base64.b64encode(probe).decode(), "modality": "image", "num_images": 3,
                            "indice_name": "tiny", "deduplicate": False})
         assert hits[0]["id"] == best_img and COLORS[int(meta["key"][best_img])] == "blue"
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 @pytest.mark.parametrize("spec,match", [
@@ -211,18 +227,6 @@ def test_pyspark_distribution_equals_sequential(tmp_path, tiny_dir):
         np.testing.assert_allclose(runs["pyspark"][key].astype(np.float32), vec.astype(np.float32), atol=1e-3)
 
 
-def wait_http(url: str, proc: subprocess.Popen, what: str, seconds: float = 180) -> None:
-    deadline = time.time() + seconds
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            assert proc.poll() is None, f"{what} exited: {proc.stderr.read().decode()[-3000:]}"
-            assert time.time() < deadline, f"{what} did not start"
-            time.sleep(0.5)
-
-
 FRONT_PORT = 1235  # `clip-retrieval front` always listens there
 
 
@@ -245,44 +249,35 @@ def test_clip_retrievals_own_front_page_shows_our_back_s_results_in_chromium(tmp
                   f"dinov2clip:{tiny_dir}", "--enable_text", "False", "--batch_size", "3", "--num_prepro_workers", "1")
     assert res.returncode == 0, res.stderr[-3000:]
     assert run_cli("index", "--embeddings_folder", emb, "--index_folder", index).returncode == 0
-    (tmp_path / "indices.json").write_text(json.dumps({"photos": str(index)}))
-    port = free_port()
-    back = subprocess.Popen(
-        [str(EXE), "back", "--port", str(port), "--indices_paths", str(tmp_path / "indices.json"),
-         "--clip_model", f"dinov2clip:{tiny_dir}", "--enable_mclip_option", "False",
-         "--provide_aesthetic_embeddings", "False"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, start_new_session=True)
-    front = subprocess.Popen([str(EXE), "front", "--default_backend", f"http://127.0.0.1:{port}/"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, start_new_session=True)
-    driver = None
-    try:
-        wait_http(f"http://127.0.0.1:{port}/indices-list", back, "clip-retrieval back")
-        wait_http(f"http://127.0.0.1:{FRONT_PORT}/", front, "clip-retrieval front")
-        query = "a purple thing"
-        paths, _ = zip(*sorted(((p, c) for p, c in ((str(photos / f"{c}.jpg"), c) for c in COLORS))))
-        scores = core_model.encode_image(list(paths)).numpy() @ core_model.encode_text([query])[0].numpy()
-        ranked = [Path(paths[i]).stem for i in np.argsort(-scores)]
-        driver = chromium(tmp_path / "profile", tmp_path / "chromedriver.log")
-        driver.get(f"http://127.0.0.1:{FRONT_PORT}/?back=http://127.0.0.1:{port}&index=photos"
-                   f"&query={urllib.request.quote(query)}")
-        shown = """const front = document.querySelector('clip-front');
-            const root = front && front.shadowRoot; if (!root) return [];
-            return [...root.querySelectorAll('img')].filter(i => i.src.startsWith('data:image') && i.naturalWidth > 0)
-                .map(i => i.src);"""
-        images = WebDriverWait(driver, 120).until(lambda d: d.execute_script(shown) or None)
-        if os.environ.get("DINOV2CLIP_TEST_ARTIFACTS"):
-            driver.save_screenshot(str(Path(os.environ["DINOV2CLIP_TEST_ARTIFACTS"]) / "clip-retrieval-front.png"))
-        hits = post(port, {"text": query, "modality": "image", "num_images": len(COLORS), "indice_name": "photos",
-                           "deduplicate": False})
-        assert [Path(h["image_path"]).stem for h in hits] == ranked  # the back ranks as our model does
-        by_picture = {h["image"]: Path(h["image_path"]).stem for h in hits}
-        on_page = [by_picture.get(src.split(",", 1)[1].strip()) for src in images]  # "data:…;base64, …"
-        assert on_page and None not in on_page, "the page shows pictures the back did not return"
-        assert on_page == [c for c in ranked if c in on_page], (on_page, ranked)  # in our model's order
-        assert on_page[0] == ranked[0]
-    finally:
-        if driver is not None:
-            driver.quit()
-        for proc in (front, back):
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
+    with serving_back(tmp_path, "photos", index, tiny_dir) as port:
+        front = subprocess.Popen([str(EXE), "front", "--default_backend", f"http://127.0.0.1:{port}/"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, start_new_session=True)
+        driver = None
+        try:
+            wait_http(f"http://127.0.0.1:{FRONT_PORT}/", front, "clip-retrieval front")
+            query = "a purple thing"
+            paths, _ = zip(*sorted(((p, c) for p, c in ((str(photos / f"{c}.jpg"), c) for c in COLORS))))
+            scores = core_model.encode_image(list(paths)).numpy() @ core_model.encode_text([query])[0].numpy()
+            ranked = [Path(paths[i]).stem for i in np.argsort(-scores)]
+            driver = chromium(tmp_path / "profile", tmp_path / "chromedriver.log")
+            driver.get(f"http://127.0.0.1:{FRONT_PORT}/?back=http://127.0.0.1:{port}&index=photos"
+                       f"&query={urllib.request.quote(query)}")
+            shown = """const front = document.querySelector('clip-front');
+                const root = front && front.shadowRoot; if (!root) return [];
+                return [...root.querySelectorAll('img')]
+                    .filter(i => i.src.startsWith('data:image') && i.naturalWidth > 0).map(i => i.src);"""
+            images = WebDriverWait(driver, 120).until(lambda d: d.execute_script(shown) or None)
+            if os.environ.get("DINOV2CLIP_TEST_ARTIFACTS"):
+                driver.save_screenshot(str(Path(os.environ["DINOV2CLIP_TEST_ARTIFACTS"]) / "clip-retrieval-front.png"))
+            hits = post(port, {"text": query, "modality": "image", "num_images": len(COLORS), "indice_name": "photos",
+                               "deduplicate": False})
+            assert [Path(h["image_path"]).stem for h in hits] == ranked  # the back ranks as our model does
+            by_picture = {h["image"]: Path(h["image_path"]).stem for h in hits}
+            on_page = [by_picture.get(src.split(",", 1)[1].strip()) for src in images]  # "data:…;base64, …"
+            assert on_page and None not in on_page, "the page shows pictures the back did not return"
+            assert on_page == [c for c in ranked if c in on_page], (on_page, ranked)  # in our model's order
+            assert on_page[0] == ranked[0]
+        finally:
+            if driver is not None:
+                driver.quit()
+            stop(front)

@@ -1,11 +1,14 @@
 """Shared fixtures. The environment is fixed before anything imports huggingface_hub/transformers:
 no hub access (a hub call would otherwise hang for minutes), private caches per test session."""
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 _SESSION_HOME = tempfile.mkdtemp(prefix="dinov2clip-tests-")
+atexit.register(shutil.rmtree, _SESSION_HOME, ignore_errors=True)  # about 300 MB of test hub caches per session
 os.environ["HF_HOME"] = os.path.join(_SESSION_HOME, "hf")
 os.environ["HF_HUB_CACHE"] = os.path.join(_SESSION_HOME, "hf", "hub")
 os.environ["DINOV2CLIP_CACHE"] = os.path.join(_SESSION_HOME, "dinov2clip")

@@ -51,7 +51,7 @@ class EmbedReport:
 
 
 def load(model="dinov2clip-reference", **kwargs) -> DinoV2ClipModel:
-    """A registered zoo model by name (`name` = latest version, or `name@N`), or an instance as is."""
+    """A registered zoo model by name, or an instance as is."""
     if isinstance(model, DinoV2ClipModel):
         return model
     return foz.load_zoo_model(registry.resolve(model), **kwargs)
@@ -220,7 +220,7 @@ def compute_similarity(samples, model="dinov2clip-reference", brain_key: str = D
                        dinov2_brain_key: str | None = None, patches_field: str | None = None,
                        backend: str | None = None, batch_size: int | None = None, num_workers: int | None = None,
                        overwrite: bool = False, progress: bool | None = None, **backend_kwargs):
-    """Text-searchable similarity index over `samples`, recorded with the model's `name@version`, built by
+    """Text-searchable similarity index over `samples`, recorded with the model's zoo name, built by
     FiftyOne's own backend (`backend`, or `default_backend`). An index it replaces is cleaned up (its LanceDB
     table dropped, etc.) once the new one exists.
 

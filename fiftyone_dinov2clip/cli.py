@@ -48,13 +48,12 @@ def cmd_list(args):
 
 def is_exported_source(folder: Path) -> bool:
     """What export-source writes, and nothing else: a manifest naming our remote source, the loader
-    `__init__.py` and one `<name>-v<N>.json` per model."""
+    `__init__.py` and one model file per model."""
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
     except (OSError, ValueError):
         return False
-    expected = {"manifest.json", "__init__.py"} | {f"{m['base_name']}-v{m['version']}.json"
-                                                   for m in manifest.get("models", [])}
+    expected = {"manifest.json", "__init__.py"} | {registry.spec_filename(m) for m in manifest.get("models", [])}
     return manifest.get("name") == REMOTE_SOURCE_NAME and all(
         p.is_file() and p.name in expected for p in folder.iterdir())
 
@@ -88,7 +87,7 @@ def cmd_export_source(args):
 
 # -- datasets -------------------------------------------------------------------------------
 def ensure_model(spec: str) -> str:
-    """A registered name, a preset, a model directory or hf-hub:org/repo → a registered name@version."""
+    """A registered name, a preset, a model directory or hf-hub:org/repo → a registered name."""
     try:
         return registry.resolve(spec)
     except UserError:
@@ -361,11 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--description")
     p.set_defaults(func=cmd_register)
 
-    p = sub.add_parser("unregister", help="remove NAME (all versions) or NAME@N", allow_abbrev=False)
+    p = sub.add_parser("unregister", help="remove the registered model NAME", allow_abbrev=False)
     p.add_argument("name")
     p.set_defaults(func=cmd_unregister)
 
-    p = sub.add_parser("list", help="registered models: name@version, source, fingerprint", allow_abbrev=False)
+    p = sub.add_parser("list", help="registered models: name, source, fingerprint", allow_abbrev=False)
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("database", help="check that FiftyOne has a MongoDB it can run; where it has none (an "

@@ -66,7 +66,7 @@ class ComputeSimilarity(foo.Operator):
         inputs.view_target(ctx)
         names = registry.registered()
         if names:
-            choices = types.Dropdown(label="Model", description="a registered dinov2clip zoo model, name@version")
+            choices = types.Dropdown(label="Model", description="a registered dinov2clip zoo model")
             for name in names:
                 choices.add_choice(name, label=name)
             inputs.str("model", required=True, default=names[-1], view=choices)
@@ -302,7 +302,7 @@ class FitProjector(_LongRunning):
         out = _out_dir(params.get("out"))
         name = params.get("register") or None
         if name is not None:
-            registry.check_name(name)  # a bad name is refused before the fit, not after it
+            registry.check_name(name, free=True)  # a bad or taken name is refused before the fit, not after it
         sizes = {k: _whole(params, k) for k in ("epochs", "hidden_dim", "num_blocks")}
         sizes = {k: v for k, v in sizes.items() if v is not None}
         paths = fitting.image_paths(ctx.target_view())

@@ -4,13 +4,15 @@ FiftyOne finds remote-source models by walking `fo.config.model_zoo_dir` for `ma
 loads one by importing the `__init__.py` beside it. Registering therefore writes, under
 `<model_zoo_dir>/dinov2clip-zoo/`:
 
-    manifest.json           one entry per registered name@version
+    manifest.json           one entry per registered name
     __init__.py             one line: FiftyOne's loader hooks, imported from the installed package
-    <name>-v<N>.json        the model file FiftyOne checks exists: source + fingerprint of that version
+    <name>.json             the model file FiftyOne checks exists: source + fingerprint of that model
 
-Every process that shares the zoo directory (the App server included) loads the same names. Versions
-are immutable: registering a name again with different weights adds version N+1 and leaves N alone, so
-a similarity index recorded as `name@N` keeps loading the embedding space it was computed in.
+Every process that shares the zoo directory (the App server included) loads the same names. A name is bound to
+one model for good: registering it again with the same source and weights is a no-op, with anything else it is
+refused (choose another name, or unregister it first). Names derived from a source (`index --model DIR`) carry
+its content's fingerprint, so retrained weights get a name of their own and an index recorded under a name
+always reloads the embedding space it was computed in. Entries written by older releases as `name@N` still load.
 """
 from __future__ import annotations
 
@@ -81,11 +83,11 @@ def describe_source(source: str) -> tuple[str, dict]:
     return source, config
 
 
-def _entry(name: str, version: int, source: str, config, description: str) -> dict:
+def _entry(name: str, config, description: str) -> dict:
     return {
         "base_name": name,
         "base_filename": f"{name}.json",
-        "version": str(version),
+        "version": None,
         "author": "dinov2clip",
         "license": config.license,
         "source": "https://github.com/dinov2clip/dinov2clip",
@@ -105,12 +107,16 @@ def _write_source(manifest: dict, root: Path | None = None) -> None:
     write_json_atomic(_manifest_path(root), manifest)
 
 
-def check_name(name: str) -> None:
+def check_name(name: str, free: bool = False) -> None:
+    """A name we may register; `free`: also not registered yet (checked before a fit, which makes new weights)."""
     if not NAME_RE.match(name) or "@" in name:
         raise UserError(f"invalid zoo model name {name!r}: use letters, digits, '_' and '-'")
     if name in others_names():
         raise UserError(f"{name!r} is a zoo model FiftyOne already lists (its own or another source's): choose "
                         "another name")
+    if free and name in registered():
+        raise UserError(f"{name!r} already names a registered model ({spec(name)['source']}): choose another name, "
+                        f"or unregister it first")
 
 
 @contextlib.contextmanager
@@ -130,65 +136,65 @@ def lock_path(root: Path | None = None) -> Path:
 
 
 def register(name: str, source: str, description: str | None = None, root: Path | None = None) -> str:
-    """Register `source` (preset, model directory or hf-hub:org/repo) as zoo model `name`.
-
-    Returns the `name@version` it is loadable under. The same source with the same weights keeps its
-    version; anything else becomes a new version."""
+    """Register `source` (preset, model directory or hf-hub:org/repo) as zoo model `name`; returns `name`.
+    The same source with the same weights again is a no-op; a name bound to another model is refused."""
     check_name(name)
     source, config = describe_source(source)
     fingerprint = known_model(config)
     with locked(root):
-        return _register(name, source, config, fingerprint, description, root)
-
-
-def _register(name: str, source: str, config, fingerprint: str | None, description: str | None,
-              root: Path | None) -> str:
-    manifest = read_manifest(root)
-    folder = source_dir(root)
-    versions = [m for m in manifest["models"] if m["base_name"] == name]
-    for m in versions:
-        spec = read_spec(folder / f"{name}-v{m['version']}.json")
-        if spec["source"] == source and spec["fingerprint"] == fingerprint:
-            return f"{name}@{m['version']}"
-    version = 1 + max((int(m["version"]) for m in versions), default=0)
-    zoo_name = f"{name}@{version}"
-    desc = description or (f"DINOv2 ({config.dinov2['source']}, {config.dinov2['pooling']} pooling) projected "
-                           f"into CLIP {config.clip['model_name']}/{config.clip.get('pretrained')} space, "
-                           f"with CLIP's text encoder for prompts. Source: {source}")
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / f"{name}-v{version}.json",
-                      {"zoo_name": zoo_name, "source": source, "fingerprint": fingerprint})
-    manifest["models"].append(_entry(name, version, source, config, desc))
-    _write_source(manifest, root)
-    return zoo_name
+        manifest = read_manifest(root)
+        if any(m["base_name"] == name for m in manifest["models"]):
+            bound = spec(name, root)
+            if bound["source"] == source and bound["fingerprint"] == fingerprint:
+                return name
+            raise UserError(f"{name!r} already names another model ({bound['source']}, fingerprint "
+                            f"{(bound['fingerprint'] or '-')[:12]}): choose another name, or unregister it first")
+        desc = description or (f"DINOv2 ({config.dinov2['source']}, {config.dinov2['pooling']} pooling) projected "
+                               f"into CLIP {config.clip['model_name']}/{config.clip.get('pretrained')} space, "
+                               f"with CLIP's text encoder for prompts. Source: {source}")
+        source_dir(root).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(source_dir(root) / f"{name}.json",
+                          {"zoo_name": name, "source": source, "fingerprint": fingerprint})
+        manifest["models"].append(_entry(name, config, desc))
+        _write_source(manifest, root)
+    return name
 
 
 def register_presets(root: Path | None = None) -> list[str]:
     return [register(preset_zoo_name(p), p, root=root) for p in sorted(PRESETS)]
 
 
+def _zoo_name(entry: dict) -> str:
+    return entry["base_name"] + (f"@{entry['version']}" if entry.get("version") else "")
+
+
+def spec_filename(entry: dict) -> str:
+    """FiftyOne's model file name for a manifest entry (`<name>.json`; `<name>-v<N>.json` when versioned)."""
+    return entry["base_name"] + (f"-v{entry['version']}" if entry.get("version") else "") + ".json"
+
+
+def _spec_path(entry: dict, root: Path | None) -> Path:
+    return source_dir(root) / spec_filename(entry)
+
+
 def unregister(name: str, root: Path | None = None) -> list[str]:
-    """Remove `name` (every version) or `name@N` (one version). Returns what was removed."""
+    """Remove `name` (and, for an entry an older release versioned, each `name@N`). Returns what was removed."""
     with locked(root):
-        return _unregister(name, root)
-
-
-def _unregister(name: str, root: Path | None) -> list[str]:
-    base, _, version = name.partition("@")
-    manifest = read_manifest(root)
-    gone = [m for m in manifest["models"] if m["base_name"] == base and (not version or m["version"] == version)]
-    if not gone:
-        raise UserError(f"no registered dinov2clip model {name!r}; registered: {', '.join(registered()) or 'none'}")
-    manifest["models"] = [m for m in manifest["models"] if m not in gone]
-    _write_source(manifest, root)
-    for m in gone:
-        (source_dir(root) / f"{base}-v{m['version']}.json").unlink(missing_ok=True)
-    return [f"{base}@{m['version']}" for m in gone]
+        manifest = read_manifest(root)
+        gone = [m for m in manifest["models"] if name in (m["base_name"], _zoo_name(m))]
+        if not gone:
+            raise UserError(f"no registered dinov2clip model {name!r}; registered: "
+                            f"{', '.join(registered(root)) or 'none'}")
+        manifest["models"] = [m for m in manifest["models"] if m not in gone]
+        _write_source(manifest, root)
+        for m in gone:
+            _spec_path(m, root).unlink(missing_ok=True)
+    return [_zoo_name(m) for m in gone]
 
 
 def registered(root: Path | None = None) -> list[str]:
-    """Every registered `name@version`."""
-    return [f"{m['base_name']}@{m['version']}" for m in read_manifest(root)["models"]]
+    """Every registered zoo model name."""
+    return [_zoo_name(m) for m in read_manifest(root)["models"]]
 
 
 def read_spec(path: Path) -> dict:
@@ -196,17 +202,14 @@ def read_spec(path: Path) -> dict:
 
 
 def resolve(name: str, root: Path | None = None) -> str:
-    """A registered name (latest version) or `name@N` → `name@N`; anything else → one line naming them."""
-    base, _, version = name.partition("@")
-    versions = sorted((int(m["version"]) for m in read_manifest(root)["models"] if m["base_name"] == base))
-    if versions and (not version or (version.isdigit() and int(version) in versions)):
-        return f"{base}@{version or versions[-1]}"
-    names = ", ".join(registered(root)) or "none"
-    raise UserError(f"unknown dinov2clip zoo model {name!r} (registered: {names}); register one with "
-                    "`python -m fiftyone_dinov2clip register-presets` or `... register NAME SOURCE`")
+    """A registered name as is; anything else → one line naming the registered ones."""
+    if name in registered(root):
+        return name
+    raise UserError(f"unknown dinov2clip zoo model {name!r} (registered: {', '.join(registered(root)) or 'none'}); "
+                    "register one with `python -m fiftyone_dinov2clip register-presets` or `... register NAME "
+                    "SOURCE`")
 
 
 def spec(name: str, root: Path | None = None) -> dict:
-    zoo_name = resolve(name, root)
-    base, _, version = zoo_name.partition("@")
-    return read_spec(source_dir(root) / f"{base}-v{version}.json")
+    entry = next(m for m in read_manifest(root)["models"] if _zoo_name(m) == resolve(name, root))
+    return read_spec(_spec_path(entry, root))

@@ -62,7 +62,7 @@ class DinoV2ClipModelConfig(fout.TorchImageModelConfig):
 
     Args:
         source: what `dinov2clip.load` accepts: a preset name, a model directory or `hf-hub:org/repo`
-        zoo_name (None): the registered `name@version` this config was loaded under (recorded in runs)
+        zoo_name (None): the registered name this config was loaded under (recorded in runs)
         fingerprint (None): the embedding-space fingerprint recorded at registration; a source whose
             weights changed since then is refused
         batch_size (32): images per forward pass when FiftyOne is not told a batch size

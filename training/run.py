@@ -304,10 +304,9 @@ def fit_from_field(args) -> dict:
 
 def check_register(args) -> None:
     if args.register:
-        from fiftyone_dinov2clip.registry import NAME_RE
+        from fiftyone_dinov2clip.registry import check_name
 
-        if not NAME_RE.match(args.register):
-            raise UserError(f"--register {args.register!r}: use letters, digits, - and _")
+        check_name(args.register, free=True)  # before the fit: a bad or taken name would waste it
 
 
 def add_fit(sub) -> None:

@@ -46,7 +46,7 @@ def mongod():
 
 @pytest.fixture(scope="session")
 def zoo_tiny(tiny_dir, mongod) -> str:
-    """The session's tiny model directory registered in the isolated zoo; returns its name@version."""
+    """The session's tiny model directory registered in the isolated zoo; returns its name."""
     from fiftyone_dinov2clip import registry
 
     return registry.register("dinov2clip-test-tiny", str(tiny_dir))

@@ -32,9 +32,9 @@ def run(*args, timeout=600, cwd=REPO):
 
 def test_register_index_quickstart(tiny_dir, tmp_path, zoo_tiny):
     out = run("register", "cli-tiny", str(tiny_dir))
-    assert out.returncode == 0 and out.stdout.strip() == "cli-tiny@1", out.stderr
+    assert out.returncode == 0 and out.stdout.strip() == "cli-tiny", out.stderr
     listed = run("list")
-    assert f"cli-tiny@1\t{tiny_dir.resolve()}" in listed.stdout
+    assert f"cli-tiny\t{tiny_dir.resolve()}" in listed.stdout
 
     folder = tmp_path / "imgs"
     shutil.copytree(REPO / "examples" / "images", folder)
@@ -49,7 +49,7 @@ def test_register_index_quickstart(tiny_dir, tmp_path, zoo_tiny):
     assert "broken.png" in out.stderr and "gone.png" in out.stderr
     ds = fo.load_dataset(name)
     assert {"dinov2clip", "dinov2"} <= set(ds.list_brain_runs())
-    assert ds.get_brain_info("dinov2clip").config.model == "cli-tiny@1"
+    assert ds.get_brain_info("dinov2clip").config.model == "cli-tiny"
     # re-running embeds only the new image and rebuilds its own indexes; another model's runs are refused
     shutil.copy(REPO / "examples" / "images" / "red_circle.png", folder / "red_circle_copy.png")
     again = run("index", str(folder), "--dataset-name", name, "--model", "cli-tiny")
@@ -131,9 +131,9 @@ def test_export_source_never_deletes_what_it_did_not_write(tmp_path):
     assert sorted(p.name for p in work.iterdir()) == [".export-tmp", "file.txt", "mine"], "temporaries left behind"
 
     out = run("export-source", "zoo", cwd=work)
-    assert out.returncode == 0 and out.stdout.split() == ["dinov2clip-reference@1"], out.stderr
+    assert out.returncode == 0 and out.stdout.split() == ["dinov2clip-reference"], out.stderr
     first = _tree(work / "zoo")
-    assert set(first) == {"manifest.json", "__init__.py", "dinov2clip-reference-v1.json"}
+    assert set(first) == {"manifest.json", "__init__.py", "dinov2clip-reference.json"}
     out = run("export-source", "zoo", cwd=work)  # an earlier export is ours to replace
     assert out.returncode == 0 and _tree(work / "zoo") == first, out.stderr
     (work / "zoo" / "extra.txt").write_text("added by the user")
@@ -160,10 +160,10 @@ def test_repository_registers_as_a_remote_zoo_source(tmp_path, monkeypatch):
     try:
         foz.register_zoo_model_source(url)
         assert url in foz.list_zoo_model_sources()
-        assert "dinov2clip-reference@1" in foz.list_zoo_models(source=url)
+        assert "dinov2clip-reference" in foz.list_zoo_models(source=url)
         model = foz.load_zoo_model("dinov2clip-reference", cache=False)
         assert isinstance(model, DinoV2ClipModel) and model.config.source == "reference"
-        assert model.config.zoo_name == "dinov2clip-reference@1"
+        assert model.config.zoo_name == "dinov2clip-reference"
         foz.delete_zoo_model_source(url)
         assert url not in foz.list_zoo_model_sources()
     finally:
@@ -221,7 +221,7 @@ def test_concurrent_registrations_all_land(tiny_dir):
     from fiftyone_dinov2clip import registry
 
     names = {n for n in registry.registered() if n.startswith("race-")}
-    assert names == {f"race-{t}-{i}@1" for t in "ab" for i in range(10)}
+    assert names == {f"race-{t}-{i}" for t in "ab" for i in range(10)}
     for n in names:
         registry.unregister(n)
 

@@ -65,7 +65,7 @@ def test_fit_immediately_writes_and_registers_a_model(fitted):
     assert "agreement@10" in got["quality"] and "rank corr." in got["quality"] and "\n" not in got["quality"]
     assert Path(got["report"]).is_file()
     assert dinov2clip.load(str(out), image=False).projector is not None
-    assert got["registered"] == f"{name}@1" and got["registered"] in registry.registered()
+    assert got["registered"] == name and got["registered"] in registry.registered()
     assert registry.spec(got["registered"])["source"] == str(out)
 
 

@@ -184,7 +184,7 @@ def test_projecting_a_stored_field_checks_its_provenance(dataset, zoo_tiny):
 
 
 def test_new_process_sorts_by_text_like_the_cosine_ranking(dataset, zoo_tiny):
-    """The index records name@version; a fresh process reloads the model by that name and ranks the
+    """The index records the model's zoo name; a fresh process reloads the model by that name and ranks the
     stored embeddings exactly as cosine to embed_prompt does."""
     dataset.persistent = True
     results, report = fod.compute_similarity(dataset, zoo_tiny, brain_key="txt", dinov2_field="dino",
@@ -272,25 +272,42 @@ def test_zero_shot_classification(dataset, zoo_tiny, tiny_model):
     assert [lbl.label for lbl in labels[:4]] == want
 
 
-def test_registry_versions_are_immutable(tmp_path, zoo_tiny):
+def test_a_registered_name_stays_bound_to_its_model(tmp_path, zoo_tiny):
     a = dinov2clip.make_tiny(str(tmp_path / "a"), seed=3)
-    first = registry.register("reg-test", str(a))
-    assert registry.register("reg-test", str(a)) == first  # same weights: same version
-    emb_v1 = foz.load_zoo_model(first, cache=False).embed_prompt("x")
+    assert registry.register("reg-test", str(a)) == "reg-test"
+    assert registry.register("reg-test", str(a)) == "reg-test"  # same weights: a no-op
     dinov2clip.make_tiny(str(tmp_path / "a"), seed=4, overwrite=True)  # new weights, same directory
-    stale = foz.load_zoo_model(first, cache=False)
+    stale = foz.load_zoo_model("reg-test", cache=False)
     with pytest.raises(UserError, match="changed since it was registered"):
         stale.embed_prompt("x")
-    second = registry.register("reg-test", str(a))
-    assert second == "reg-test@2" and registry.resolve("reg-test") == second
-    assert set(registry.registered()) >= {first, second}
-    assert foz.load_zoo_model("reg-test", cache=False).config.zoo_name == second  # bare name → latest
-    assert emb_v1.shape == (32,)
-    assert registry.unregister("reg-test") == [first, second]
+    with pytest.raises(UserError, match=r"'reg-test' already names another model .*unregister it first"):
+        registry.register("reg-test", str(a))
+    b = dinov2clip.make_tiny(str(tmp_path / "b"), seed=5)
+    with pytest.raises(UserError, match="already names another model"):
+        registry.register("reg-test", str(b))
+    with pytest.raises(UserError, match="already names a registered model"):
+        registry.check_name("reg-test", free=True)  # what fit checks before it starts
+    assert registry.unregister("reg-test") == ["reg-test"]
+    assert registry.register("reg-test", str(a)) == "reg-test"  # free again
+    assert foz.load_zoo_model("reg-test", cache=False).embed_prompt("x").shape == (32,)
+    registry.unregister("reg-test")
+
+
+def test_entries_an_older_release_versioned_still_load_and_unregister(zoo_tiny, tiny_dir):
+    """A registry written with `name@N` entries (earlier releases) keeps loading them by that name."""
+    manifest = registry.read_manifest()
+    entry = {**manifest["models"][0], "base_name": "old-style", "base_filename": "old-style.json", "version": "2"}
+    (registry.source_dir() / "old-style-v2.json").write_text(json.dumps(
+        {"zoo_name": "old-style@2", **{k: v for k, v in registry.spec(zoo_tiny).items() if k != "zoo_name"}}))
+    (registry.source_dir() / "manifest.json").write_text(json.dumps({**manifest, "models": [*manifest["models"], entry]}))
+    assert "old-style@2" in registry.registered() and registry.resolve("old-style@2") == "old-style@2"
+    assert foz.load_zoo_model("old-style@2", cache=False).embed_prompt("x").shape == (32,)
+    assert registry.unregister("old-style") == ["old-style@2"]
+    assert not (registry.source_dir() / "old-style-v2.json").exists()
 
 
 def test_registry_errors(tmp_path, zoo_tiny):
-    with pytest.raises(UserError, match=r"unknown dinov2clip zoo model 'nope'.*dinov2clip-test-tiny@1"):
+    with pytest.raises(UserError, match=r"unknown dinov2clip zoo model 'nope'.*dinov2clip-test-tiny"):
         fod.load("nope")
     with pytest.raises(UserError, match="model directory not found"):
         registry.register("x-missing", str(tmp_path / "absent"))
@@ -312,7 +329,7 @@ def test_registry_errors(tmp_path, zoo_tiny):
     gone = dinov2clip.make_tiny(str(tmp_path / "gone"), seed=5)
     name = registry.register("reg-gone", str(gone))
     shutil.rmtree(gone)
-    with pytest.raises(UserError, match=r"reg-gone@1: its model directory .* is missing.*registered: .*reg-gone@1"):
+    with pytest.raises(UserError, match=r"reg-gone: its model directory .* is missing.*registered: .*reg-gone"):
         foz.load_zoo_model(name, cache=False)
     registry.unregister("reg-gone")
     with pytest.raises(UserError, match="invalid zoo model name"):
@@ -321,7 +338,7 @@ def test_registry_errors(tmp_path, zoo_tiny):
 
 def test_presets_register_with_license_tags_and_real_files(zoo_tiny):
     names = registry.register_presets()
-    assert names == ["dinov2clip-reference@1"]
+    assert names == ["dinov2clip-reference"]
     zoo_model = foz.get_zoo_model(names[0])
     assert {"embeddings", "text-embeddings", "zero-shot"} <= set(zoo_model.tags)
     assert zoo_model.license and "licence" in zoo_model.license

@@ -30,47 +30,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-BACKGROUNDS = ("dark", "light", "gradient", "noise")
-SIZES = ((128, 128), (160, 128), (128, 160))
-
-
-def scene(rng: np.random.Generator, crop_share: float = 224 / 256):
-    """→ (PIL image, caption of the queried shape, its box (x0, y0, x1, y1), the crop box)."""
-    from PIL import Image
-
-    from training.synthetic import COLOURS, SHAPES, draw_shape_at
-
-    w, h = SIZES[rng.integers(len(SIZES))]
-    kind = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
-    if kind == "noise":
-        arr = rng.integers(0, 256, (h, w, 3))
-    elif kind == "gradient":
-        a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
-        t = np.linspace(0, 1, h)[:, None, None]
-        arr = np.broadcast_to(a + t * (b - a), (h, w, 3))
-    else:
-        lo = 0 if kind == "dark" else 170
-        arr = np.broadcast_to(rng.integers(lo, lo + 86, 3), (h, w, 3))
-    img = Image.fromarray(np.ascontiguousarray(arr).astype(np.uint8))
-    side = min(w, h) * crop_share
-    cx0, cy0 = (w - side) / 2, (h - side) / 2
-    crop = (cx0, cy0, cx0 + side, cy0 + side)
-    colours = rng.permutation(list(COLOURS))[: rng.integers(2, 4)]
-    boxes, captions = [], []
-    for colour in colours:
-        shape = SHAPES[rng.integers(len(SHAPES))]
-        for _ in range(100):  # a place whose box overlaps no earlier box
-            r = rng.uniform(0.1, 0.2) * side
-            x, y = rng.uniform(cx0 + r, cx0 + side - r), rng.uniform(cy0 + r, cy0 + side - r)
-            box = (x - r, y - r, x + r, y + r)
-            if all(box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1] for b in boxes):
-                break
-        draw_shape_at(img, colour, shape, x, y, r)
-        boxes.append(box), captions.append(f"a {colour} {shape}")
-    q = rng.integers(len(boxes))
-    return img, captions[q], boxes[q], crop
-
-
 def points(heatmap: np.ndarray, box) -> bool:
     row, col = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
     x, y = col + 0.5, row + 0.5
@@ -137,26 +96,22 @@ def contrasted(method: str, others):
     return score
 
 
-def smoothed(model, cls, patches, text, grid):
-    """`patch` scores averaged over each patch's 3×3 neighbourhood (after the projector, not before)."""
-    from dinov2clip.heatmap import METHODS, neighbourhoods
-
-    return neighbourhoods(METHODS["patch"](model, cls, patches, text)[..., None], grid)[..., 0]
-
-
 def patch_head(model, images: int = 1200, epochs: int = 10, seed: int = 0):
     """A trained method: an MLP on each token whose mean over CLS and patches reproduces the projector's output on
     the pooled vector (consistency loss, MSE + cosine), trained on the tokens of the demo model's own kind of
-    training images (one shape on a dark background); a patch's score is its output's text score."""
+    training images (one shape, tiny.yaml's sizes and backgrounds); a patch's score is its output's text score."""
     import torch
     import torch.nn.functional as F
 
     from dinov2clip.dinov2 import pool
+    from training.pipeline import load_config
     from training.synthetic import COLOURS, SHAPES, shape_image
 
+    opts = load_config("tiny")["data"]["shapes"]  # the demo model's own kind of training images
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-    pixels = torch.stack([model.preprocess(shape_image(rng, list(COLOURS)[rng.integers(len(COLOURS))],
-                                                       SHAPES[rng.integers(len(SHAPES))])) for _ in range(images)])
+    pixels = torch.stack([model.preprocess(shape_image(
+        rng, list(COLOURS)[rng.integers(len(COLOURS))], SHAPES[rng.integers(len(SHAPES))], opts["image_size"],
+        tuple(opts.get("scale", (0.2, 0.4))), tuple(opts.get("backgrounds", ("dark",))))) for _ in range(images)])
     with torch.inference_mode(False), torch.no_grad():
         cls, patches = zip(*(model.image_encoder.tokens(pixels[i:i + 100]) for i in range(0, images, 100)))
         cls, patches = torch.cat(cls).float().clone(), torch.cat(patches).float().clone()
@@ -192,13 +147,12 @@ VARIANTS = {
     "integrated-gradients": integrated_gradients,
     "occlusion": occlusion,
     "patch-extrapolated": extrapolated,
-    "patch-smoothed": smoothed,
     "patch-contrast": contrasted("patch", _caption_mean),
     "window-contrast": contrasted("window", _caption_mean),
 }
 
 
-def pointing_game(model, scenes, methods) -> dict:
+def pointing_game(model, scenes, methods) -> dict:  # scenes: training.synthetic.scene
     """{method: share of scenes whose map peaks inside the queried box}, chance included; one query per scene."""
     hits = {m: 0 for m in methods}
     for img, caption, box, _ in scenes:
@@ -260,12 +214,13 @@ def main(argv=None) -> int:
     import torch
 
     import dinov2clip
+    from training.synthetic import scene
 
     torch.set_num_threads(torch.get_num_threads())
     model_dir = Path(args.model) if args.model else demo_model(work, args.quick)
     model = dinov2clip.load(str(model_dir), device="cpu", dtype="fp32")
     rng = np.random.default_rng(args.seed)
-    scenes = [scene(rng) for _ in range(n)]
+    scenes = [scene(rng) for _ in range(n)]  # drawn by the same code as the demo model's training images
     methods = args.methods
     if args.head:
         VARIANTS["head"] = patch_head(model)
@@ -299,8 +254,36 @@ def main(argv=None) -> int:
     if args.out:
         write_text(Path(args.out), json.dumps(results, indent=2) + "\n")
     if args.docs:
+        plot(results, Path(args.docs).parent / PLOT)
         write_text(Path(args.docs), markdown(results))
     return 0
+
+
+PLOT = "images/heatmaps-pointing.png"  # beside the generated page
+
+
+def plot(r: dict, path: Path) -> None:
+    """The pointing game as bars, one per method (shipped ones dark), with chance and the 80 % goal marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dinov2clip.atomic import atomic_path
+    from dinov2clip.heatmap import METHODS
+
+    names = [m for m in r["pointing"] if m != "chance"]
+    fig, ax = plt.subplots(figsize=(6, 0.3 * len(names) + 1.2))
+    ax.barh(names[::-1], [100 * r["pointing"][m] for m in names[::-1]],
+            color=["#333" if m in METHODS else "#aaa" for m in names[::-1]])
+    ax.axvline(100 * r["pointing"]["chance"], color="#c33", ls=":", label="chance")
+    ax.axvline(80, color="#36c", ls="--", label="goal (80 %)")
+    ax.set_xlim(0, 100), ax.set_xlabel(f"% of {r['scenes']} scenes whose map peaks on the queried shape")
+    ax.legend(loc="lower right", fontsize=8), fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
 
 
 def cpu_name() -> str:
@@ -356,6 +339,8 @@ def markdown(r: dict) -> str:
         "",
         f"Goal (issue 22): the peak inside the queried box in at least 80 % of scenes. Best shipped method here: "
         f"`{best}`, {100 * shipped[best]:.1f} % (chance {100 * r['pointing']['chance']:.1f} %)." if best else "",
+        "",
+        f"![the pointing game, one bar per method: shipped dark, tried grey]({PLOT})",
         "",
         "| method | status | points | cost × embed | what |",
         "|---|---|---|---|---|",

@@ -13,6 +13,9 @@ Methods (docs/heatmaps.md compares them on the pointing game):
 - `window`: as `patch`, with each patch's 3×3 neighbourhood (the mean of its tokens) in place of the one patch:
   an input nearer to the pooled vectors the projector was trained on, and a map that favours whole objects over
   single patches (training-free; the same cost as `patch`).
+- `smoothed` (the default): `patch`'s scores averaged over each patch's 3×3 neighbourhood, after the projector:
+  a peak needs a whole object's worth of agreeing patches, so a stray patch elsewhere cannot win it
+  (training-free; the cost of `patch`).
 
 A method is a function (model, CLS [B, H], patch tokens [B, P, H], unit text embedding [D], grid (rows, cols))
 → patch scores [B, P] on that row-major grid; `heatmaps` also takes such a function in place of a name.
@@ -62,8 +65,12 @@ def _window(model, cls: torch.Tensor, patches: torch.Tensor, text: torch.Tensor,
     return _patch(model, cls, neighbourhoods(patches, grid), text)
 
 
-METHODS: dict[str, Callable] = {"gradient": _gradient, "patch": _patch, "window": _window}
-DEFAULT_METHOD = "window"
+def _smoothed(model, cls: torch.Tensor, patches: torch.Tensor, text: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    return neighbourhoods(_patch(model, cls, patches, text)[..., None], grid)[..., 0]
+
+
+METHODS: dict[str, Callable] = {"gradient": _gradient, "patch": _patch, "window": _window, "smoothed": _smoothed}
+DEFAULT_METHOD = "smoothed"
 
 
 def check(model, method: str | Callable = DEFAULT_METHOD) -> None:

@@ -21,7 +21,8 @@ from training.train import TrainConfig, train  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "training" / "configs" / "tiny.yaml"
 # Bar: 3× chance (issue). Measured: test caption→image R@5 0.157 on the first honest run (10 epochs, width 128),
-# 0.187 with tiny.yaml as shipped (300 test images: chance 5/300 = 0.017, so ~11× chance).
+# 0.187 with the dark-background tiny.yaml, 0.10-0.13 across seeds with its varied backgrounds (300 test images:
+# chance 5/300 = 0.017).
 R5_FACTOR_OVER_CHANCE = 3
 
 
@@ -286,3 +287,31 @@ def test_cli_user_errors(argv, message, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "training.run", *argv, "--out" if argv[0] == "train" else "--output",
                            str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+def test_tiny_models_text_heatmaps_point_at_the_queried_shape(tiny_run):
+    """Issue 22's pointing game at CI's size: 100 scenes (two or three shapes of different colours on varied
+    backgrounds, seed 0); the default heatmap's peak must fall inside the queried shape's box in most of them.
+    The bar is the issue's goal; chance is about 10 %, and the demo model trained on dark backgrounds only
+    reached 54 % (docs/heatmaps.md has the figures of every method)."""
+    import dinov2clip
+    from training.synthetic import scene
+
+    model = dinov2clip.load(tiny_run[1]["model"], device="cpu", dtype="fp32")
+    rng = np.random.default_rng(0)
+    hits = 0
+    for img, caption, box, _ in (scene(rng) for _ in range(100)):
+        heat = model.heatmap([img], caption)[0]
+        row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
+        hits += box[0] <= col + 0.5 <= box[2] and box[1] <= row + 0.5 <= box[3]
+    assert hits >= 80, f"the heatmap's peak fell inside the queried shape in {hits} of 100 scenes"
+
+
+@pytest.mark.parametrize("bad, message", [("data.shapes.backgrounds=[dark,plaid]", "choose from dark, light"),
+                                          ("data.shapes.scale=[0.2,0.7]", "0 < low <= high <= 0.5")])
+def test_bad_shapes_options_are_one_line_errors_before_any_work(tmp_path, bad, message):
+    out = subprocess.run([sys.executable, "-m", "training.run", "--config", str(TINY), "--output", str(tmp_path / "o"),
+                          "--set", bad], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not list((tmp_path / "o").glob("data/train/*.tar"))

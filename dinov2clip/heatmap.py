@@ -65,7 +65,8 @@ def _window(model, cls: torch.Tensor, patches: torch.Tensor, text: torch.Tensor,
     return _patch(model, cls, neighbourhoods(patches, grid), text)
 
 
-def _smoothed(model, cls: torch.Tensor, patches: torch.Tensor, text: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+def _smoothed(model, cls: torch.Tensor, patches: torch.Tensor, text: torch.Tensor, grid: tuple[int, int]
+              ) -> torch.Tensor:
     return neighbourhoods(_patch(model, cls, patches, text)[..., None], grid)[..., 0]
 
 

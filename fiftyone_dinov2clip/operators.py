@@ -174,7 +174,7 @@ class ExplainMatches(foo.Operator):
 
     def resolve_input(self, ctx):
         brain = _brain()
-        last = ctx.store(STORE).get(LAST_QUERY) or {}
+        last = _app_text_query(ctx) or ctx.store(STORE).get(LAST_QUERY) or {}
         inputs = types.Object()
         _text_index_input(inputs, ctx.dataset, default=last.get("brain_key"))
         inputs.str("query", required=True, default=last.get("query"), label="Text query",
@@ -229,17 +229,34 @@ def _text_index_input(inputs, dataset, default: str | None = None) -> None:
         inputs.str("brain_key", required=True, label="Similarity index", invalid=True, error_message=message)
 
 
+def _trailing_sort(ctx) -> dict | None:
+    """The request's serialised view stages end in a similarity sort (the App's text search or ours): that
+    stage, as the App sent it. None for a saved view, which is searched as it is."""
+    import fiftyone.core.stages as fos
+
+    stages = ctx.request_params.get("view") or []
+    last = stages[-1] if stages and isinstance(stages[-1], dict) else {}
+    if ctx.request_params.get("view_name") or last.get("_cls") != f"{fos.SortBySimilarity.__module__}.SortBySimilarity":
+        return None
+    return last
+
+
+def _app_text_query(ctx) -> dict:
+    """The text and index the App's current view is sorted by (its own search box included), or {}."""
+    kwargs = dict(p for p in (_trailing_sort(ctx) or {}).get("kwargs", []) if isinstance(p, list) and len(p) == 2)
+    text = kwargs.get("query")
+    return {"query": text, "brain_key": kwargs.get("brain_key")} if isinstance(text, str) else {}
+
+
 def _searched_view(ctx):
     """The App's view, less a trailing similarity sort: a new text query replaces the previous one rather than
     searching only its top k. Built from the request's own serialised stages, as FiftyOne builds `ctx.view`
-    (`fiftyone.server.view.get_view`); a saved view is searched as it is."""
-    import fiftyone.core.stages as fos
+    (`fiftyone.server.view.get_view`)."""
     import fiftyone.server.view as fosv
 
-    stages = ctx.request_params.get("view") or []
-    last = stages[-1].get("_cls") if stages and isinstance(stages[-1], dict) else None
-    if ctx.request_params.get("view_name") or last != f"{fos.SortBySimilarity.__module__}.SortBySimilarity":
+    if _trailing_sort(ctx) is None:
         return ctx.view
+    stages = ctx.request_params["view"]
     return fosv.get_view(ctx.dataset, stages=stages[:-1], filters=ctx.request_params.get("filters"),
                          extended_stages=ctx.request_params.get("extended"))
 

@@ -192,6 +192,10 @@ def test_operator_prefills_the_last_text_query_and_explains_the_searched_view(pl
     props = form(EXPLAIN, dataset)
     assert props["query"]["default"] == "a red circle" and props["k"]["default"] == 25
     assert props["brain_key"]["default"] == "dinov2clip" and props["label_field"]["default"] == FIELD
+    # a query typed in the App's own search box (its view ends in that sort) is offered before ours
+    magnifier = dataset.sort_by_similarity("a green square", k=5, brain_key="dinov2clip")
+    assert form(EXPLAIN, dataset, view=magnifier)["query"]["default"] == "a green square"
+    assert form(EXPLAIN, dataset, view=dataset.limit(3))["query"]["default"] == "a red circle"
 
     # the App's current view is the text query's top 3: explain searches what it was sorted from
     shown = fosv.get_view(dataset.name, stages=json_util.loads(

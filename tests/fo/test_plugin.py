@@ -52,12 +52,13 @@ def run(uri: str, dataset, view=None, delegate: bool = False, **params):
     return asyncio.run(execute_or_delegate_operator(uri, request))
 
 
-def form(uri: str, dataset, **params) -> dict:
-    """The input form as JSON, as the App receives it."""
+def form(uri: str, dataset, view=None, **params) -> dict:
+    """The input form as JSON, as the App receives it (with the App's current `view`, if given)."""
     import fiftyone.operators as foo
     from fiftyone.operators.executor import resolve_type
 
-    prop = asyncio.run(resolve_type(foo.OperatorRegistry(), uri, {"dataset_name": dataset.name, "params": params}))
+    request = {"dataset_name": dataset.name, "params": params, **({"view": view._serialize()} if view else {})}
+    prop = asyncio.run(resolve_type(foo.OperatorRegistry(), uri, request))
     return prop.to_json()["type"]["properties"]
 
 

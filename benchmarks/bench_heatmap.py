@@ -85,13 +85,21 @@ def extrapolated(model, cls, patches, text, grid):
     return _score(model, cls, mean + 2 * (patches - mean), text)
 
 
+def window(model, cls, patches, text, grid):
+    """`patch` with each patch's 3×3 neighbourhood (the mean of its tokens, before the projector) in place of the
+    one patch (the default before `smoothed`, which averages after the projector)."""
+    from dinov2clip.heatmap import METHODS, neighbourhoods
+
+    return METHODS["patch"](model, cls, neighbourhoods(patches, grid), text)
+
+
 def contrasted(method: str, others):
     """`method` scored for the text minus the mean embedding of `others` (here: every caption the scenes use),
     so the map is about "red circle" rather than "a shape". Needs a caption vocabulary the product lacks."""
     from dinov2clip.heatmap import METHODS
 
     def score(model, cls, patches, text, grid):
-        return METHODS[method](model, cls, patches, text - others(model).to(text), grid)
+        return {**METHODS, **VARIANTS}[method](model, cls, patches, text - others(model).to(text), grid)
     score.__doc__ = f"`{method}` scored for the text minus the mean embedding of every caption the scenes use."
     return score
 
@@ -146,6 +154,7 @@ def _caption_mean(model, cache={}):
 VARIANTS = {
     "integrated-gradients": integrated_gradients,
     "occlusion": occlusion,
+    "window": window,
     "patch-extrapolated": extrapolated,
     "patch-contrast": contrasted("patch", _caption_mean),
     "window-contrast": contrasted("window", _caption_mean),

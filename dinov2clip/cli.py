@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", metavar="DIR", default=None,
                    help="also write a heatmap overlay of each hit into DIR (NN-<name>.png): where it matches the query")
     p.add_argument("--method", type=heatmap_method, default=None,
-                   help="heatmap method: gradient, patch, window or smoothed (default: smoothed)")
+                   help="heatmap method: gradient, patch or smoothed (default: smoothed)")
     model_options(p, required_model=False)
 
     p = add("explain", cmd_explain, "write a heatmap overlay: which parts of an image match a text")
@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query")
     p.add_argument("--out", required=True, help="the overlay to write (.png)")
     p.add_argument("--method", type=heatmap_method, default=None,
-                   help="heatmap method: gradient, patch, window or smoothed (default: smoothed)")
+                   help="heatmap method: gradient, patch or smoothed (default: smoothed)")
     p.add_argument("--max-side", type=positive_int, default=None,
                    help="longest side of the overlay in pixels (default: the image's size)")
     model_options(p)

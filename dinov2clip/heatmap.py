@@ -10,9 +10,6 @@ Methods (docs/heatmaps.md compares them on the pointing game):
 - `patch`: each patch scored as if the whole image looked like it: the text score of
   projector(pool(CLS, patch)), i.e. the pooled vector with the patch mean replaced by that one patch
   (training-free; the projector runs once per patch, batched).
-- `window`: as `patch`, with each patch's 3×3 neighbourhood (the mean of its tokens) in place of the one patch:
-  an input nearer to the pooled vectors the projector was trained on, and a map that favours whole objects over
-  single patches (training-free; the same cost as `patch`).
 - `smoothed` (the default): `patch`'s scores averaged over each patch's 3×3 neighbourhood, after the projector:
   a peak needs a whole object's worth of agreeing patches, so a stray patch elsewhere cannot win it
   (training-free; the cost of `patch`).
@@ -61,16 +58,12 @@ def neighbourhoods(patches: torch.Tensor, grid: tuple[int, int], size: int = 3) 
     return x.reshape(b, h, p).transpose(1, 2)
 
 
-def _window(model, cls: torch.Tensor, patches: torch.Tensor, text: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    return _patch(model, cls, neighbourhoods(patches, grid), text)
-
-
 def _smoothed(model, cls: torch.Tensor, patches: torch.Tensor, text: torch.Tensor, grid: tuple[int, int]
               ) -> torch.Tensor:
     return neighbourhoods(_patch(model, cls, patches, text)[..., None], grid)[..., 0]
 
 
-METHODS: dict[str, Callable] = {"gradient": _gradient, "patch": _patch, "window": _window, "smoothed": _smoothed}
+METHODS: dict[str, Callable] = {"gradient": _gradient, "patch": _patch, "smoothed": _smoothed}
 DEFAULT_METHOD = "smoothed"
 
 

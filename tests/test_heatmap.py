@@ -75,7 +75,7 @@ def test_methods_differ_and_text_matters(tiny_model):
     red = {m: tiny_model.heatmap(image, "a red circle", method=m)[0] for m in METHODS}
     blue = tiny_model.heatmap(image, "a blue square")[0]
     assert not np.allclose(red["gradient"], red["patch"], atol=1e-3)
-    assert not np.allclose(red["patch"], red["window"], atol=1e-3)
+    assert not np.allclose(red["patch"], red["smoothed"], atol=1e-3)
     assert not np.allclose(red[DEFAULT_METHOD], blue, atol=1e-3)
 
 

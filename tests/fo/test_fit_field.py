@@ -160,7 +160,7 @@ def test_field_written_by_compute_embeddings_fits_and_indexes_from_the_field(our
     config = json.loads((out / "config.json").read_text())
     d = config["dinov2"]
     assert (d["field"], d["pooling"], d["hidden_size"], d["producer"]["kind"]) == ("dino", "cls", 32, "dinov2clip")
-    assert d["producer"]["model"].startswith("dinov2clip-test-tiny@")
+    assert d["producer"]["model"] == "dinov2clip-test-tiny"
     assert config["provenance"]["fit"]["counts"]["without_field"] == 1
 
     import dinov2clip

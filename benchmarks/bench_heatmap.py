@@ -2,13 +2,13 @@
 
     python benchmarks/bench_heatmap.py --head --docs docs/heatmaps.md   # 300 scenes, cost at reference size
     python benchmarks/bench_heatmap.py --quick                    # CI: 100 scenes, cost on the demo model
-    python benchmarks/bench_heatmap.py --model runs/tiny/train/model --scenes 500
+    python benchmarks/bench_heatmap.py --model runs/scenes/train/model --scenes 500
 
 Scenes: two or three shapes of different colours at random places and sizes (inside the centre crop the model
 sees, boxes apart) on varied backgrounds (dark, light, a gradient, noise), in square, wide and tall images.
 Each scene queries one of its shapes by its caption ("a red circle"). A map *points* when its peak lies inside
 the queried shape's box. Chance: the share of the crop the box covers. Model: the demo model trained by
-`training/configs/tiny.yaml` (built under --work unless --model is given).
+`training/configs/scenes.yaml` (built under --work unless --model is given).
 
 Compared: every method of dinov2clip.heatmap.METHODS and the variants tried and not shipped (VARIANTS below, each
 a method function); `--docs` writes the results as a generated markdown page, `--out` as JSON.
@@ -107,7 +107,7 @@ def contrasted(method: str, others):
 def patch_head(model, images: int = 1200, epochs: int = 10, seed: int = 0):
     """A trained method: an MLP on each token whose mean over CLS and patches reproduces the projector's output on
     the pooled vector (consistency loss, MSE + cosine), trained on the tokens of the demo model's own kind of
-    training images (one shape, tiny.yaml's sizes and backgrounds); a patch's score is its output's text score."""
+    training images (one shape, scenes.yaml's sizes and backgrounds); a patch's score is its output's text score."""
     import torch
     import torch.nn.functional as F
 
@@ -115,7 +115,7 @@ def patch_head(model, images: int = 1200, epochs: int = 10, seed: int = 0):
     from training.pipeline import load_config
     from training.synthetic import COLOURS, SHAPES, shape_image
 
-    opts = load_config("tiny")["data"]["shapes"]  # the demo model's own kind of training images
+    opts = load_config("scenes")["data"]["shapes"]  # the demo model's own kind of training images
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     pixels = torch.stack([model.preprocess(shape_image(
         rng, list(COLOURS)[rng.integers(len(COLOURS))], SHAPES[rng.integers(len(SHAPES))], opts["image_size"],
@@ -194,8 +194,8 @@ def demo_model(work: Path, quick: bool) -> Path:
     from training.pipeline import load_config, run_pipeline
 
     root = Path(__file__).resolve().parents[1]
-    cfg = load_config(root / "training" / "configs" / "tiny.yaml")
-    out = work / "tiny"
+    cfg = load_config(root / "training" / "configs" / "scenes.yaml")
+    out = work / "scenes"
     run_pipeline(cfg, out, progress=False)
     return out / "train" / "model"
 
@@ -338,7 +338,7 @@ def markdown(r: dict) -> str:
         f"CPU: {r['cpu']} ({r['threads']} threads). Pointing game: {r['scenes']} synthetic scenes (seed {r['seed']}), "
         "two or three shapes of different colours on dark, light, gradient or noise backgrounds; the map *points* "
         "when its peak lies inside the queried shape's box; chance is the share of the crop that box covers. "
-        "Model: the demo model trained by `training/configs/tiny.yaml`. Methods: `dinov2clip/heatmap.py`; the "
+        "Model: the heatmap demo model trained by `training/configs/scenes.yaml`. Methods: `dinov2clip/heatmap.py`; the "
         "variants tried and not shipped: `VARIANTS` in the benchmark.",
         "",
         f"Cost: seconds for the maps of {c['images']} images (512-640 px files) against embedding the same images "

@@ -31,7 +31,10 @@ def labelled(tmp_path_factory):
 
     root = shapes_folder(tmp_path_factory.mktemp("fo-fit-images"), 60, seed=5)
     name = f"fit-{os.getpid()}"
-    ds = fo.Dataset(name)
+    # persistent: each subprocess below is a FiftyOne client that deletes every non-persistent dataset when it
+    # counts no other client (FiftyOne counts clients waiting in a `hello`: racy; seen in a full run). Deleted
+    # here, after the module.
+    ds = fo.Dataset(name, persistent=True)
     ds.add_samples([fo.Sample(filepath=str(p), ground_truth=fo.Classification(label=p.parent.name))
                     for p in sorted(root.rglob("*.png"))])
     ds.save_view("blue", ds.match(fo.ViewField("ground_truth.label").starts_with("blue")))

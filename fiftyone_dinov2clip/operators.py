@@ -242,10 +242,20 @@ def _trailing_sort(ctx) -> dict | None:
 
 
 def _app_text_query(ctx) -> dict:
-    """The text and index the App's current view is sorted by (its own search box included), or {}."""
+    """The text and index the App's current view is sorted by (its own search box), or {}: not for a sort by
+    a vector (ours sorts by the query's embedding) or by sample IDs, told apart as FiftyOne's stage does."""
+    import fiftyone.core.utils as fou
+    from bson import ObjectId
+
     kwargs = dict(p for p in (_trailing_sort(ctx) or {}).get("kwargs", []) if isinstance(p, list) and len(p) == 2)
     text = kwargs.get("query")
-    return {"query": text, "brain_key": kwargs.get("brain_key")} if isinstance(text, str) else {}
+    if not isinstance(text, str) or ObjectId.is_valid(text):
+        return {}
+    try:
+        fou.deserialize_numpy_array(text, ascii=True)
+        return {}
+    except Exception:  # not a serialised vector: a prompt
+        return {"query": text, "brain_key": kwargs.get("brain_key")}
 
 
 def _searched_view(ctx):

@@ -200,6 +200,7 @@ def test_operator_prefills_the_last_text_query_and_explains_the_searched_view(pl
     # the App's current view is the text query's top 3: explain searches what it was sorted from
     shown = fosv.get_view(dataset.name, stages=json_util.loads(
         json.dumps(sorted_view.executor.to_json()["requests"][0]["params"]["view"])))
+    assert form(EXPLAIN, dataset, view=shown)["query"]["default"] == "a red circle"  # ours sorts by a vector
     before = _last_modified(dataset)
     request = {"dataset_name": dataset.name, "view": shown._serialize(), "active_fields": ["color", FIELD],
                "params": {"query": "a red circle", "k": 4}}  # as the App sends it, with its active fields

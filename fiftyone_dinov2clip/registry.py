@@ -114,9 +114,10 @@ def check_name(name: str, free: bool = False) -> None:
     if name in others_names():
         raise UserError(f"{name!r} is a zoo model FiftyOne already lists (its own or another source's): choose "
                         "another name")
-    if free and name in registered():
-        raise UserError(f"{name!r} already names a registered model ({spec(name)['source']}): choose another name, "
-                        f"or unregister it first")
+    taken = _entries_named(name) if free else []
+    if taken:
+        raise UserError(f"{name!r} already names a registered model ({read_spec(_spec_path(taken[-1]))['source']}): "
+                        "choose another name, or unregister it first")
 
 
 @contextlib.contextmanager
@@ -143,10 +144,12 @@ def register(name: str, source: str, description: str | None = None, root: Path 
     fingerprint = known_model(config)
     with locked(root):
         manifest = read_manifest(root)
-        if any(m["base_name"] == name for m in manifest["models"]):
-            bound = spec(name, root)
+        taken = _entries_named(name, root, manifest)  # more than one only where an older release versioned it
+        for entry in taken:
+            bound = read_spec(_spec_path(entry, root))
             if bound["source"] == source and bound["fingerprint"] == fingerprint:
-                return name
+                return _zoo_name(entry)
+        if taken:
             raise UserError(f"{name!r} already names another model ({bound['source']}, fingerprint "
                             f"{(bound['fingerprint'] or '-')[:12]}): choose another name, or unregister it first")
         desc = description or (f"DINOv2 ({config.dinov2['source']}, {config.dinov2['pooling']} pooling) projected "
@@ -164,6 +167,10 @@ def register_presets(root: Path | None = None) -> list[str]:
     return [register(preset_zoo_name(p), p, root=root) for p in sorted(PRESETS)]
 
 
+def _entries_named(name: str, root: Path | None = None, manifest: dict | None = None) -> list[dict]:
+    return [m for m in (manifest or read_manifest(root))["models"] if m["base_name"] == name]
+
+
 def _zoo_name(entry: dict) -> str:
     return entry["base_name"] + (f"@{entry['version']}" if entry.get("version") else "")
 
@@ -173,7 +180,7 @@ def spec_filename(entry: dict) -> str:
     return entry["base_name"] + (f"-v{entry['version']}" if entry.get("version") else "") + ".json"
 
 
-def _spec_path(entry: dict, root: Path | None) -> Path:
+def _spec_path(entry: dict, root: Path | None = None) -> Path:
     return source_dir(root) / spec_filename(entry)
 
 
@@ -211,5 +218,6 @@ def resolve(name: str, root: Path | None = None) -> str:
 
 
 def spec(name: str, root: Path | None = None) -> dict:
-    entry = next(m for m in read_manifest(root)["models"] if _zoo_name(m) == resolve(name, root))
+    zoo_name = resolve(name, root)
+    entry = next(m for m in read_manifest(root)["models"] if _zoo_name(m) == zoo_name)
     return read_spec(_spec_path(entry, root))

@@ -123,8 +123,7 @@ def prepare_data(data: dict, out: Path) -> dict[str, list[str]]:
             if not root.is_dir() or not any(root.glob("*.tar")):
                 write_shapes_shards(root, n, per_shard, seed=seed + 1000 * i, size=size, prefix=split,
                                     corrupt=opts.get("corrupt", 0) if split == "train" else 0,
-                                    scale=tuple(opts.get("scale", (0.2, 0.4))),
-                                    backgrounds=tuple(opts.get("backgrounds", ("dark",))))
+                                    **{k: tuple(opts[k]) for k in ("scale", "backgrounds") if k in opts})
             result[split] = [str(p) for p in sorted(root.glob("*.tar"))]
         return result
     missing = [s for s in ("train", "val") if not data.get(s)]

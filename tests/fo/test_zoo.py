@@ -302,6 +302,12 @@ def test_entries_an_older_release_versioned_still_load_and_unregister(zoo_tiny, 
     (registry.source_dir() / "manifest.json").write_text(json.dumps({**manifest, "models": [*manifest["models"], entry]}))
     assert "old-style@2" in registry.registered() and registry.resolve("old-style@2") == "old-style@2"
     assert foz.load_zoo_model("old-style@2", cache=False).embed_prompt("x").shape == (32,)
+    # its base name stays bound to that model: the same one again is that entry, another one is refused
+    assert registry.register("old-style", str(tiny_dir)) == "old-style@2"
+    with pytest.raises(UserError, match="'old-style' already names another model"):
+        registry.register("old-style", "reference")
+    with pytest.raises(UserError, match="'old-style' already names a registered model"):
+        registry.check_name("old-style", free=True)
     assert registry.unregister("old-style") == ["old-style@2"]
     assert not (registry.source_dir() / "old-style-v2.json").exists()
 

@@ -181,7 +181,12 @@ def spec_filename(entry: dict) -> str:
 
 
 def _spec_path(entry: dict, root: Path | None = None) -> Path:
-    return source_dir(root) / spec_filename(entry)
+    """The entry's model file, inside the source folder whatever the manifest says (an edited entry naming
+    `../x` is refused, never read or deleted)."""
+    filename = spec_filename(entry)
+    if not NAME_RE.match(filename.removesuffix(".json")):
+        raise UserError(f"the dinov2clip zoo manifest names a model file {filename!r} outside its folder: refusing")
+    return source_dir(root) / filename
 
 
 def unregister(name: str, root: Path | None = None) -> list[str]:

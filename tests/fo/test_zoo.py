@@ -309,6 +309,16 @@ def test_entries_an_older_release_versioned_still_load_and_unregister(zoo_tiny, 
     with pytest.raises(UserError, match="'old-style' already names a registered model"):
         registry.check_name("old-style", free=True)
     assert registry.unregister("old-style") == ["old-style@2"]
+    # an edited entry cannot point the registry at a file outside its folder
+    outside = registry.source_dir().parent / "escape.json"
+    outside.write_text("{}")
+    edited = {**entry, "base_name": "../escape", "version": None}
+    (registry.source_dir() / "manifest.json").write_text(json.dumps({**manifest, "models": [*manifest["models"], edited]}))
+    with pytest.raises(UserError, match="outside its folder"):
+        registry.unregister("../escape")
+    assert outside.read_text() == "{}"
+    (registry.source_dir() / "manifest.json").write_text(json.dumps(manifest))
+    outside.unlink()
     assert not (registry.source_dir() / "old-style-v2.json").exists()
 
 

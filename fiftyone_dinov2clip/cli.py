@@ -47,8 +47,8 @@ def cmd_list(args):
 
 
 def is_exported_source(folder: Path) -> bool:
-    """What export-source writes, and nothing else: a manifest naming our remote source, the loader
-    `__init__.py` and one model file per model."""
+    """What export-source writes, and nothing else: a manifest naming our remote source and the loader
+    `__init__.py` (older exports also held one model file per model)."""
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
     except (OSError, ValueError):
@@ -59,8 +59,8 @@ def is_exported_source(folder: Path) -> bool:
 
 
 def export_source(out: Path, url: str | None) -> list[str]:
-    """The folder `foz.register_zoo_model_source(<repo URL>)` finds: the presets, as register-presets
-    writes them, plus the source URL. Regenerate the repository's `fiftyone_zoo/` with this: it replaces
+    """The folder `foz.register_zoo_model_source(<repo URL>)` finds: the presets' manifest, as register-presets
+    writes it, plus the source URL; no model files, so FiftyOne downloads a preset on first use. Regenerate the repository's `fiftyone_zoo/` with this: it replaces
     an earlier export, and refuses any other non-empty folder (and a file)."""
     with AtomicDir(out, overwrite=True, is_ours=is_exported_source, what="export-source folder") as tmp:
         names = registry.register_presets(root=tmp)
@@ -72,6 +72,7 @@ def export_source(out: Path, url: str | None) -> list[str]:
         manifest["name"] = REMOTE_SOURCE_NAME
         for m in manifest["models"]:
             m["date_added"] = None  # reproducible bytes: the committed folder must equal a fresh export
+            (written / registry.spec_filename(m)).unlink()  # missing: FiftyOne calls download_model, which fetches
         (written / "manifest.json").write_text(json.dumps(manifest, indent=4) + "\n")
         for path in written.iterdir():
             path.rename(tmp / path.name)

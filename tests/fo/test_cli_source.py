@@ -145,8 +145,21 @@ def test_export_source_never_deletes_what_it_did_not_write(tmp_path):
 
 def test_repository_registers_as_a_remote_zoo_source(tmp_path, monkeypatch):
     """FiftyOne's own `register_zoo_model_source` on an archive of the repository (GitHub serves the
-    same zip): it finds fiftyone_zoo/manifest.json, and every preset loads by name."""
+    same zip): it finds fiftyone_zoo/manifest.json; a preset's first load downloads it (FiftyOne calls our
+    `download_model`) into a model directory under the zoo directory, which then loads with no hub cache."""
+    import numpy as np
+    import torch
+
+    import dinov2clip
+    from dinov2clip.presets import REFERENCE_URL
+    from dinov2clip.sources import url_cache_path
+    from testsupport import seed_reference_towers, solid
+
     monkeypatch.setattr(fo.config, "model_zoo_dir", str(tmp_path / "zoo"))
+    seed_reference_towers(tmp_path / "seed")
+    ckpt = url_cache_path(REFERENCE_URL)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(dinov2clip.ProjectorWithResiduals(768, 512, 2048, 6).state_dict(), ckpt)
     archive = tmp_path / "www" / "dinov2clip-main.zip"
     archive.parent.mkdir()
     with zipfile.ZipFile(archive, "w") as z:
@@ -161,13 +174,23 @@ def test_repository_registers_as_a_remote_zoo_source(tmp_path, monkeypatch):
         foz.register_zoo_model_source(url)
         assert url in foz.list_zoo_model_sources()
         assert "dinov2clip-reference" in foz.list_zoo_models(source=url)
+        assert not foz.is_zoo_model_downloaded("dinov2clip-reference")
         model = foz.load_zoo_model("dinov2clip-reference", cache=False)
-        assert isinstance(model, DinoV2ClipModel) and model.config.source == "reference"
+        folder = tmp_path / "zoo" / "dinov2clip-remote" / "dinov2clip-reference"
+        assert isinstance(model, DinoV2ClipModel) and model.config.source == str(folder)
         assert model.config.zoo_name == "dinov2clip-reference"
+        assert {"config.json", "projector.safetensors", "dinov2", "clip"} <= {p.name for p in folder.iterdir()}
+        assert foz.is_zoo_model_downloaded("dinov2clip-reference")
+        ckpt.unlink()
+        for repo in ("facebook--dinov2-base", "timm--vit_base_patch16_clip_224.openai"):  # the bundle needs neither
+            shutil.rmtree(Path(os.environ["HF_HUB_CACHE"]) / f"models--{repo}")
+        with model:
+            assert np.asarray(model.embed(np.asarray(solid("red")))).shape == (512,)
         foz.delete_zoo_model_source(url)
         assert url not in foz.list_zoo_model_sources()
     finally:
         server.shutdown()
+        ckpt.unlink(missing_ok=True)
 
 
 def test_a_killed_index_resumes_embedding_each_image_once(tiny_dir, tmp_path, zoo_tiny):

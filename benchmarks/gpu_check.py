@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support.planted: the test tooling
 
 REFERENCE_SAMPLES = 8_000_000 * 16  # the reference schedule: 8M CC12M pairs × 16 epochs
 TARGET_MINUTES = 10
@@ -213,10 +214,10 @@ def precompute_rates(work: Path, args) -> dict:
 # -- planted alignment at the full size, with enough pairs -------------------------------------------
 
 def planted_check(work: Path, args) -> dict:
-    """`training.planted.run_planted` at 768-d with `--planted-pairs` pairs, both losses, GPU-resident."""
+    """`support.planted.run_planted` (tests/support/) at 768-d with `--planted-pairs` pairs, both losses, GPU-resident."""
     import shutil
 
-    from training.planted import run_planted
+    from support.planted import run_planted
 
     out = work / "planted"
     shutil.rmtree(out, ignore_errors=True)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from training.losses import info_nce
-from training.synthetic import PlantedMap
+from support.planted import PlantedMap
 
 
 def _texts_sharing_a_direction(n=2048, dim=32, seed=0):

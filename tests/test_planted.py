@@ -7,11 +7,11 @@ the true map), contrastive 0.588 (92 %; InfoNCE's text→image half — CLIP's s
 79 %, see training/losses.py). So the issue's ≥ 90 % bar is met here by both losses; the bars below leave a
 margin under those figures, since they must hold on every CPU. At the full size (768-d, 200k pairs) even a
 *linear* true map fitted by least squares reaches only 86 % of itself (`linear_ceiling_pct`), so the bar is
-out of reach there — docs/training.md, *Does the trainer learn?*; `python -m training.run planted --out DIR` prints it.
+out of reach there — docs/training.md, *Does the trainer learn?*; `python benchmarks/planted.py --out DIR` prints it.
 """
 import pytest
 
-from training.planted import run_planted
+from support.planted import run_planted
 
 
 @pytest.fixture(scope="module")

@@ -164,7 +164,7 @@ def test_pipeline_rerun_resumes_or_refuses_a_changed_config(tmp_path):
 
 
 def test_planted_rerun_with_other_sizes_is_refused(tmp_path):
-    from training.planted import run_planted
+    from support.planted import run_planted
 
     small = dict(n_eval=200, in_dim=8, out_dim=16, hidden=16, epochs=1, batch_size=40, proj_hidden=16,
                  num_blocks=1, losses=["mse"])

@@ -20,11 +20,10 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dinov2clip import identity
 from dinov2clip.embed import iter_pixel_batches, load_embeddings, save_embeddings
-from dinov2clip.errors import ImageError, UserError
+from dinov2clip.errors import UserError
 
 from .datasets import RetrievalSet
 

@@ -189,44 +189,6 @@ def add_pipeline(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def cmd_planted(args) -> None:
-    import json
-
-    from .planted import run_planted
-
-    print(json.dumps(run_planted(args.out, n_train=args.n_train, n_eval=args.n_eval, in_dim=args.in_dim,
-                                 out_dim=args.out_dim, hidden=args.hidden, epochs=args.epochs,
-                                 batch_size=args.batch_size, lr=args.lr, proj_hidden=args.proj_hidden,
-                                 num_blocks=args.num_blocks, seed=args.seed, progress=not args.quiet,
-                                 losses=args.losses), indent=2))
-
-
-def add_planted(sub) -> None:
-    p = sub.add_parser("planted", allow_abbrev=False, help="planted-alignment check of the trainer; prints figures",
-                       description="Generate a planted alignment (random 3-layer GELU+LayerNorm MLP + noise, true "
-                                   "map recall@1 ~0.6), train on it with the MSE and the contrastive loss, print "
-                                   "recall@1 of the true map, ridge regression, the trainer, and the share of its "
-                                   "true map a linear map reaches with as many pairs (is the bar reachable?).")
-    p.set_defaults(func=cmd_planted)
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--n-train", type=int, default=200_000)
-    p.add_argument("--n-eval", type=int, default=5_000, help="validation and test pairs (recall candidates)")
-    p.add_argument("--in-dim", type=int, default=768)
-    p.add_argument("--out-dim", type=int, default=512)
-    p.add_argument("--hidden", type=int, default=512, help="width of the planted MLP")
-    p.add_argument("--epochs", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--proj-hidden", type=int, default=1024, help="trained projector width")
-    p.add_argument("--num-blocks", type=int, default=2, help="trained projector residual blocks")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--losses", nargs="+", default=["mse", "contrastive"],
-                   choices=["mse", "contrastive", "contrastive-both", "fit"],  # planted.LOSSES + fit's path
-                   help="losses to train (default: mse contrastive); contrastive is InfoNCE's text→image half, "
-                        "contrastive-both CLIP's symmetric form, fit: MSE through fit's own data path")
-    p.add_argument("--quiet", action="store_true")
-
-
 def images_and_labels(args):
     """IMAGES, or a FiftyOne dataset's (or saved view's) files; labels from folders or a label field."""
     if (args.view or args.label_field) and not args.dataset:
@@ -402,8 +364,8 @@ def add_quality(sub) -> None:
     add_encode_options(p)
 
 
-STAGES = {"fit": add_fit, "quality": add_quality, "eval": add_eval, "precompute": add_precompute, "train": add_train, "pipeline": add_pipeline,
-          "planted": add_planted}
+STAGES = {"fit": add_fit, "quality": add_quality, "eval": add_eval, "precompute": add_precompute, "train": add_train,
+          "pipeline": add_pipeline}
 
 
 def build_parser() -> argparse.ArgumentParser:

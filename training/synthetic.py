@@ -3,21 +3,15 @@
 - `write_shapes_shards`: img2dataset-style webdataset shards (`{key}.jpg/.txt/.json`) of coloured
   shapes whose captions name the colour and the shape ("a red circle"): the tiny pipeline's data.
 - `scene`: two or three such shapes in one picture, one of them queried: the heatmaps' pointing game.
-- `planted_alignment`: inputs whose true map to unit-norm targets is known (a random 3-layer
-  GELU+LayerNorm MLP plus noise), written in the precompute format, to check the trainer learns it.
 """
 from __future__ import annotations
 
 import io
 import json
-import math
 import tarfile
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 from dinov2clip.atomic import atomic_path
 from dinov2clip.errors import UserError
@@ -131,94 +125,3 @@ def scene(rng: np.random.Generator, crop_share: float = 224 / 256):
         boxes.append(box), captions.append(f"a {colour} {shape}")
     q = rng.integers(len(boxes))
     return img, captions[q], boxes[q], (cx0, cy0, cx0 + side, cy0 + side)
-
-
-# -- planted alignment ----------------------------------------------------------------------------
-
-class PlantedMap(nn.Module):
-    """The true map: 3 × (Linear → LayerNorm → GELU) then Linear, output L2-normalised."""
-
-    def __init__(self, in_dim: int, out_dim: int, hidden: int):
-        super().__init__()
-        layers, d = [], in_dim
-        for _ in range(3):
-            layers += [nn.Linear(d, hidden), nn.LayerNorm(hidden), nn.GELU()]
-            d = hidden
-        self.net = nn.Sequential(*layers, nn.Linear(d, out_dim))
-
-    def forward(self, x):
-        return F.normalize(self.net(x), dim=-1)
-
-
-def add_noise(clean: torch.Tensor, sigma: float, gen: torch.Generator) -> torch.Tensor:
-    """Unit-norm `clean` + isotropic Gaussian noise of norm ~`sigma`, renormalised."""
-    noise = torch.randn(clean.shape, generator=gen) / math.sqrt(clean.shape[1])
-    return F.normalize(clean + sigma * noise, dim=-1)
-
-
-def recall_at_1(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """target → pred R@1 among all rows (the trainer's `image_retrieval_recall@1`)."""
-    from .metrics import retrieval_recall
-
-    return retrieval_recall(pred, target, list(range(len(pred))), ks=(1,))["image_retrieval_recall@1"]
-
-
-def calibrate_noise(recall_of, goal: float, hi: float = 16.0) -> float:
-    """The noise level at which `recall_of(level)` (falling as the level rises) is ~`goal`: bisection."""
-    lo = 0.0
-    for _ in range(20):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if recall_of(mid) > goal else (lo, mid)
-    return (lo + hi) / 2
-
-
-def planted_alignment(out_dir, n_train: int = 200_000, n_val: int = 5_000, n_test: int = 5_000,
-                      in_dim: int = 768, out_dim: int = 512, hidden: int = 512, target_r1: float = 0.6,
-                      text_r1: float = 0.3, text_sigma: float | None = None, per_shard: int = 50_000,
-                      seed: int = 0) -> dict:
-    """Write train/val/test in the precompute format (inputs as `cls`, so train with pooling 'cls').
-
-    Noise levels are set by bisection on a calibration draw of `n_val` pairs: targets = true map + noise
-    such that the true map's own recall@1 retrieving the targets is ~`target_r1`; text targets = targets +
-    independent noise such that the true map's recall@1 retrieving the *texts* is ~`text_r1` (like a
-    caption, noisier than the image embedding but still informative) unless `text_sigma` is given. (At the
-    full size, text noise as large as the targets' own leaves the true map at recall 0.004 on texts: a
-    contrastive loss would then learn from almost nothing.) Returns the levels and the true map's recalls."""
-    from .shards import write_shard
-
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    true_map = PlantedMap(in_dim, out_dim, hidden).eval()
-    # inputs are scaled like LayerNormed DINOv2 features (unit variance per dimension)
-
-    def draw(n):
-        x = torch.randn(n, in_dim, generator=gen)
-        with torch.no_grad():
-            return x, true_map(x)
-
-    _, cc = draw(n_val)
-    noise1 = torch.randn(cc.shape, generator=gen) / math.sqrt(out_dim)
-    noise2 = torch.randn(cc.shape, generator=gen) / math.sqrt(out_dim)
-    sigma = calibrate_noise(lambda s: recall_at_1(cc, F.normalize(cc + s * noise1, dim=-1)), target_r1)
-    cal_target = F.normalize(cc + sigma * noise1, dim=-1)
-    if text_sigma is None:
-        text_sigma = calibrate_noise(lambda s: recall_at_1(cc, F.normalize(cal_target + s * noise2, dim=-1)), text_r1)
-    out = Path(out_dir)
-    figures = {"sigma": sigma, "text_sigma": text_sigma}
-    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
-        for s, start in enumerate(range(0, n, per_shard)):
-            m = min(per_shard, n - start)
-            x, clean = draw(m)
-            target = add_noise(clean, sigma, gen)
-            text = add_noise(target, text_sigma, gen)
-            keys = [f"{split}{start + i:08d}" for i in range(m)]
-            write_shard(out / split, f"{split}-{s:05d}",
-                        {"dinov2_cls": x.numpy(), "dinov2_patch_mean": x.numpy(), "clip_image": target.numpy(),
-                         "clip_text": text.numpy()},
-                        keys, [""] * m, {"num_patches": 0, "source": "planted", "skipped": 0, "skipped_keys": {}})
-            if split == "test" and s == 0:  # the ceilings: the true map retrieving targets, and captions
-                figures["true_map_test_r1"] = recall_at_1(clean, target)
-                figures["true_map_test_r1_text"] = recall_at_1(clean, text)
-    (out / "planted.json").write_text(json.dumps({**figures, "seed": seed, "in_dim": in_dim, "out_dim": out_dim,
-                                                  "n_train": n_train, "n_val": n_val, "n_test": n_test}, indent=2))
-    return figures

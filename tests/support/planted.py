@@ -1,10 +1,10 @@
 """Planted-alignment check: does the trainer recover a known map? Prints the figures.
 
-    python -m training.run planted --out runs/planted                                  # full size
-    python -m training.run planted --out runs/planted-small --n-train 60000 --in-dim 8 --out-dim 32 \\
+    python benchmarks/planted.py --out runs/planted                                  # full size
+    python benchmarks/planted.py --out runs/planted-small --n-train 60000 --in-dim 8 --out-dim 32 \\
         --hidden 32 --n-eval 1000 --epochs 30 --lr 0.005 --batch-size 256 --proj-hidden 128   # the size CI runs
 
-Data (`training.synthetic.planted_alignment`, seeded): inputs [N, in_dim]; unit-norm targets from a random
+Data (`planted_alignment`, seeded): inputs [N, in_dim]; unit-norm targets from a random
 3-layer Linear+LayerNorm+GELU MLP plus noise calibrated so the true map's own held-out recall@1 is ~0.6
 among `n_eval` candidates; captions = targets + independent noise calibrated so the true map's recall@1 on
 them is ~0.3; written in the precompute format and trained through the real data path. `--losses`: `mse`
@@ -25,15 +25,16 @@ Goal (issue): trainer ≥ 90% of the true map and ≥ 10 points above ridge.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from .data import EmbeddingSet
-from .rerun import record_or_check
-from .synthetic import add_noise, calibrate_noise, planted_alignment, recall_at_1
+from training.data import EmbeddingSet
+from training.rerun import record_or_check
 
 # loss name → (mse_weight, contrastive_weight, contrastive_directions)
 LOSSES = {"mse": (1.0, 0.0, "both"), "contrastive": (0.0, 1.0, "text_to_image"),
@@ -110,8 +111,8 @@ def run_planted(out, n_train: int = 200_000, n_eval: int = 5_000, in_dim: int = 
                 num_blocks: int = 2, seed: int = 0, progress: bool = False, cpu_threads: int = 0,
                 losses=("mse", "contrastive"), **train_options) -> dict:
     """Generate (once) and train; `train_options` go to `TrainConfig` (e.g. weight_decay=0.0)."""
-    from .config import TrainConfig
-    from .train import train
+    from training.config import TrainConfig
+    from training.train import train
 
     out = Path(out)
     data_config = {"n_train": n_train, "n_eval": n_eval, "in_dim": in_dim, "out_dim": out_dim, "hidden": hidden,
@@ -155,8 +156,8 @@ def fit_path(out: Path, sets: dict, hidden: int, num_blocks: int, epochs: int, b
              progress: bool, cpu_threads: int) -> Path:
     """The planted train and val pairs as `fit` stores images (no captions), trained by `fit`'s train stage
     (MSE, the epoch selected on image↔teacher recall); returns its training run directory."""
-    from .fit import train_stage
-    from .shards import write_shard
+    from training.fit import train_stage
+    from training.shards import write_shard
 
     features = out / "fit" / "features" / "planted"
     names = {}
@@ -182,3 +183,94 @@ def fit_path(out: Path, sets: dict, hidden: int, num_blocks: int, epochs: int, b
         return train_stage(features, names["train"], names["val"], recipe, None, "", "cpu", progress).run / "train"
     finally:
         torch.set_num_threads(threads)
+
+
+# -- planted alignment ----------------------------------------------------------------------------
+
+class PlantedMap(nn.Module):
+    """The true map: 3 × (Linear → LayerNorm → GELU) then Linear, output L2-normalised."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int):
+        super().__init__()
+        layers, d = [], in_dim
+        for _ in range(3):
+            layers += [nn.Linear(d, hidden), nn.LayerNorm(hidden), nn.GELU()]
+            d = hidden
+        self.net = nn.Sequential(*layers, nn.Linear(d, out_dim))
+
+    def forward(self, x):
+        return F.normalize(self.net(x), dim=-1)
+
+
+def add_noise(clean: torch.Tensor, sigma: float, gen: torch.Generator) -> torch.Tensor:
+    """Unit-norm `clean` + isotropic Gaussian noise of norm ~`sigma`, renormalised."""
+    noise = torch.randn(clean.shape, generator=gen) / math.sqrt(clean.shape[1])
+    return F.normalize(clean + sigma * noise, dim=-1)
+
+
+def recall_at_1(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """target → pred R@1 among all rows (the trainer's `image_retrieval_recall@1`)."""
+    from training.metrics import retrieval_recall
+
+    return retrieval_recall(pred, target, list(range(len(pred))), ks=(1,))["image_retrieval_recall@1"]
+
+
+def calibrate_noise(recall_of, goal: float, hi: float = 16.0) -> float:
+    """The noise level at which `recall_of(level)` (falling as the level rises) is ~`goal`: bisection."""
+    lo = 0.0
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if recall_of(mid) > goal else (lo, mid)
+    return (lo + hi) / 2
+
+
+def planted_alignment(out_dir, n_train: int = 200_000, n_val: int = 5_000, n_test: int = 5_000,
+                      in_dim: int = 768, out_dim: int = 512, hidden: int = 512, target_r1: float = 0.6,
+                      text_r1: float = 0.3, text_sigma: float | None = None, per_shard: int = 50_000,
+                      seed: int = 0) -> dict:
+    """Write train/val/test in the precompute format (inputs as `cls`, so train with pooling 'cls').
+
+    Noise levels are set by bisection on a calibration draw of `n_val` pairs: targets = true map + noise
+    such that the true map's own recall@1 retrieving the targets is ~`target_r1`; text targets = targets +
+    independent noise such that the true map's recall@1 retrieving the *texts* is ~`text_r1` (like a
+    caption, noisier than the image embedding but still informative) unless `text_sigma` is given. (At the
+    full size, text noise as large as the targets' own leaves the true map at recall 0.004 on texts: a
+    contrastive loss would then learn from almost nothing.) Returns the levels and the true map's recalls."""
+    from training.shards import write_shard
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    true_map = PlantedMap(in_dim, out_dim, hidden).eval()
+    # inputs are scaled like LayerNormed DINOv2 features (unit variance per dimension)
+
+    def draw(n):
+        x = torch.randn(n, in_dim, generator=gen)
+        with torch.no_grad():
+            return x, true_map(x)
+
+    _, cc = draw(n_val)
+    noise1 = torch.randn(cc.shape, generator=gen) / math.sqrt(out_dim)
+    noise2 = torch.randn(cc.shape, generator=gen) / math.sqrt(out_dim)
+    sigma = calibrate_noise(lambda s: recall_at_1(cc, F.normalize(cc + s * noise1, dim=-1)), target_r1)
+    cal_target = F.normalize(cc + sigma * noise1, dim=-1)
+    if text_sigma is None:
+        text_sigma = calibrate_noise(lambda s: recall_at_1(cc, F.normalize(cal_target + s * noise2, dim=-1)), text_r1)
+    out = Path(out_dir)
+    figures = {"sigma": sigma, "text_sigma": text_sigma}
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        for s, start in enumerate(range(0, n, per_shard)):
+            m = min(per_shard, n - start)
+            x, clean = draw(m)
+            target = add_noise(clean, sigma, gen)
+            text = add_noise(target, text_sigma, gen)
+            keys = [f"{split}{start + i:08d}" for i in range(m)]
+            write_shard(out / split, f"{split}-{s:05d}",
+                        {"dinov2_cls": x.numpy(), "dinov2_patch_mean": x.numpy(), "clip_image": target.numpy(),
+                         "clip_text": text.numpy()},
+                        keys, [""] * m, {"num_patches": 0, "source": "planted", "skipped": 0, "skipped_keys": {}})
+            if split == "test" and s == 0:  # the ceilings: the true map retrieving targets, and captions
+                figures["true_map_test_r1"] = recall_at_1(clean, target)
+                figures["true_map_test_r1_text"] = recall_at_1(clean, text)
+    (out / "planted.json").write_text(json.dumps({**figures, "seed": seed, "in_dim": in_dim, "out_dim": out_dim,
+                                                  "n_train": n_train, "n_val": n_val, "n_test": n_test}, indent=2))
+    return figures

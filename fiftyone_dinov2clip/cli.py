@@ -95,19 +95,18 @@ def ensure_model(spec: str) -> str:
         pass
     preset = spec.removeprefix(registry.PRESET_PREFIX)
     if preset in PRESETS:
-        if preset == spec:
-            registry.describe_source(spec)  # refuses a bare name that is also a path here
-        return registry.register(registry.preset_zoo_name(preset), preset)
+        described = registry.describe_source(preset)  # refuses a bare name that is also a path here
+        return registry.register(registry.preset_zoo_name(preset), preset, described=described)
     if spec.startswith("hf-hub:") or Path(spec.removeprefix("local-dir:")).expanduser().is_dir():
-        return registry.register(derived_name(spec), spec)
+        described = registry.describe_source(spec)  # once: a hub repo is asked once per command
+        return registry.register(derived_name(spec, described[1]), spec, described=described)
     return registry.resolve(spec)  # raises: unknown name, listing the registered ones
 
 
-def derived_name(spec: str) -> str:
-    """The zoo name a model directory or hub repo is registered under on first use: readable (its folder)
-    and unique to its content (its fingerprint), so `./reference` never becomes the `reference` preset's
-    name and two `.../train/model` folders never share one."""
-    _, config = registry.describe_source(spec)
+def derived_name(spec: str, config) -> str:
+    """The zoo name a model directory or hub repo (`config`: its model config) is registered under on first
+    use: readable (its folder) and unique to its content (its fingerprint), so `./reference` never becomes
+    the `reference` preset's name and two `.../train/model` folders never share one."""
     parts = [p for p in Path(spec.removeprefix("hf-hub:").removeprefix("local-dir:")).parts
              if p not in ("/", ".", "..")]
     base = "-".join(parts[-2:] if parts and parts[-1] == "model" else parts[-1:]) or "model"

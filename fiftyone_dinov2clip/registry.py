@@ -72,15 +72,13 @@ def others_names() -> set[str]:
 
 
 def describe_source(source: str) -> tuple[str, dict]:
-    """A source as another process will see it (directories made absolute) and its model config."""
+    """A source as every later load sees it, and its model config: resolved once. A directory is made
+    absolute; a hub repo becomes the snapshot fetched now (a directory in the hub cache), so the name stays
+    bound to these files and no later load asks the hub again; a preset stays a preset."""
     from dinov2clip.factory import resolve_source
-    from dinov2clip.sources import HF_PREFIX
 
-    # the core decides what is a directory (and refuses a missing one); a hub spec stays a hub spec
-    config, root = resolve_source(source)
-    if root is not None and not source.startswith(HF_PREFIX):
-        source = str(root.resolve())
-    return source, config
+    config, root = resolve_source(source)  # the core decides what is a directory (and refuses a missing one)
+    return (source if root is None else str(root.resolve())), config
 
 
 def _entry(name: str, config, description: str) -> dict:
@@ -136,11 +134,13 @@ def lock_path(root: Path | None = None) -> Path:
     return source_dir(root).parent / f".{SOURCE_NAME}.lock"
 
 
-def register(name: str, source: str, description: str | None = None, root: Path | None = None) -> str:
+def register(name: str, source: str, description: str | None = None, root: Path | None = None,
+             described: tuple[str, dict] | None = None) -> str:
     """Register `source` (preset, model directory or hf-hub:org/repo) as zoo model `name`; returns `name`.
-    The same source with the same weights again is a no-op; a name bound to another model is refused."""
+    The same source with the same weights again is a no-op; a name bound to another model is refused.
+    `described`: `describe_source(source)`, where the caller has it already."""
     check_name(name)
-    source, config = describe_source(source)
+    source, config = described or describe_source(source)
     fingerprint = known_model(config)
     with locked(root):
         manifest = read_manifest(root)

@@ -107,6 +107,32 @@ def test_derived_zoo_names_come_from_content(tiny_dir, tmp_path, monkeypatch):
         registry.unregister(name)
 
 
+def test_a_hub_model_is_asked_for_once_per_command_and_its_name_keeps_that_snapshot(tiny_dir, tmp_path, monkeypatch,
+                                                                                      zoo_tiny):
+    """`index --model hf-hub:org/repo` asks the hub once (it asked at every resolution: 7 times in one
+    command), and registers the snapshot it got: later loads read those files, never the hub again."""
+    import dinov2clip.factory as factory
+    import fiftyone_dinov2clip as fod
+    from fiftyone_dinov2clip import registry
+    from testsupport import seed_hub_repo
+
+    seed_hub_repo("acme/fo-tiny", {".": tiny_dir})
+    asked, real = [], factory.hub_snapshot
+    monkeypatch.setattr(factory, "hub_snapshot", lambda spec: asked.append(spec) or real(spec))
+    folder = tmp_path / "imgs"
+    shutil.copytree(REPO / "examples" / "images", folder)
+    name = f"hub-{os.getpid()}"
+    assert cli.main(["index", str(folder), "--dataset-name", name, "--model", "hf-hub:acme/fo-tiny"]) == 0
+    assert asked == ["acme/fo-tiny"]
+    zoo_name = fo.load_dataset(name).get_brain_info("dinov2clip").config.model
+    assert zoo_name.startswith("dinov2clip-fo-tiny-"), zoo_name
+    assert registry.spec(zoo_name)["source"] == str(real("acme/fo-tiny").resolve())
+    asked.clear()
+    assert len(fod.sort_by_text(fo.load_dataset(name), "a red circle", k=2)) == 2 and asked == []
+    fo.delete_dataset(name)
+    registry.unregister(zoo_name)
+
+
 def _tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 

@@ -296,6 +296,7 @@ def _answers(url: str) -> bool:
 # FiftyOne polls its execution store this often (whole seconds, 5 unless set) where mongod has no change
 # streams (its own has none): that wait, not the search, was most of a text query's time in the App's panel.
 POLL_SETTING = "FIFTYONE_EXECUTION_STORE_POLL_INTERVAL_SECONDS"
+LOGGING_SETTING = "FIFTYONE_LOGGING_LEVEL"  # set (or FiftyOne's logging_level in its config): the App server obeys it
 # What the App server's first text query would import otherwise (torch alone takes seconds); lancedb if installed.
 QUERY_IMPORTS = ("open_clip", "dinov2clip.factory", "fiftyone_dinov2clip.zoo", "lancedb")
 
@@ -303,9 +304,11 @@ QUERY_IMPORTS = ("open_clip", "dinov2clip.factory", "fiftyone_dinov2clip.zoo", "
 def cmd_app(args):
     """FiftyOne's App server (`fiftyone.server.main.start_server`), ready for text queries: the execution store
     polled each second unless FIFTYONE_EXECUTION_STORE_POLL_INTERVAL_SECONDS is set (FiftyOne reads it when the
-    server imports), what a text query imports imported and the database connected before it serves."""
+    server imports), what a text query imports imported and the database connected before it serves; FiftyOne's
+    log at WARNING unless its logging level is set."""
     import importlib
     import importlib.util
+    import logging
     import os
 
     os.environ.setdefault(POLL_SETTING, "1")
@@ -315,6 +318,10 @@ def cmd_app(args):
         if importlib.util.find_spec(name) is not None:
             importlib.import_module(name)
     import fiftyone as fo
+    import fiftyone.core.logging as fol
+
+    if LOGGING_SETTING not in os.environ and fo.config.logging_level == "INFO":  # FiftyOne's default
+        fol.set_logging_level(logging.WARNING)  # its server's start/stop lines stay out of the terminal; warnings stay
 
     # Connected before serving: where FiftyOne starts its own mongod (no database URI: the main job), a page's
     # first requests arriving together started it concurrently and the App never showed the dataset.

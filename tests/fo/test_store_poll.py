@@ -87,7 +87,8 @@ def test_the_app_command_polls_each_second_unless_told_and_serves_with_text_sear
 
 def test_quickstart_serves_the_app_without_a_session_retry(tmp_path, zoo_tiny):
     """The App `quickstart` opens answers at its URL, and the terminal shows no "Could not connect session, trying
-    again in 10 seconds" (FiftyOne's session client connects before its server is up)."""
+    again in 10 seconds" (FiftyOne's session client connects before its server is up), nor the App server's
+    start and stop lines (FiftyOne's INFO log: four lines about its notification service)."""
     import shutil
 
     import fiftyone as fo
@@ -101,6 +102,7 @@ def test_quickstart_serves_the_app_without_a_session_retry(tmp_path, zoo_tiny):
         assert out.returncode == 0, out.stderr[-3000:]
         assert "FiftyOne App ready: http://localhost:" in out.stdout and f"/datasets/{name}" in out.stdout
         assert "Could not connect session" not in out.stdout + out.stderr
+        assert "notification service" not in out.stdout.lower()  # the App server's INFO start/stop lines
     finally:
         if fo.dataset_exists(name):
             fo.load_dataset(name).delete()

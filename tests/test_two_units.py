@@ -150,12 +150,19 @@ SMALL = ["--set", "data.shapes={train: 96, val: 24, test: 24, per_shard: 48, see
          "--set", "train.num_blocks=1", "--quiet"]
 
 
-def test_pipeline_rerun_resumes_or_refuses_a_changed_config(tmp_path):
+def test_pipeline_rerun_resumes_or_refuses_a_changed_config(tmp_path, monkeypatch):
+    from training import synthetic
+    from training.pipeline import load_config, run_pipeline
+
     out = tmp_path / "run"
     first = cli("training.run", "--config", TINY, "--output", out, *SMALL)
     assert first.returncode == 0, first.stderr[-3000:]
     same = cli("training.run", "--config", TINY, "--output", out, *SMALL)
     assert same.returncode == 0 and "training already finished" in same.stdout, same.stderr[-3000:]
+    # shards drawn by another version of the drawing code are not resumed as if they were this one's
+    monkeypatch.setattr(synthetic, "VERSION", synthetic.VERSION + 1)
+    with pytest.raises(UserError, match=r"shapes_version 1 → 2"):
+        run_pipeline(load_config(TINY, SMALL[1::2]), out, progress=False)
     changed = cli("training.run", "--config", TINY, "--output", out, *SMALL, "--set", "train.epochs=2")
     one_line_error(changed, "train.epochs 1 → 2", "--output")
     data = cli("training.run", "--config", TINY, "--output", out, *SMALL[:1],

@@ -83,7 +83,12 @@ def run_pipeline(cfg: dict, output, progress: bool = True) -> dict:
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     cfg = copy.deepcopy(cfg)
-    record_or_check(out / CONFIG_RECORD, cfg, f"--output {out}", "use a new --output to start over",
+    record = cfg
+    if "shapes" in (cfg.get("data") or {}):  # the shards on disk were drawn by this code: part of the config
+        from .synthetic import VERSION
+
+        record = {**cfg, "shapes_version": VERSION}
+    record_or_check(out / CONFIG_RECORD, record, f"--output {out}", "use a new --output to start over",
                     made=any((out / part).exists() for part in OUTPUTS))
     shards = prepare_data(cfg.get("data") or {}, out)
     model = prepare_model(cfg.get("model") or {}, out)

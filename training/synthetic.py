@@ -19,6 +19,7 @@ from dinov2clip.errors import UserError
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (235, 220, 40),
            "purple": (150, 40, 190), "white": (245, 245, 245)}
 SHAPES = ("circle", "square", "triangle")
+VERSION = 1  # bump when what a seed draws changes: a pipeline run drawn by another version is not resumed
 BACKGROUNDS = ("dark", "light", "gradient", "noise")
 
 

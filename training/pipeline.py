@@ -87,7 +87,8 @@ def run_pipeline(cfg: dict, output, progress: bool = True) -> dict:
     if "shapes" in (cfg.get("data") or {}):  # the shards on disk were drawn by this code: part of the config
         from .synthetic import VERSION
 
-        record = {**cfg, "shapes_version": VERSION}
+        if VERSION != 1:  # 1 goes unrecorded: runs recorded before the version was drew version 1's pictures
+            record = {**cfg, "shapes_version": VERSION}
     record_or_check(out / CONFIG_RECORD, record, f"--output {out}", "use a new --output to start over",
                     made=any((out / part).exists() for part in OUTPUTS))
     shards = prepare_data(cfg.get("data") or {}, out)

@@ -82,6 +82,11 @@ def resolve_source(source: str) -> tuple[ModelConfig, Path | None]:
     return config_from_preset(source, get_preset(source)), None
 
 
+def towers_of(source: str) -> str:
+    """The towers identity of a model source, from its config: nothing is loaded."""
+    return identity.towers(resolve_source(source)[0])
+
+
 def _local(root: Path | None, section: dict, where: str) -> Path | None:
     """The bundled copy a model directory holds for this part, verified against its hash."""
     rel = section.get("path")

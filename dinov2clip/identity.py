@@ -60,13 +60,6 @@ def known_model(config) -> str | None:
     return model(config, sha) if sha else None
 
 
-def of_source(source: str) -> str:
-    """The towers identity of a model source, from its config: nothing is loaded."""
-    from .factory import resolve_source
-
-    return towers(resolve_source(source)[0])
-
-
 def of_shard(meta: dict) -> str | None:
     """The towers identity a precomputed shard records; older shards: from their config."""
     enc = meta.get("encoders") or {}

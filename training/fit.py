@@ -115,6 +115,7 @@ def chunk_name(members: list[str]) -> str:
 
 def feature_dir(source: str, device: str | None, dtype: str, cache: Path | None) -> Path:
     """The feature cache of these encoders' towers at this dtype and device type (what changes the numbers)."""
+    from dinov2clip.factory import towers_of
     from dinov2clip.model import default_device, resolve_dtype
     from dinov2clip.sources import cache_dir
 
@@ -122,7 +123,7 @@ def feature_dir(source: str, device: str | None, dtype: str, cache: Path | None)
     kind = torch.device(device or default_device()).type
     resolved = str(resolve_dtype(dtype, kind)).removeprefix("torch.")
     root = Path(cache) if cache else cache_dir() / "fit"
-    return root / "features" / f"{identity.of_source(source)[:24]}-{kind}-{resolved}-v{FIT_VERSION}"
+    return root / "features" / f"{towers_of(source)[:24]}-{kind}-{resolved}-v{FIT_VERSION}"
 
 
 class Encoding:

@@ -29,7 +29,6 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from dinov2clip import identity
 from dinov2clip.errors import UserError
 from dinov2clip.formats import IMAGE_EXTENSIONS
 
@@ -213,13 +212,15 @@ def precompute(model: str, shards: Sequence[str], out_dir, batch_size: int = 64,
     in the summary's `unreadable`, and retried by the next run; `strict=True` stops at it instead."""
     from tqdm.auto import tqdm
 
+    from dinov2clip.factory import towers_of
+
     urls = expand_shards(shards)
     names = [shard_name(u) for u in urls]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise UserError(f"two shards share the name {sorted(dupes)[0]!r}: outputs would collide")
     mine = rank_slice(urls, rank, world)
-    ours = identity.of_source(model)
+    ours = towers_of(model)
     stale = {fp: n for fp, n in fingerprints(out_dir).items() if fp != ours}
     if stale and not overwrite:
         fp, theirs = next(iter(stale.items()))

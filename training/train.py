@@ -123,7 +123,7 @@ def restore_best_checkpoint(path: Path, best: dict, last_epoch: int, projector) 
 def check_same_encoders(cfg: TrainConfig, train_data: EmbeddingSet) -> None:
     """train, val and test (and an explicit --model-source) must come from one encoder: a projector trained
     on one space and judged or exported on another would be meaningless."""
-    from dinov2clip import identity
+    from dinov2clip.factory import towers_of
 
     from .shards import check_one_encoder, fingerprints
 
@@ -137,7 +137,7 @@ def check_same_encoders(cfg: TrainConfig, train_data: EmbeddingSet) -> None:
         if got and got != want:
             raise UserError(f"--{split} shards come from encoders {got[:12]}, --train shards from {want[:12]}: "
                             "precompute every split with the same model")
-    if cfg.model_source and (got := identity.of_source(cfg.model_source)) != want:
+    if cfg.model_source and (got := towers_of(cfg.model_source)) != want:
         raise UserError(f"--model-source {cfg.model_source} has encoders {got[:12]}, the training shards "
                         f"{want[:12]}: the exported model would not match its projector")
 

@@ -9,8 +9,8 @@ loads one by importing the `__init__.py` beside it. Registering therefore writes
     <name>.json             the model file FiftyOne checks exists: source + fingerprint of that model
 
 Every process that shares the zoo directory (the App server included) loads the same names. A name is bound to
-one model for good: registering it again with the same source and weights is a no-op, with anything else it is
-refused (choose another name, or unregister it first). Names derived from a source (`index --model DIR`) carry
+one model for good: registering it again with the same model (its fingerprint; a copy at another path moves the
+name there) is a no-op, with anything else it is refused (choose another name, or unregister it first). Names derived from a source (`index --model DIR`) carry
 its content's fingerprint, so retrained weights get a name of their own and an index recorded under a name
 always reloads the embedding space it was computed in. Entries written by older releases as `name@N` still load.
 """
@@ -137,7 +137,8 @@ def lock_path(root: Path | None = None) -> Path:
 def register(name: str, source: str, description: str | None = None, root: Path | None = None,
              described: tuple[str, dict] | None = None) -> str:
     """Register `source` (preset, model directory or hf-hub:org/repo) as zoo model `name`; returns `name`.
-    The same source with the same weights again is a no-op; a name bound to another model is refused.
+    The same model again is a no-op (found at another path, e.g. a copy, the name now points there: the same
+    fingerprint is the same embedding space); a name bound to another model is refused.
     `described`: `describe_source(source)`, where the caller has it already."""
     check_name(name)
     source, config = described or describe_source(source)
@@ -147,7 +148,9 @@ def register(name: str, source: str, description: str | None = None, root: Path 
         taken = _entries_named(name, root, manifest)  # more than one only where an older release versioned it
         for entry in taken:
             bound = read_spec(_spec_path(entry, root))
-            if bound["source"] == source and bound["fingerprint"] == fingerprint:
+            if bound["fingerprint"] == fingerprint and (fingerprint or bound["source"] == source):
+                if bound["source"] != source:  # the same model (its fingerprint) elsewhere, e.g. a copy: the
+                    write_json_atomic(_spec_path(entry, root), {**bound, "source": source})  # name follows it
                 return _zoo_name(entry)
         if taken:
             raise UserError(f"{name!r} already names another model ({bound['source']}, fingerprint "

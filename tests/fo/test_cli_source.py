@@ -101,6 +101,11 @@ def test_derived_zoo_names_come_from_content(tiny_dir, tmp_path, monkeypatch):
     presets = {registry.preset_zoo_name(p) for p in cli.PRESETS}
     assert not set(names) & presets, names
     assert names[0].startswith("dinov2clip-reference-") and names[1] != names[2] and names[1] == names[3], names
+    # the same weights in another `.../train/model` (a copy; the demo trained again elsewhere): the same model, so
+    # the same name, now pointing at the folder last given (it was refused: "already names another model")
+    shutil.copytree(tiny_dir, tmp_path / "c" / "train" / "model")
+    assert cli.ensure_model("c/train/model") == names[1]
+    assert registry.spec(names[1])["source"] == str((tmp_path / "c" / "train" / "model").resolve())
     with pytest.raises(cli.UserError, match="both a preset and a path"):
         cli.ensure_model("reference")
     for name in names[:3]:

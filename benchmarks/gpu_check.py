@@ -214,7 +214,8 @@ def precompute_rates(work: Path, args) -> dict:
 # -- planted alignment at the full size, with enough pairs -------------------------------------------
 
 def planted_check(work: Path, args) -> dict:
-    """`support.planted.run_planted` (tests/support/) at 768-d with `--planted-pairs` pairs, both losses, GPU-resident."""
+    """`support.planted.run_planted` (tests/support/) at 768-d with `--planted-pairs` pairs, both losses,
+    GPU-resident."""
     import shutil
 
     from support.planted import run_planted

@@ -60,8 +60,9 @@ def is_exported_source(folder: Path) -> bool:
 
 def export_source(out: Path, url: str | None) -> list[str]:
     """The folder `foz.register_zoo_model_source(<repo URL>)` finds: the presets' manifest, as register-presets
-    writes it, plus the source URL; no model files, so FiftyOne downloads a preset on first use. Regenerate the repository's `fiftyone_zoo/` with this: it replaces
-    an earlier export, and refuses any other non-empty folder (and a file)."""
+    writes it, plus the source URL; no model files, so FiftyOne downloads a preset on first use. Regenerate the
+    repository's `fiftyone_zoo/` with this: it replaces an earlier export, and refuses any other non-empty folder
+    (and a file)."""
     with AtomicDir(out, overwrite=True, is_ours=is_exported_source, what="export-source folder") as tmp:
         names = registry.register_presets(root=tmp)
         written = registry.source_dir(tmp)

@@ -10,8 +10,8 @@ loads one by importing the `__init__.py` beside it. Registering therefore writes
 
 Every process that shares the zoo directory (the App server included) loads the same names. A name is bound to
 one model for good: registering it again with the same model (its fingerprint; a copy at another path moves the
-name there) is a no-op, with anything else it is refused (choose another name, or unregister it first). Names derived from a source (`index --model DIR`) carry
-its content's fingerprint, so retrained weights get a name of their own and an index recorded under a name
+name there) is a no-op, with anything else it is refused (choose another name, or unregister it first). Names
+derived from a source (`index --model DIR`) carry its content's fingerprint, so retrained weights get a name of their own and an index recorded under a name
 always reloads the embedding space it was computed in. Entries written by older releases as `name@N` still load.
 """
 from __future__ import annotations
@@ -159,8 +159,7 @@ def register(name: str, source: str, description: str | None = None, root: Path 
                                f"into CLIP {config.clip['model_name']}/{config.clip.get('pretrained')} space, "
                                f"with CLIP's text encoder for prompts. Source: {source}")
         source_dir(root).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(source_dir(root) / f"{name}.json",
-                          {"zoo_name": name, "source": source, "fingerprint": fingerprint})
+        write_spec(source_dir(root) / f"{name}.json", name, source, fingerprint)
         manifest["models"].append(_entry(name, config, desc))
         _write_source(manifest, root)
     return name
@@ -214,6 +213,11 @@ def registered(root: Path | None = None) -> list[str]:
 
 def read_spec(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def write_spec(path: Path, name: str, source: str, fingerprint: str | None) -> None:
+    """A model file: the source `name` loads and the fingerprint it was registered with."""
+    write_json_atomic(Path(path), {"zoo_name": name, "source": source, "fingerprint": fingerprint})
 
 
 def resolve(name: str, root: Path | None = None) -> str:

@@ -13,20 +13,18 @@ def download_model(model_name, model_path):
     `foz.load_zoo_model` of a name from the repository's source, which ships no model files): a preset is
     fetched into a self-contained model directory beside the file (DINOv2, CLIP and projector: it then loads
     offline), and the file names that directory. A registered model's file is its registration: not fetchable."""
-    from dinov2clip.atomic import write_json_atomic
     from dinov2clip.identity import known_model
     from dinov2clip.modeldir import bundle, read_config
     from dinov2clip.presets import PRESETS
 
-    from .registry import PRESET_PREFIX
+    from .registry import PRESET_PREFIX, write_spec
 
     preset = model_name.split("@")[0].removeprefix(PRESET_PREFIX)
     if not model_name.startswith(PRESET_PREFIX) or preset not in PRESETS:
         raise UserError(f"{model_name}: its registration file {model_path} is missing; register it again with "
                         "`python -m fiftyone_dinov2clip register-presets` or `... register NAME SOURCE`")
     folder = bundle(preset, Path(model_path).with_suffix(""), overwrite=True)  # replaces only a model dir
-    write_json_atomic(Path(model_path), {"zoo_name": model_name, "source": str(folder),
-                                         "fingerprint": known_model(read_config(folder))})
+    write_spec(Path(model_path), model_name, str(folder), known_model(read_config(folder)))
 
 
 def load_model(model_name, model_path, **kwargs):

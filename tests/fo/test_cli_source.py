@@ -114,8 +114,8 @@ def test_derived_zoo_names_come_from_content(tiny_dir, tmp_path, monkeypatch):
 
 def test_a_hub_model_is_asked_for_once_per_command_and_its_name_keeps_that_snapshot(tiny_dir, tmp_path, monkeypatch,
                                                                                       zoo_tiny):
-    """`index --model hf-hub:org/repo` asks the hub once (it asked at every resolution: 7 times in one
-    command), and registers the snapshot it got: later loads read those files, never the hub again."""
+    """`index --model hf-hub:org/repo` asks the hub once (it asked again at every resolution of the source),
+    and registers the snapshot it got: later loads read those files, never the hub again."""
     import dinov2clip.factory as factory
     import fiftyone_dinov2clip as fod
     from fiftyone_dinov2clip import registry

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dinov2clip import identity
 from dinov2clip.config import CONFIG_FILE, read_config
 from dinov2clip.errors import UserError
 from dinov2clip.projector import load_projector, projector_from_state_dict
@@ -68,25 +69,13 @@ def _epoch(path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _dinov2_id(config) -> str:
-    d = config.dinov2
-    revision = f"@{d['revision']}" if d.get("revision") else ""
-    return f"{d.get('origin') or d['source']}{revision} ({d['pooling']} pooling)"
-
-
-def _clip_id(config) -> str:
-    c = config.clip
-    return c.get("origin") or f"{c['model_name']}/{c.get('pretrained')}"
-
-
 def _checked_projector(path, model):
     path = Path(path)
     if path.is_dir() and (path / CONFIG_FILE).is_file():
         theirs = read_config(path)
-        for what, ident in (("DINOv2", _dinov2_id), ("CLIP", _clip_id)):
-            if ident(theirs) != ident(model.config):
-                raise UserError(f"{path}: built on {what} {ident(theirs)}, the evaluated model on "
-                                f"{ident(model.config)}: its embeddings are not comparable")
+        if identity.encoders(theirs) != model.encoder_fingerprint:
+            raise UserError(f"{path}: built on {identity.label(theirs)}, the evaluated model on "
+                            f"{identity.label(model.config)}: its embeddings are not comparable")
     projector = load_projector(path)
     got, want = projector.config, model.projector.config
     if (got.input_dim, got.output_dim) != (want.input_dim, want.output_dim):

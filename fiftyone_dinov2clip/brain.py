@@ -97,10 +97,12 @@ def _check_distinct(embeddings_field: str, dinov2_field: str | None, brain_key: 
                         "pass another dinov2_brain_key (--dinov2-brain-key)")
 
 
-def _check_batch_size(batch_size) -> None:
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
-                                   or batch_size < 1):
-        raise UserError(f"batch size must be a whole number, at least 1, not {batch_size!r}")
+def _check_whole(name: str, value, optional: bool = True) -> None:
+    """A count given in Python: a whole number ≥ 1 (None where `optional`); the one wording of this refusal."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise UserError(f"{name} must be a whole number, at least 1{', or None' if optional else ''}, not {value!r}")
 
 
 def _check_finite(ids, vectors: np.ndarray, path: str) -> None:
@@ -140,7 +142,7 @@ def compute_embeddings(samples, model="dinov2clip-reference", embeddings_field: 
     if not embeddings_field and not dinov2_field:
         raise UserError("nothing to store: give embeddings_field, dinov2_field or both")
     _check_distinct(embeddings_field, dinov2_field)
-    _check_batch_size(batch_size)
+    _check_whole("batch_size", batch_size)
     model = load(model)
     stored = model.core_config().dinov2.get("field")
     if stored:  # its DINOv2 section names a field, not a DINOv2 to load
@@ -238,7 +240,7 @@ def compute_similarity(samples, model="dinov2clip-reference", brain_key: str = D
     if dinov2_brain_key and not dinov2_field:
         raise UserError("a DINOv2 index (dinov2_brain_key) needs the DINOv2 embeddings stored: pass dinov2_field")
     _check_distinct(embeddings_field, dinov2_field, brain_key, dinov2_brain_key)
-    _check_batch_size(batch_size)
+    _check_whole("batch_size", batch_size)
     backend = backend or default_backend(len(samples))
     if isinstance(backend, str) and backend not in fob.brain_config.similarity_backends:
         raise UserError(f"unknown similarity backend {backend!r} (FiftyOne's: "
@@ -537,8 +539,7 @@ def sort_by_text(samples, text: str, brain_key: str = DEFAULT_BRAIN_KEY, k: int 
     `query_chars`, the characters of `text` the model read, and `query_cut`, whether that is fewer than all."""
     if not isinstance(text, str) or not text.strip():
         raise UserError(f"a text query must be a non-empty string, not {text!r}")
-    if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
-        raise UserError(f"k must be a whole number of results, at least 1, not {k!r}")
+    _check_whole("k", k)
     dataset = dataset_of(samples)
     if brain_key not in dataset.list_brain_runs():
         raise UserError(f"dataset {dataset.name!r} has no brain run {brain_key!r}; compute one with "
@@ -608,11 +609,8 @@ def explain(samples, text: str, k: int = 25, brain_key: str = DEFAULT_BRAIN_KEY,
 
     import fiftyone as fo
 
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise UserError(f"k must be a whole number of hits to explain, at least 1, not {k!r}")
-    if max_side is not None and (isinstance(max_side, bool) or not isinstance(max_side, (int, np.integer))
-                                 or max_side < 1):
-        raise UserError(f"max_side must be a whole number of pixels, at least 1, or None, not {max_side!r}")
+    _check_whole("k", k, optional=False)
+    _check_whole("max_side", max_side)
     _check_heatmap_field(samples, label_field)
     record = {}
     hits = sort_by_text(samples, text, brain_key, k, record=record)

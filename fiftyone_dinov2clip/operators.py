@@ -472,7 +472,7 @@ def _whole(params: dict, name: str) -> int | None:
         return None
     whole = isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
     if not whole or value < 1:
-        raise UserError(f"{name.replace('_', ' ')} must be a whole number ≥ 1, got {value!r}")
+        raise UserError(f"{name} must be a whole number, at least 1, not {value!r}")
     return int(value)
 
 

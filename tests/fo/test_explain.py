@@ -138,10 +138,10 @@ def test_a_query_past_what_the_text_tower_reads_is_explained_and_says_so(fresh):
     ({"text": ""}, "a text query must be a non-empty string, not ''"),
     ({"text": "   \n"}, "a text query must be a non-empty string"),
     ({"text": None}, "a text query must be a non-empty string, not None"),
-    ({"k": 0}, "k must be a whole number of hits to explain, at least 1, not 0"),
-    ({"k": None}, "k must be a whole number of hits to explain"),
-    ({"k": True}, "k must be a whole number of hits to explain"),
-    ({"max_side": 0}, "max_side must be a whole number of pixels, at least 1"),
+    ({"k": 0}, "k must be a whole number, at least 1, not 0"),
+    ({"k": None}, "k must be a whole number, at least 1"),
+    ({"k": True}, "k must be a whole number, at least 1"),
+    ({"max_side": 0}, "max_side must be a whole number, at least 1, or None"),
     ({"method": "nope"}, "unknown heatmap method 'nope': choose one of"),
     ({"brain_key": "missing"}, "dataset '{dataset}' has no brain run 'missing'; compute one"),
     ({"label_field": "dinov2clip"}, "field 'dinov2clip' exists and does not hold dinov2clip heatmaps"),
@@ -225,8 +225,8 @@ def test_operator_prefills_the_last_text_query_and_explains_the_searched_view(pl
 
 @pytest.mark.parametrize("params, message", [
     ({"query": ""}, "a text query must be a non-empty string"),
-    ({"query": "a dog", "k": 0}, "k must be a whole number ≥ 1, got 0"),
-    ({"query": "a dog", "k": "many"}, "k must be a whole number ≥ 1, got 'many'"),
+    ({"query": "a dog", "k": 0}, "k must be a whole number, at least 1, not 0"),
+    ({"query": "a dog", "k": "many"}, "k must be a whole number, at least 1, not 'many'"),
     ({"query": "a dog", "brain_key": "missing"}, "dataset '{dataset}' has no brain run 'missing'"),
     ({"query": "a dog", "label_field": "filepath"}, "field 'filepath' exists and does not hold dinov2clip heatmaps"),
 ])

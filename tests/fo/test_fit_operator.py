@@ -146,8 +146,8 @@ def test_quality_form_offers_classification_fields_and_models(labelled, zoo_tiny
 
 
 @pytest.mark.parametrize("uri, params, message", [
-    (FIT, {"epochs": 0}, "epochs must be a whole number ≥ 1, got 0"),
-    (FIT, {"epochs": 2.5}, "epochs must be a whole number ≥ 1, got 2.5"),
+    (FIT, {"epochs": 0}, "epochs must be a whole number, at least 1, not 0"),
+    (FIT, {"epochs": 2.5}, "epochs must be a whole number, at least 1, not 2.5"),
     (FIT, {"model": "/no/such/model"}, "model directory not found: /no/such/model"),
     (FIT, {"model": ""}, "choose a dinov2clip model"),
     (FIT, {"out": "{file}"}, "output directory {file} is a file"),

@@ -235,7 +235,7 @@ def test_a_query_that_is_no_text_is_refused_in_one_line(dataset, zoo_tiny):
         with pytest.raises(UserError, match="a text query must be a non-empty string"):
             fod.sort_by_text(dataset, query)
     for k in (0, -1, 2.5, True):
-        with pytest.raises(UserError, match="k must be a whole number of results, at least 1"):
+        with pytest.raises(UserError, match="k must be a whole number, at least 1"):
             fod.sort_by_text(dataset, "a dog", k=k)
     sample_id = dataset.first().id  # a text that looks like a sample id is still a text
     assert len(fod.sort_by_text(dataset, sample_id, k=6)) == 6
@@ -314,12 +314,12 @@ def run_operator(uri: str, dataset, **params):
 
 
 @pytest.mark.parametrize("uri, params, message", [
-    (QUERY, {"query": "a dog", "k": 0}, "k must be a whole number of results, at least 1, not 0"),
-    (QUERY, {"query": "a dog", "k": -3}, "k must be a whole number of results, at least 1, not -3"),
+    (QUERY, {"query": "a dog", "k": 0}, "k must be a whole number, at least 1, or None, not 0"),
+    (QUERY, {"query": "a dog", "k": -3}, "k must be a whole number, at least 1, or None, not -3"),
     (QUERY, {"query": ""}, "a text query must be a non-empty string, not ''"),
     (QUERY, {"query": 7}, "a text query must be a non-empty string, not 7"),
     (QUERY, {}, "a text query must be a non-empty string, not None"),
-    (COMPUTE, {"model": "{zoo}", "batch_size": 0}, "batch size must be a whole number, at least 1, not 0"),
+    (COMPUTE, {"model": "{zoo}", "batch_size": 0}, "batch_size must be a whole number, at least 1, or None, not 0"),
     (COMPUTE, {"model": "{zoo}", "backend": "nope"}, "unknown similarity backend 'nope' (FiftyOne's: "),
     (COMPUTE, {"model": "{zoo}", "dinov2_field": "dinov2clip"}, "the CLIP-space and the DINOv2 embeddings need"),
     (COMPUTE, {}, "choose a registered dinov2clip model, not None"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import re
@@ -37,12 +38,32 @@ def _refuse_environment(exc: BaseException, what: str, path: Path) -> None:
 
 
 TMP_MARK = ".tmp-"  # every temporary name holds it: ".<name>.tmp-<pid>-<random>"
+OLD_MARK = ".old-"  # a replaced directory, between two renames: kept if a kill leaves it (it may be the only copy)
 
 
-def temp_name(path: Path) -> Path:
+def temp_name(path: Path, mark: str = TMP_MARK) -> Path:
     """A unique sibling name for `path`, hidden, holding the writer's pid."""
     path = Path(path)
-    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    return path.with_name(f".{path.name}{mark}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _remove_dead_writers(path: Path) -> None:
+    """Delete the temporaries of `path` that a writer on this machine, now gone, left (a killed run: a partial
+    download of gigabytes would otherwise stay hidden beside it for good). A live writer's are kept."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}{TMP_MARK}*"):
+        pid = tmp.name.rsplit(TMP_MARK, 1)[1].split("-")[0]
+        if os.name == "posix" and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: a question, not a signal (POSIX)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -98,6 +119,7 @@ class AtomicDir:
 
     def __enter__(self) -> Path:
         self.check()
+        _remove_dead_writers(self.out_dir)
         self.tmp = temp_name(self.out_dir)
         try:
             self.out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -116,7 +138,7 @@ class AtomicDir:
         try:
             if self.out_dir.exists():  # checked again: it may have changed while we worked
                 self.check()
-                old = temp_name(self.out_dir)
+                old = temp_name(self.out_dir, OLD_MARK)
                 self.out_dir.rename(old)
             self.tmp.rename(self.out_dir)
         except BaseException as e:  # put back what was there, leave no temporary behind

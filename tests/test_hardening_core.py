@@ -253,6 +253,36 @@ def test_a_read_only_or_full_disk_is_one_line_exit_2_and_leaves_no_temporaries(t
     assert lines == [f"dinov2clip: error: cannot write model directory {disk}/out: {problem}", "rc=2"], proc.stderr
 
 
+def test_a_killed_writers_temporary_folder_is_removed_by_the_next_write_and_a_live_ones_kept(tmp_path):
+    """A killed download (`bundle`, FiftyOne's download_model) or make-tiny left its hidden temporary folder
+    beside the target for good, gigabytes for a preset; the next write of that target removes it. A temporary
+    of a writer still running, and a replaced folder kept between two renames, are left alone."""
+    import signal
+
+    from dinov2clip.atomic import OLD_MARK, temp_name
+
+    out = tmp_path / "model"
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from dinov2clip.atomic import AtomicDir\n"
+        f"with AtomicDir(Path({str(out)!r})) as tmp:\n"
+        "    (tmp / 'weights.part').write_bytes(b'0' * 1000)\n"
+        "    print('writing', flush=True); time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == "writing\n"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=60)
+    [left] = tmp_path.glob(".model.tmp-*")
+    assert (left / "weights.part").is_file() and not out.exists()
+    live = temp_name(out)  # this process's pid: a writer still at work
+    live.mkdir()
+    kept = temp_name(out, OLD_MARK)
+    kept.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "dinov2clip", "make-tiny", str(out)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / CONFIG_FILE).is_file()
+    assert not left.exists() and live.is_dir() and kept.is_dir()
+
+
 # -- 7. text queries are bounded before tokenising, and must be strings --------------------------------------
 def test_a_huge_query_is_cut_before_tokenising_and_non_strings_are_refused(tiny_dir):
     from open_clip.tokenizer import SimpleTokenizer

@@ -114,6 +114,13 @@ def _check_finite(ids, vectors: np.ndarray, path: str) -> None:
                         "nothing written for them; check the model and its inputs")
 
 
+def _clip_info(core, zoo_name: str) -> dict:
+    """What a CLIP-space field records of the model that wrote it (its `info["dinov2clip"]`)."""
+    clip = core.config.clip
+    return {"space": "clip", "model": zoo_name, "fingerprint": core.fingerprint,
+            "encoder_fingerprint": core.encoder_fingerprint, "clip": f"{clip['model_name']}/{clip.get('pretrained')}"}
+
+
 def _check_field(samples, path: str, info: dict) -> None:
     """Refuse to add embeddings of one space to a field holding another's."""
     have = _field_info(samples, path)
@@ -151,9 +158,7 @@ def compute_embeddings(samples, model="dinov2clip-reference", embeddings_field: 
                         "producer first")
     core = model.core(image=True)
     zoo_name = _zoo_name(model)
-    clip_info = {"space": "clip", "model": zoo_name, "fingerprint": core.fingerprint,
-                 "encoder_fingerprint": core.encoder_fingerprint,
-                 "clip": f"{core.config.clip['model_name']}/{core.config.clip.get('pretrained')}"}
+    clip_info = _clip_info(core, zoo_name)
     dino_info = {"space": "dinov2", "model": zoo_name, "fingerprint": core.fingerprint, **core.dinov2_provenance}
     if embeddings_field:
         _check_field(samples, embeddings_field, clip_info)
@@ -438,8 +443,7 @@ def project_field(samples, dinov2_field: str, model="dinov2clip-reference",
                             "embeddings: recompute the field with this model")
     view = samples.exists(dinov2_field)
     ids, values = view.values(["id", dinov2_field])
-    info = {"space": "clip", "model": _zoo_name(model), "fingerprint": core.fingerprint,
-            "encoder_fingerprint": core.encoder_fingerprint, "clip": f"{core.config.clip['model_name']}/{core.config.clip.get('pretrained')}"}
+    info = _clip_info(core, _zoo_name(model))
     _check_field(samples, embeddings_field, info)
     if ids:  # before any write: a non-finite input projects to a non-finite embedding
         _check_finite(ids, np.stack([np.asarray(v, np.float32).ravel() for v in values]), dinov2_field)

@@ -93,14 +93,16 @@ def test_rerun_encodes_nothing_again(fitted, folder, tiny_dir):
     assert refused.returncode == 2 and "--overwrite" in refused.stderr
 
 
-@pytest.mark.parametrize("make, expect", [
-    (lambda p: p.mkdir(), "at least 10 distinct readable images"),
-    (lambda p: None, "no such file or directory"),
+@pytest.mark.parametrize("make, extra, expect", [
+    (lambda p: p.mkdir(), [], "at least 10 distinct readable images"),
+    (lambda p: None, [], "no such file or directory"),
+    (lambda p: p.mkdir(), ["--epochs", "0"], "epochs, batch size and encode batch size must be ≥ 1"),
+    (lambda p: p.mkdir(), ["--val-percent", "50"], "--val-percent must be between 0 and 50, got 50.0"),
 ])
-def test_bad_input_is_one_line(tmp_path, tiny_dir, make, expect):
+def test_bad_input_is_one_line(tmp_path, tiny_dir, make, extra, expect):
     target = tmp_path / "in"
     make(target)
-    res = cli("fit", target, "--model", tiny_dir, "--out", tmp_path / "m", *SMALL)
+    res = cli("fit", target, "--model", tiny_dir, "--out", tmp_path / "m", *SMALL, *extra)
     assert res.returncode == 2, res.stderr
     lines = [line for line in res.stderr.strip().splitlines() if line]
     assert len(lines) == 1 and expect in lines[0] and "Traceback" not in res.stderr

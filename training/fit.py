@@ -313,11 +313,7 @@ def fit(inputs, model: str, out, *, init: str | None = None, from_scratch: bool 
 
     from .precompute import expand_shards
 
-    if epochs < 1 or batch_size < 1 or encode_batch_size < 1:
-        raise UserError("epochs, batch size and encode batch size must be ≥ 1")
-    if not 0 < val_percent < 50:
-        raise UserError(f"--val-percent must be between 0 and 50, got {val_percent}")
-    check_out(out, overwrite)
+    check_fit(out, overwrite, epochs, batch_size, encode_batch_size, val_percent)
     config, _ = resolve_source(model)  # a bad source fails here, before any image is read
     pooling = config.dinov2["pooling"]
     shard_specs = [i for i in inputs if is_shard(i)]
@@ -436,9 +432,16 @@ def export_and_report(trained: Trained, out, fit_record: dict, after: dict, befo
             "selected_epoch": trained.summary["selected_epoch"], "quality": report, "run": str(trained.run)}
 
 
-def check_out(out, overwrite: bool) -> None:
+def check_fit(out, overwrite: bool, epochs: int, batch_size: int, encode_batch_size: int,
+              val_percent: float) -> None:
+    """What every fit refuses before it reads an image: counts below 1, a held-out share outside (0, 50), an
+    `out` that is a file, or a folder that is not a model directory (or is one, without `overwrite`)."""
     from dinov2clip.modeldir import is_model_dir
 
+    if epochs < 1 or batch_size < 1 or encode_batch_size < 1:
+        raise UserError("epochs, batch size and encode batch size must be ≥ 1")
+    if not 0 < val_percent < 50:
+        raise UserError(f"--val-percent must be between 0 and 50, got {val_percent}")
     path = Path(out)
     if path.is_file():
         raise UserError(f"--out {out} is a file: give a directory for the model")

@@ -23,7 +23,7 @@ from dinov2clip import identity
 from dinov2clip.errors import UserError
 
 from . import quality as q
-from .fit import (VAL_PERCENT, Images, check_out, encode_chunks, export_and_report, feature_dir, hash_images,
+from .fit import (VAL_PERCENT, Images, check_fit, encode_chunks, export_and_report, feature_dir, hash_images,
                   held_out_quality, resolve_init, skipped_images, split, train_stage)
 
 FIELD_VERSION = 1  # bump when the features this module stores change meaning
@@ -168,14 +168,10 @@ def fit_field(dataset: str, field: str, model: str, out, *, view: str | None = N
     from dinov2clip.factory import resolve_source
     from fiftyone_dinov2clip.fitting import field_vectors, labels_of, producer_of, producer_width, samples_of
 
-    if epochs < 1 or batch_size < 1 or encode_batch_size < 1:
-        raise UserError("epochs, batch size and encode batch size must be ≥ 1")
     if max_train_images is not None and max_train_images < 10:
         raise UserError(f"--max-train-images must be ≥ 10, got {max_train_images}")
-    if not 0 < val_percent < 50:
-        raise UserError(f"--val-percent must be between 0 and 50, got {val_percent}")
     # every refusal below comes before any image is read
-    check_out(out, overwrite)
+    check_fit(out, overwrite, epochs, batch_size, encode_batch_size, val_percent)
     source_config, source_root = resolve_source(model)
     samples = samples_of(dataset, view)
     found = producer_of(samples, field, producer)

@@ -408,6 +408,24 @@ def test_checkpoints_weight_averages_and_ensembles(tiny_dir, karpathy, tmp_path,
 
 
 @needs_matplotlib
+def test_eval_replaces_its_own_report_and_never_a_file_it_did_not_write(tiny_dir, karpathy, tmp_path):
+    """`--out` holding a results.md of the user's was overwritten after the whole evaluation; now it is refused
+    before any image is embedded (nothing reaches the cache), and a rerun into its own folder still replaces."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.md").write_text("my notes")
+    with pytest.raises(UserError, match=r"mine holds results.json, results.md, recalls.png that dinov2clip did not"):
+        run_eval(tiny_dir, karpathy, mine, cache_dir=tmp_path / "cache")
+    assert [p.name for p in mine.iterdir()] == ["results.md"] and (mine / "results.md").read_text() == "my notes"
+    assert not (tmp_path / "cache").exists()
+    first = run_eval(tiny_dir, karpathy, tmp_path / "ours")
+    again = run_eval(tiny_dir, karpathy, tmp_path / "ours")
+    assert again["files"] == first["files"] and again["rows"] == first["rows"]
+    with pytest.raises(UserError, match="is a file: give a folder"):
+        run_eval(tiny_dir, karpathy, mine / "results.md")
+
+
+@needs_matplotlib
 def test_incomparable_checkpoints_are_refused_before_embedding(tiny_dir, karpathy, tmp_path):
     import dinov2clip
 

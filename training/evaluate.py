@@ -23,7 +23,7 @@ from dinov2clip.errors import UserError
 from .datasets import RetrievalSet
 from .encode import PIPELINE_VERSION, EmbeddingCache, clip_identity, dinov2_identity, embed_set, load_models
 from .metrics import DEFAULT_KS, check_ks, recall_from_ranks, retrieval_ranks
-from .report import check_teacher, teacher_warning, write_report
+from .report import FILES, check_teacher, report_files, teacher_warning, write_report
 from .variants import load_variants
 
 EVAL_FORMAT = "dinov2clip-eval/1"
@@ -59,6 +59,7 @@ def evaluate(model: str, datasets: Sequence[RetrievalSet], out_dir, *, ks: Seque
         raise UserError(f"two datasets are named alike ({', '.join(names)}): give each RetrievalSet its own name")
     if importlib.util.find_spec("matplotlib") is None:  # before the work, not after it
         raise UserError("the eval plot needs matplotlib: pip install 'dinov2clip[train]'")
+    report_files(out_dir, FILES, EVAL_FORMAT)  # a file, or another program's results there: refused now
 
     models = load_models(model, device=device, dtype=dtype, batch_size=batch_size)
     variants = load_variants(models, checkpoints, weight_averages, ensembles)  # fail before any embedding
@@ -96,7 +97,7 @@ def evaluate(model: str, datasets: Sequence[RetrievalSet], out_dir, *, ks: Seque
         "teacher_check": checks,
         "warnings": report_warnings,
     }
-    report["files"] = {k: str(v) for k, v in write_report(report, Path(out_dir)).items()}
+    report["files"] = write_report(report, out_dir)
     return report
 
 

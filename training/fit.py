@@ -512,8 +512,11 @@ def quality(inputs, model: str, out, *, queries: str | None = None, template: st
     """The quality report of `model` against its CLIP teacher on (a sample of) the images of `inputs`."""
     from dinov2clip import load
 
+    from .report import report_files
+
     if max_images < 2:
         raise UserError(f"--max-images must be ≥ 2, got {max_images}")
+    report_files(out, q.FILES, q.FORMAT)  # a file, or another program's files there: refused before any work
     trained = load(model, image=False, text=True, device="cpu", dtype="fp32")  # a bad model fails before work
     images = hash_images(find_images(inputs))
     hashes = list(images.paths)

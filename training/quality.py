@@ -14,12 +14,11 @@ through a template ("a photo of a {}"), or the built-in general vocabulary below
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from dinov2clip.atomic import atomic_path, write_json_atomic, write_text_atomic
+from dinov2clip.atomic import atomic_path
 from dinov2clip.errors import UserError
 
 KS = (10, 50)
@@ -150,27 +149,15 @@ def markdown(report: dict) -> str:
 FORMAT = "dinov2clip-quality/1"
 
 
+FILES = {"json": "quality.json", "markdown": "quality.md", "plot": "quality.png"}
+
+
 def write_report(report: dict, out_dir) -> dict:
     """quality.json, quality.md and quality.png in `out_dir`; returns their paths. Files of those names are
     replaced only where quality.json is a report this module wrote (never someone else's files)."""
-    out = Path(out_dir)
-    if out.is_file():
-        raise UserError(f"--out {out} is a file: give a folder for quality.json, quality.md and quality.png")
-    files = {"json": out / "quality.json", "markdown": out / "quality.md", "plot": out / "quality.png"}
-    if any(p.exists() for p in files.values()) and not _ours(files["json"]):
-        raise UserError(f"{out} holds quality.json, .md or .png that dinov2clip did not write: choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(files["json"], {"format": FORMAT, **report})
-    write_text_atomic(files["markdown"], markdown(report))
-    _plot(report, files["plot"])
-    return {k: str(v) for k, v in files.items()}
+    from .report import report_files, write_files
 
-
-def _ours(path: Path) -> bool:
-    try:
-        return json.loads(path.read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    return write_files(report_files(out_dir, FILES, FORMAT), {"format": FORMAT, **report}, markdown(report), _plot)
 
 
 def _plot(report: dict, path: Path) -> None:
@@ -207,7 +194,3 @@ def summary_line(report: dict) -> str:
         z = report["zero_shot_accuracy"]
         text += f", zero-shot {100 * z['model']:.1f} % (CLIP {100 * z['clip']:.1f} %)"
     return text
-
-
-def dumps(report: dict) -> str:
-    return json.dumps(report, indent=2, sort_keys=True)

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from dinov2clip.atomic import atomic_path, write_json_atomic, write_text_atomic
+from dinov2clip.errors import UserError
 
 from .metrics import DIRECTIONS
 
@@ -64,14 +65,45 @@ def teacher_warning(check: dict) -> str:
             "out in '% of CLIP'; check the caption file, image root and split")
 
 
-def write_report(report: dict, out_dir: Path) -> dict[str, Path]:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / JSON_FILE, "table": out_dir / TABLE_FILE, "plot": out_dir / PLOT_FILE}
-    write_json_atomic(paths["json"], report)
-    write_text_atomic(paths["table"], markdown(report))
-    plot(report, paths["plot"])
-    return paths
+FILES = {"json": JSON_FILE, "table": TABLE_FILE, "plot": PLOT_FILE}
+
+
+def report_files(out_dir, names: dict[str, str], fmt: str) -> dict[str, Path]:
+    """A report's files in `out_dir` (`names`: key → file name, "json" among them), refused in one line where
+    `out_dir` is a file or already holds a file of those names that is not a report of format `fmt`: called
+    before the work, and again when writing, so a rerun replaces its own report and nothing else."""
+    out = Path(out_dir)
+    if out.is_file():
+        raise UserError(f"--out {out} is a file: give a folder for {', '.join(names.values())}")
+    files = {key: out / name for key, name in names.items()}
+    if any(p.exists() for p in files.values()) and not _written_as(files["json"], fmt):
+        raise UserError(f"{out} holds {', '.join(names.values())} that dinov2clip did not write: choose another --out")
+    return files
+
+
+def _written_as(path: Path, fmt: str) -> bool:
+    try:
+        return json.loads(path.read_text()).get("format") == fmt
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def write_files(files: dict[str, Path], report: dict, text: str, draw) -> dict[str, str]:
+    """The report as JSON, its `text` as Markdown and `draw(report, path)`'s plot, each written atomically into
+    the files `report_files` gave (by suffix)."""
+    for path in files.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".json":
+            write_json_atomic(path, report)
+        elif path.suffix == ".md":
+            write_text_atomic(path, text)
+        else:
+            draw(report, path)
+    return {key: str(path) for key, path in files.items()}
+
+
+def write_report(report: dict, out_dir: Path) -> dict[str, str]:
+    return write_files(report_files(out_dir, FILES, report["format"]), report, markdown(report), plot)
 
 
 def _pct(x: float | None) -> str:

@@ -29,8 +29,6 @@ def cmd_eval(args) -> None:
         raise UserError(f"give one --images ROOT per --karpathy FILE (got {len(args.karpathy)} and {len(args.images)})")
     if len(args.folder) != len(args.captions):
         raise UserError(f"give one --captions FILE per --folder DIR (got {len(args.folder)} and {len(args.captions)})")
-    if Path(args.out).is_file():
-        raise UserError(f"--out must be a directory, {args.out} is a file")
     datasets = [load_karpathy(f, root, split=args.split, skip_missing=args.skip_missing)
                 for f, root in zip(args.karpathy, args.images)]
     datasets += [load_folder(d, c, skip_missing=args.skip_missing) for d, c in zip(args.folder, args.captions)]

@@ -239,7 +239,7 @@ def store_matmul_weights(clip_model: nn.Module, dtype: torch.dtype) -> None:
         return  # not open_clip's CLIP text layout, or loaded in reduced precision already (precision=)
     import open_clip
 
-    open_clip.convert_weights_to_lp(clip_model, dtype)  # Linear, attention in_proj and text_projection: those
+    open_clip.convert_weights_to_lp(clip_model, dtype)  # the Linear layers, attention in_proj, text_projection
 
 
 class ClipTextEncoder(nn.Module):

@@ -11,8 +11,9 @@ loads one by importing the `__init__.py` beside it. Registering therefore writes
 Every process that shares the zoo directory (the App server included) loads the same names. A name is bound to
 one model for good: registering it again with the same model (its fingerprint; a copy at another path moves the
 name there) is a no-op, with anything else it is refused (choose another name, or unregister it first). Names
-derived from a source (`index --model DIR`) carry its content's fingerprint, so retrained weights get a name of their own and an index recorded under a name
-always reloads the embedding space it was computed in. Entries written by older releases as `name@N` still load.
+derived from a source (`index --model DIR`) carry its content's fingerprint, so retrained weights get a name of
+their own and an index recorded under a name always reloads the embedding space it was computed in. Entries
+written by older releases as `name@N` still load.
 """
 from __future__ import annotations
 
@@ -150,7 +151,7 @@ def register(name: str, source: str, description: str | None = None, root: Path 
             bound = read_spec(_spec_path(entry, root))
             if bound["fingerprint"] == fingerprint and (fingerprint or bound["source"] == source):
                 if bound["source"] != source:  # the same model (its fingerprint) elsewhere, e.g. a copy: the
-                    write_json_atomic(_spec_path(entry, root), {**bound, "source": source})  # name follows it
+                    write_spec(_spec_path(entry, root), _zoo_name(entry), source, fingerprint)  # name follows it
                 return _zoo_name(entry)
         if taken:
             raise UserError(f"{name!r} already names another model ({bound['source']}, fingerprint "
